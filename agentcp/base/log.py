@@ -1,0 +1,92 @@
+"""0.1.99's ``log_*`` helpers over stdlib :mod:`logging`.
+
+They work before anything is configured (0.1.99 raised ``AttributeError`` until ``AgentCP()`` ran): they log to
+the ``agentcp`` logger, which has a ``NullHandler`` until the application configures logging or calls
+:func:`set_log_enabled`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+from .env import Environ
+
+VERBOSE = logging.DEBUG - 1
+_ROOT_NAME = "agentcp"
+logging.getLogger(_ROOT_NAME).addHandler(logging.NullHandler())
+
+logger: Optional[logging.Logger] = None
+log_enabled = True
+_handler: Optional[logging.Handler] = None
+
+
+def _level(value, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    named = logging.getLevelName(text.upper())
+    return named if isinstance(named, int) else default
+
+
+def get_logger(name: str = _ROOT_NAME, level=None) -> logging.Logger:
+    """Return logger ``name`` at ``level`` with one stderr handler (added once, never duplicated)."""
+    global _handler
+    log = logging.getLogger(name)
+    log.setLevel(_level(level if level is not None else Environ.LOG_LEVEL.get(logging.INFO), logging.INFO))
+    if _handler is None:
+        _handler = logging.StreamHandler(sys.stderr)
+        _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if _handler not in log.handlers:
+        log.addHandler(_handler)
+    return log
+
+
+def set_log_enabled(enabled: bool, level: int = logging.INFO) -> None:
+    """Turn the helpers on or off and send the ``agentcp`` logs to stderr at ``level``."""
+    global log_enabled, logger
+    log_enabled = bool(enabled)
+    logger = get_logger(_ROOT_NAME, Environ.LOG_LEVEL.get(level))
+
+
+def _target() -> logging.Logger:
+    return logger if logger is not None else logging.getLogger(_ROOT_NAME)
+
+
+def log_exception(e) -> None:
+    if log_enabled:
+        _target().error("%s", e, exc_info=isinstance(e, BaseException) and (type(e), e, e.__traceback__))
+
+
+def log_info(content: str) -> None:
+    if log_enabled:
+        _target().info("%s", content)
+
+
+def log_error(content: str) -> None:
+    if log_enabled:
+        _target().error("%s", content)
+
+
+def log_debug(content: str) -> None:
+    if log_enabled:
+        _target().debug("%s", content)
+
+
+def log_warning(content: str) -> None:
+    if log_enabled:
+        _target().warning("%s", content)
+
+
+def log_critical(content: str) -> None:
+    if log_enabled:
+        _target().critical("%s", content)
+
+
+def log_verbose(content: str) -> None:
+    if log_enabled:
+        _target().log(VERBOSE, "%s", content)

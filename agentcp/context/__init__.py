@@ -1,0 +1,7 @@
+"""Error collection: ``ErrorContext.subscribe(aid, fn)`` to receive every SDK error, ``publish`` to report one."""
+from . import exceptions
+from .context import AtomicErrorContext
+
+ErrorContext = AtomicErrorContext(max_queue_size=1024)
+
+__all__ = ["ErrorContext"]
