@@ -1,0 +1,664 @@
+"""UDP heartbeat client: the thin I/O shell around :class:`~agentcp.heartbeat.liveness.Liveness`.
+
+It owns one UDP socket (connected to the heartbeat server, so the kernel drops datagrams from anywhere else
+and reports ICMP "port unreachable" when the server has moved), a send thread that does whatever the state
+machine decides (beat, sign in again, rebuild the socket), and a receive thread that feeds replies to it.
+User callbacks (invites, state changes) run on a third, lazily started thread, never on the two above.
+
+The public surface is agentcp 0.1.99's (constructor, ``initialize``, ``sign_in``, ``online``, ``offline``, ...);
+``state``, ``stats()``, ``history``, ``on_state_change`` and ``wait_online()`` are new.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from agentcp.base.auth_client import AuthClient
+from agentcp.context import ErrorContext
+from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
+from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
+from agentcp.msg.message_serialize import *  # noqa: F401,F403  (0.1.99 re-exported these names here)
+from agentcp.msg.message_serialize import (
+    MSG_HEARTBEAT_RESP,
+    MSG_INVITE_REQ,
+    HeartbeatMessageReq,
+    HeartbeatMessageResp,
+    InviteMessageReq,
+    InviteMessageResp,
+    MalformedDatagram,
+    peek_message_type,
+    to_bytes,
+)
+
+log = logging.getLogger("agentcp.heartbeat")
+
+__all__ = ["HeartbeatClient"]
+
+_STOP = object()
+
+
+class _OwnedSocket(socket.socket):
+    """A UDP socket that tells its owner when someone else closes it, so the owner heals at once."""
+
+    _on_foreign_close: Optional[Callable[["_OwnedSocket"], None]] = None
+    _owner_closing = False
+
+    def close(self) -> None:
+        callback = None if self._owner_closing else self._on_foreign_close
+        self._on_foreign_close = None
+        super().close()
+        if callback is not None:
+            callback(self)
+
+    def owner_close(self) -> None:
+        self._owner_closing = True
+        self.close()
+
+
+class HeartbeatClient:
+    """Keeps an agent "online" with the heartbeat server, and heals every fault without a restart.
+
+    ``aid_path`` is the agent's certificate directory and ``seed_password`` the hashed seed, as in 0.1.99.
+    """
+
+    #: Bounds applied to the server's NextBeat (seconds). Class attributes so tests may lower them.
+    MIN_INTERVAL: float = 5.0
+    MAX_INTERVAL: float = 60.0
+    #: A reply later than this after its beat counts as missed; misses are re-probed right away.
+    REPLY_TIMEOUT: float = 1.0
+    #: Consecutive misses that mean "the server is gone": sign in again and rebuild the socket.
+    MAX_MISSES: int = 3
+    RECV_BUFFER: int = 1536
+
+    def __init__(
+        self,
+        agent_id: str,
+        server_url: str,
+        aid_path: str,
+        seed_password: str,
+        *,
+        auth_client: Optional[AuthClient] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.agent_id = agent_id
+        self.server_url = server_url.rstrip("/") if isinstance(server_url, str) else server_url
+        self.aid_path = aid_path
+        self.seed_password = seed_password
+        self.auth_client = auth_client or AuthClient(agent_id, self.server_url, aid_path, seed_password)
+        # 0.1.99 attributes
+        self.port = 0
+        self.sign_cookie = 0
+        self.udp_socket: Optional[socket.socket] = None
+        self.local_ip = "0.0.0.0"
+        self.local_port = 0
+        self.server_ip = "127.0.0.1"
+        self.heartbeat_interval = int(self.MIN_INTERVAL * 1000)
+        self.is_running = False
+        self.is_sending_heartbeat = False
+        self.send_thread: Optional[threading.Thread] = None
+        self.receive_thread: Optional[threading.Thread] = None
+        self.msg_seq = 0
+        self.last_hb = 0
+        self.message_listener: Optional[Callable[[InviteMessageReq], Any]] = None
+        self.on_recv_invite: Optional[Callable[[InviteMessageReq], Any]] = None
+        # new
+        self.on_state_change: Optional[Callable[[str, str], Any]] = None
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._machine = self._new_machine()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._online_event = threading.Event()
+        self._server_addr: Optional[Tuple[str, int]] = None
+        self._have_session = False
+        self._sock_gen = 0
+        self._wake_r: Optional[socket.socket] = None
+        self._wake_w: Optional[socket.socket] = None
+        self._callbacks: "queue.Queue[object]" = queue.Queue()
+        self._callback_thread: Optional[threading.Thread] = None
+        self._extra = {"malformed": 0, "foreign": 0, "unknown_type": 0, "invites": 0, "callback_errors": 0}
+        self._logged_once: set = set()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 0.1.99 API
+    # ------------------------------------------------------------------------------------------------------------
+    def initialize(self) -> None:
+        """Sign in to the heartbeat server (one attempt; ``online()`` keeps trying if it failed)."""
+        self.sign_in()
+
+    def sign_in(self) -> bool:
+        """One HTTP sign-in; True if the server gave an address and a cookie (kept for the UDP beats)."""
+        try:
+            self._do_sign_in()
+            return True
+        except AuthError as exc:
+            self._note_error("sign_in", f"heartbeat sign-in to {self.server_url} failed: {exc}", exc)
+            return False
+
+    def sign_out(self) -> None:
+        """End the heartbeat session on the server (the next ``online()`` signs in again)."""
+        with self._lock:
+            self._have_session = False
+        try:
+            self.auth_client.sign_out()
+        except Exception as exc:  # sign-out is best effort; a failure must not break shutdown
+            log.warning("heartbeat sign-out for %s failed: %s", self.agent_id, exc)
+
+    def set_on_recv_invite(self, listener: Optional[Callable[[InviteMessageReq], Any]]) -> None:
+        """Call ``listener(InviteMessageReq)`` for each invite (on a callback thread, not the receive loop)."""
+        self.on_recv_invite = listener
+        self.message_listener = listener
+
+    def online(self) -> None:
+        """Start heartbeating (returns at once; no-op if already running).
+
+        If the client has no session yet (or ``initialize()`` failed) the send thread signs in first, retrying
+        with capped full-jitter backoff for as long as the client is online.
+        """
+        with self._lock:
+            if self.is_running:
+                return
+            self._stop.clear()
+            self._wake.clear()
+            self._online_event.clear()
+            self._machine = self._new_machine(self._machine)
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            try:
+                self._install_socket(self._make_socket(self._server_addr if self._have_session else None))
+            except OSError as exc:
+                self._close_wake_pair()
+                raise HeartbeatError(f"cannot open the heartbeat UDP socket: {exc}") from exc
+            self._machine.start(self._clock(), have_session=self._have_session)
+            self.is_running = True
+            self.is_sending_heartbeat = True
+            self.send_thread = threading.Thread(
+                target=self._send_loop, name=f"agentcp-hb-send-{self.agent_id}", daemon=True
+            )
+            self.receive_thread = threading.Thread(
+                target=self._receive_loop, name=f"agentcp-hb-recv-{self.agent_id}", daemon=True
+            )
+            self._flush_state_changes()
+        self.send_thread.start()
+        self.receive_thread.start()
+
+    def offline(self) -> None:
+        """Stop: wake both threads, join them (and the callback thread), then close the socket. Idempotent.
+
+        Safe to call from any thread, including a callback. No callback runs after it returns (unless it was
+        called from that callback itself).
+        """
+        with self._lock:
+            was_running = self.is_running
+            self.is_running = False
+            self.is_sending_heartbeat = False
+            self._stop.set()
+            self._wake.set()
+            self._machine.stop(self._clock())
+            self._flush_state_changes()
+            self._poke_receiver()
+            threads = [self.send_thread, self.receive_thread]
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not None and thread is not current and thread.is_alive():
+                thread.join()
+        self._stop_callback_thread(current)
+        with self._lock:
+            sock, self.udp_socket = self.udp_socket, None
+            self._sock_gen += 1
+            if sock is not None:
+                self._close_socket(sock)
+            self._close_wake_pair()
+            self.send_thread = None if self.send_thread is not current else self.send_thread
+            self.receive_thread = None if self.receive_thread is not current else self.receive_thread
+        if was_running:
+            log.info("heartbeat for %s stopped", self.agent_id)
+
+    def get_online_status(self, aids) -> list:
+        """Ask the heartbeat server which of ``aids`` are online; ``[]`` if that cannot be known (logged)."""
+        try:
+            reply = self.auth_client.post_json("/query_online_state", {"agents": aids})
+        except SDKError as exc:
+            self._note_error("online_status", f"query_online_state failed: {exc}", exc)
+            return []
+        data = reply.get("data") if isinstance(reply, dict) else None
+        return data if isinstance(data, list) else []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # New API
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``offline``, ``connecting``, ``online``, ``reconnecting`` or ``stopped``."""
+        return self._machine.state.value
+
+    def stats(self) -> Dict[str, Any]:
+        """A consistent snapshot of counters and timings (seconds)."""
+        with self._lock:
+            snap = self._machine.snapshot(self._clock())
+            snap.update(self._extra)
+            snap["server_address"] = self._server_addr
+            snap["local_port"] = self.local_port
+            snap["server_auth"] = getattr(self.auth_client, "server_auth_state", None)
+        return snap
+
+    @property
+    def history(self) -> List[Event]:
+        """The recent fault timeline (faults, sign-ins, rebuilds, recoveries), oldest first."""
+        with self._lock:
+            return list(self._machine.history)
+
+    def wait_online(self, timeout: Optional[float] = None) -> bool:
+        """Block until the server has answered a beat (True) or ``timeout`` passes (False)."""
+        return self._online_event.wait(timeout)
+
+    def _rebuild_socket(self) -> None:
+        """Close the current socket and bind a fresh one aimed at the current server address."""
+        new = self._make_socket(self._server_addr)
+        with self._lock:
+            if self._stop.is_set():
+                self._close_socket(new)
+                return
+            self._install_socket(new)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: sockets
+    # ------------------------------------------------------------------------------------------------------------
+    def _new_machine(self, previous: Optional[Liveness] = None) -> Liveness:
+        config = LivenessConfig(
+            min_interval=self.MIN_INTERVAL,
+            max_interval=self.MAX_INTERVAL,
+            reply_timeout=self.REPLY_TIMEOUT,
+            max_misses=self.MAX_MISSES,
+        )
+        machine = Liveness(config)
+        if previous is not None:  # counters and the timeline survive offline()/online() cycles
+            machine.counters = previous.counters
+            machine.history = previous.history
+            machine.state = previous.state
+        return machine
+
+    def _make_socket(self, addr: Optional[Tuple[str, int]]) -> _OwnedSocket:
+        sock = _OwnedSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.local_ip, 0))
+            if addr is not None:
+                # Connected: the kernel filters other senders and reports ICMP errors (server gone) to us.
+                sock.connect(addr)
+            sock.setblocking(False)
+        except OSError:
+            sock.owner_close()
+            raise
+        return sock
+
+    def _install_socket(self, new: _OwnedSocket) -> None:
+        """Swap in ``new`` (lock held), wake the receiver so it selects on it, close the old one."""
+        old = self.udp_socket
+        self._sock_gen += 1
+        gen = self._sock_gen
+        new._on_foreign_close = lambda _sock, g=gen: self._socket_closed_externally(g)
+        self.udp_socket = new
+        self.local_port = new.getsockname()[1]
+        self._poke_receiver()
+        if old is not None:
+            self._close_socket(old)
+
+    @staticmethod
+    def _close_socket(sock: socket.socket) -> None:
+        if isinstance(sock, _OwnedSocket):
+            sock.owner_close()
+        else:
+            sock.close()
+
+    def _socket_closed_externally(self, gen: int) -> None:
+        """Somebody closed our socket under us: rebuild it now instead of at the next beat."""
+        with self._lock:
+            if gen != self._sock_gen or self._stop.is_set():
+                return
+            self._machine.socket_failed(self._clock())
+            self._after_input()
+        self._log_once("foreign_close", logging.WARNING, "heartbeat socket of %s was closed by someone else; rebuilding",
+                       self.agent_id)
+
+    def _poke_receiver(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (already poked) or closed (shutting down): either way nothing to do
+
+    def _close_wake_pair(self) -> None:
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        self._wake_r = self._wake_w = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: sign-in
+    # ------------------------------------------------------------------------------------------------------------
+    def _do_sign_in(self) -> Tuple[str, int]:
+        """One sign-in attempt; on success stores the new address and cookie. Raises AuthError."""
+        reply = self.auth_client.sign_in_once()
+        server_ip, port, cookie = self._parse_sign_in_reply(reply)
+        try:
+            infos = socket.getaddrinfo(server_ip, port, socket.AF_INET, socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            raise TransientAuthError(f"cannot resolve heartbeat server address {server_ip!r}: {exc}") from exc
+        addr = infos[0][4][:2]
+        with self._lock:
+            self.server_ip, self.port, self.sign_cookie = server_ip, port, cookie
+            self._server_addr = (addr[0], addr[1])
+            self._have_session = True
+        log.info("heartbeat sign-in for %s ok: beating %s:%d", self.agent_id, addr[0], addr[1])
+        return self._server_addr
+
+    @staticmethod
+    def _parse_sign_in_reply(reply: Any) -> Tuple[str, int, int]:
+        if not isinstance(reply, dict):
+            raise TransientAuthError("heartbeat sign-in reply is not a JSON object")
+        server_ip = reply.get("server_ip")
+        try:
+            port = int(reply.get("port") or 0)
+            cookie = int(reply.get("sign_cookie"))
+        except (TypeError, ValueError) as exc:
+            raise TransientAuthError("heartbeat sign-in reply has a malformed port or sign_cookie") from exc
+        if not server_ip or not isinstance(server_ip, str) or not 0 < port < 65536 or not 0 <= cookie < 2**64:
+            raise TransientAuthError("heartbeat sign-in reply lacks server_ip, port or sign_cookie")
+        return server_ip, port, cookie
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: threads
+    # ------------------------------------------------------------------------------------------------------------
+    def _after_input(self) -> None:
+        """Lock held: something changed; wake the sender and publish state changes."""
+        self._wake.set()
+        self._flush_state_changes()
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                now = self._clock()
+                decision = self._machine.poll(now)
+                if decision.action in (Action.SIGN_IN, Action.REBUILD_SOCKET):
+                    self._machine.repair_started(now)
+                self._flush_state_changes()
+            if decision.action is Action.SEND_BEAT:
+                self._send_beat()
+            elif decision.action is Action.SIGN_IN:
+                self._reconnect()
+            elif decision.action is Action.REBUILD_SOCKET:
+                self._repair_socket()
+            else:
+                timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self._clock())
+                self._wake.wait(timeout)
+                self._wake.clear()
+
+    def _send_beat(self) -> None:
+        with self._lock:
+            sock = self.udp_socket
+            gen = self._sock_gen
+            self.msg_seq += 1
+            req = HeartbeatMessageReq()
+            req.header.MessageSeq = self.msg_seq
+            req.AgentId = self.agent_id
+            req.SignCookie = self.sign_cookie
+        try:
+            if sock is None:
+                raise OSError(errno.EBADF, "no socket")
+            sock.send(to_bytes(req))
+        except BlockingIOError:
+            # The kernel buffer is full: this beat is lost, the reply watchdog copes.
+            with self._lock:
+                self._machine.beat_sent(self._clock())
+            return
+        except OSError as exc:
+            self._socket_error(gen, exc, "send")
+            return
+        with self._lock:
+            now = self._clock()
+            self._machine.beat_sent(now)
+            self.last_hb = int(now * 1000)
+
+    def _reconnect(self) -> None:
+        """Sign in again (the send thread's job, never the receiver's), then rebuild towards the new address."""
+        try:
+            self._do_sign_in()
+            new = self._make_socket(self._server_addr)
+        except AuthError as exc:
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self._machine.sign_in_failed(
+                    self._clock(), str(exc), permanent=exc.permanent, retry_after=getattr(exc, "retry_after", 0.0)
+                )
+                self._flush_state_changes()
+            self._note_error("reconnect", f"heartbeat sign-in for {self.agent_id} failed (will retry): {exc}", exc)
+            return
+        except OSError as exc:
+            with self._lock:
+                if not self._stop.is_set():
+                    self._machine.rebuild_failed(self._clock(), str(exc))
+            self._note_error("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
+            return
+        with self._lock:
+            if self._stop.is_set():  # offline() ran meanwhile: leave nothing behind
+                self._close_socket(new)
+                return
+            self._install_socket(new)
+            self._machine.signed_in(self._clock())
+            self._flush_state_changes()
+
+    def _repair_socket(self) -> None:
+        try:
+            self._rebuild_socket()
+        except OSError as exc:
+            with self._lock:
+                if not self._stop.is_set():
+                    self._machine.rebuild_failed(self._clock(), str(exc))
+            self._note_error("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
+            return
+        with self._lock:
+            if not self._stop.is_set():
+                self._machine.socket_rebuilt(self._clock())
+
+    def _socket_error(self, gen: int, exc: OSError, where: str) -> None:
+        unreachable = isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED
+        with self._lock:
+            if gen != self._sock_gen or self._stop.is_set():
+                return  # an error of a socket we already replaced
+            self._machine.socket_failed(self._clock(), unreachable=unreachable)
+            self._after_input()
+        if unreachable:
+            self._log_once("unreachable", logging.WARNING,
+                           "heartbeat server %s:%s of %s is unreachable; signing in again",
+                           self.server_ip, self.port, self.agent_id)
+        else:
+            self._note_error("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket", exc)
+
+    def _receive_loop(self) -> None:
+        failed_gen = -1
+        while not self._stop.is_set():
+            with self._lock:
+                sock, gen, wake_r = self.udp_socket, self._sock_gen, self._wake_r
+            if wake_r is None:
+                return
+            watch = [wake_r]
+            if sock is not None and gen != failed_gen and sock.fileno() >= 0:
+                watch.append(sock)
+            try:
+                readable, _, _ = select.select(watch, [], [])
+            except (OSError, ValueError):
+                # Our socket was closed between the snapshot and select(); the owner has been told.
+                failed_gen = gen
+                continue
+            if wake_r in readable:
+                self._drain_wake()
+                continue
+            try:
+                data, addr = sock.recvfrom(self.RECV_BUFFER)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                failed_gen = gen
+                self._socket_error(gen, exc, "receive")
+                continue
+            self._handle_datagram(data, addr, gen)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r is not None and self._wake_r.recv(512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _handle_datagram(self, data: bytes, addr: Tuple[str, int], gen: int) -> None:
+        now = self._clock()
+        with self._lock:
+            expected = self._server_addr
+            if gen != self._sock_gen:
+                return
+        if expected is None or (addr[0], addr[1]) != expected:
+            with self._lock:
+                self._extra["foreign"] += 1
+            self._log_once("foreign", logging.WARNING, "dropping datagram from %s:%s (not the heartbeat server)",
+                           addr[0], addr[1])
+            return
+        try:
+            msg_type = peek_message_type(data)
+            if msg_type == MSG_HEARTBEAT_RESP:
+                resp, _ = HeartbeatMessageResp.deserialize(data, 0)
+                with self._lock:
+                    if gen != self._sock_gen:
+                        return
+                    self._machine.reply(now, resp.NextBeat)
+                    self.heartbeat_interval = int(self._machine.interval * 1000)
+                    if self._machine.state is State.ONLINE:
+                        self._online_event.set()
+                    else:
+                        self._online_event.clear()
+                    self._after_input()
+            elif msg_type == MSG_INVITE_REQ:
+                invite, _ = InviteMessageReq.deserialize(data, 0)
+                with self._lock:
+                    self._extra["invites"] += 1
+                self._dispatch(self._handle_invite, invite)
+            else:
+                with self._lock:
+                    self._extra["unknown_type"] += 1
+        except MalformedDatagram as exc:
+            with self._lock:
+                self._extra["malformed"] += 1
+            self._log_once("malformed", logging.WARNING, "dropping malformed heartbeat datagram (%d bytes): %s "
+                           "(further ones are only counted)", len(data), exc)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: callbacks, off the protocol threads
+    # ------------------------------------------------------------------------------------------------------------
+    def _dispatch(self, fn: Callable, *args: Any) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            if self._callback_thread is None or not self._callback_thread.is_alive():
+                self._callbacks = queue.Queue()
+                self._callback_thread = threading.Thread(
+                    target=self._callback_loop, args=(self._callbacks,),
+                    name=f"agentcp-hb-callbacks-{self.agent_id}", daemon=True,
+                )
+                self._callback_thread.start()
+            self._callbacks.put((fn, args))
+
+    def _callback_loop(self, q: "queue.Queue[object]") -> None:
+        while True:
+            item = q.get()
+            if item is _STOP:
+                return
+            fn, args = item  # type: ignore[misc]
+            if self._stop.is_set():
+                continue  # offline(): drop what is queued, run no callback after it returns
+            try:
+                fn(*args)
+            except Exception as exc:  # a user callback's bug must not kill the callback thread
+                with self._lock:
+                    self._extra["callback_errors"] += 1
+                self._note_error("callback", f"heartbeat callback {getattr(fn, '__name__', fn)!r} raised: {exc!r}",
+                                 exc, exc_info=True)
+
+    def _stop_callback_thread(self, current: threading.Thread) -> None:
+        with self._lock:
+            thread, q = self._callback_thread, self._callbacks
+        if thread is None:
+            return
+        q.put(_STOP)
+        if thread is not current:
+            thread.join()
+            with self._lock:
+                if self._callback_thread is thread:
+                    self._callback_thread = None
+
+    def _handle_invite(self, invite: InviteMessageReq) -> None:
+        listener = self.on_recv_invite
+        try:
+            if listener is not None:
+                listener(invite)
+        finally:
+            self._send_invite_response(invite)  # always answered, even when the listener raised (D-H6)
+
+    def _send_invite_response(self, invite: InviteMessageReq) -> None:
+        with self._lock:
+            sock = self.udp_socket
+            gen = self._sock_gen
+            self.msg_seq += 1
+            resp = InviteMessageResp()
+            resp.header.MessageSeq = self.msg_seq
+            resp.AgentId = self.agent_id
+            resp.InviterAgentId = invite.InviterAgentId
+            resp.SessionId = invite.SessionId  # 0.1.99 left this empty (D-H18)
+            resp.SignCookie = self.sign_cookie
+        if sock is None or self._stop.is_set():
+            return
+        try:
+            sock.send(to_bytes(resp))
+        except OSError as exc:
+            self._socket_error(gen, exc, "send")
+
+    def _flush_state_changes(self) -> None:
+        """Lock held: turn the machine's state transitions into logs and ``on_state_change`` callbacks."""
+        for old, new in self._machine.take_state_changes():
+            log.info("heartbeat %s: %s -> %s", self.agent_id, old.value, new.value)
+            if new is not State.ONLINE:
+                self._online_event.clear()
+            callback = self.on_state_change
+            if callback is not None:
+                self._dispatch(callback, old.value, new.value)  # dropped once offline() began
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: reporting
+    # ------------------------------------------------------------------------------------------------------------
+    def _log_once(self, key: str, level: int, msg: str, *args: Any) -> None:
+        if key in self._logged_once:
+            log.debug(msg, *args)
+            return
+        self._logged_once.add(key)
+        log.log(level, msg, *args)
+
+    def _note_error(self, key: str, message: str, exc: BaseException, exc_info: bool = False) -> None:
+        """Log a fault once at WARNING (then at DEBUG) and publish it through ErrorContext."""
+        if key in self._logged_once:
+            log.debug("%s", message)
+        else:
+            self._logged_once.add(key)
+            log.warning("%s", message, exc_info=exc_info)
+        err = exc if isinstance(exc, SDKError) else HeartbeatError(message)
+        try:
+            ErrorContext.publish(err)
+        except Exception:  # publishing is best effort by contract; count nothing, never raise into the loop
+            log.debug("ErrorContext.publish failed", exc_info=True)
