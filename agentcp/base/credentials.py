@@ -1,0 +1,199 @@
+"""The agent's own identity on disk: ``<certs_dir>/<aid>.key`` (encrypted PKCS#8 PEM) and ``<aid>.crt`` (PEM).
+
+The key password is the ASCII lowercase-hex SHA-256 of the user's seed (liveness.md §5.2; MUST (compat)).
+0.1.99 passes that already-hashed value around as "seed_password", so :class:`AgentCredentials` expects it, but
+also accepts the raw seed as a courtesy. Error messages name files and say what to do; they never contain key
+material or passwords.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from typing import List, Optional, Tuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agentcp.context.exceptions import CredentialError
+
+__all__ = ["hash_seed", "AgentCredentials", "split_pem_certificates"]
+
+_log = logging.getLogger("agentcp.auth")
+
+_CERT_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def hash_seed(seed: str) -> str:
+    """Lowercase hex SHA-256 of the UTF-8 ``seed``: the key password derivation of 0.1.99 (``""`` → e3b0…b855)."""
+    return hashlib.sha256((seed or "").encode("utf-8")).hexdigest()
+
+
+def split_pem_certificates(data: "str | bytes") -> List[bytes]:
+    """Every ``-----BEGIN CERTIFICATE-----`` block in ``data``, in order, as bytes (with a trailing newline)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    return [m.group(0) + b"\n" for m in _CERT_BLOCK.finditer(raw)]
+
+
+def _stamp(path: str) -> Tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size)
+
+
+class AgentCredentials:
+    """Lazily loaded, cached key and certificate of one agent; reloaded when either file changes on disk."""
+
+    def __init__(self, agent_id: str, certs_dir: str, seed_password: str) -> None:
+        self.agent_id = agent_id
+        self.certs_dir = certs_dir
+        self.seed_password = seed_password if seed_password is not None else ""
+        self._lock = threading.RLock()
+        self._key: Optional[ec.EllipticCurvePrivateKey] = None
+        self._key_stamp: Optional[Tuple[int, int]] = None
+        self._key_password: Optional[str] = None
+        self._cert_pem: Optional[str] = None
+        self._cert: Optional[x509.Certificate] = None
+        self._cert_stamp: Optional[Tuple[int, int]] = None
+
+    # -- paths ----------------------------------------------------------------------------------------------
+    @property
+    def key_path(self) -> str:
+        return os.path.join(self.certs_dir, f"{self.agent_id}.key")
+
+    @property
+    def cert_path(self) -> str:
+        return os.path.join(self.certs_dir, f"{self.agent_id}.crt")
+
+    def _missing(self, path: str, what: str) -> CredentialError:
+        return CredentialError(
+            f"{what} of agent {self.agent_id} not found at {path}; create the identity (AgentCP.create_aid) "
+            f"or restore its files into {self.certs_dir}"
+        )
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def _load_key(self) -> ec.EllipticCurvePrivateKey:
+        path = self.key_path
+        try:
+            stamp = _stamp(path)
+        except FileNotFoundError:
+            raise self._missing(path, "private key") from None
+        except OSError as exc:
+            raise CredentialError(f"cannot read the private key at {path}: {exc.strerror or exc}") from None
+        if self._key is not None and stamp == self._key_stamp and self._key_password == self.seed_password:
+            return self._key
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise CredentialError(f"cannot read the private key at {path}: {exc.strerror or exc}") from None
+
+        key = None
+        if b"ENCRYPTED" in data:
+            # The 0.1.99 contract hands over the hashed seed; a raw seed is accepted too, as a courtesy.
+            candidates = [self.seed_password]
+            hashed = hash_seed(self.seed_password)
+            if hashed != self.seed_password:
+                candidates.append(hashed)
+            for candidate in candidates:
+                try:
+                    key = serialization.load_pem_private_key(data, password=candidate.encode("utf-8"))
+                    break
+                except (ValueError, TypeError):
+                    continue
+            if key is None:
+                raise CredentialError(
+                    f"the private key at {path} could not be decrypted with the seed password; the seed_password "
+                    f"given to AgentCP must be the one the identity {self.agent_id} was created with"
+                )
+        else:
+            # An unencrypted PKCS#8 key (e.g. a hand-made test identity) is accepted as a fallback.
+            try:
+                key = serialization.load_pem_private_key(data, password=None)
+            except (ValueError, TypeError):
+                raise CredentialError(
+                    f"the file at {path} is not a PEM private key; restore the identity's key file"
+                ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CredentialError(f"the private key at {path} is not an EC key; agent identities use ECDSA keys")
+        _log.debug("loaded private key of %s from %s", self.agent_id, path)
+        self._key, self._key_stamp, self._key_password = key, stamp, self.seed_password
+        return key
+
+    def _load_cert(self) -> Tuple[str, x509.Certificate]:
+        path = self.cert_path
+        try:
+            stamp = _stamp(path)
+        except FileNotFoundError:
+            raise self._missing(path, "certificate") from None
+        except OSError as exc:
+            raise CredentialError(f"cannot read the certificate at {path}: {exc.strerror or exc}") from None
+        if self._cert is not None and self._cert_pem is not None and stamp == self._cert_stamp:
+            return self._cert_pem, self._cert
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise CredentialError(f"cannot read the certificate at {path}: {exc.strerror or exc}") from None
+        blocks = split_pem_certificates(data)
+        if not blocks:
+            raise CredentialError(f"no PEM certificate found in {path}; restore the identity's certificate")
+        try:
+            cert = x509.load_pem_x509_certificate(blocks[0])
+            text = data.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise CredentialError(f"the certificate at {path} is malformed; restore the identity's certificate") \
+                from None
+        _log.debug("loaded certificate of %s from %s", self.agent_id, path)
+        self._cert_pem, self._cert, self._cert_stamp = text, cert, stamp
+        return text, cert
+
+    def load(self) -> None:
+        """Load (or reload if changed) key and certificate now, and check that they belong together."""
+        with self._lock:
+            key = self._load_key()
+            _, cert = self._load_cert()
+            spki = serialization.PublicFormat.SubjectPublicKeyInfo
+            der = serialization.Encoding.DER
+            if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+                raise CredentialError(
+                    f"the private key at {self.key_path} does not match the certificate at {self.cert_path}; "
+                    "restore both files of the same identity"
+                )
+
+    # -- public accessors -----------------------------------------------------------------------------------
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        with self._lock:
+            return self._load_key()
+
+    @property
+    def cert_pem(self) -> str:
+        """The whole stored certificate file (sent as ``cert`` in sign-in step 2)."""
+        with self._lock:
+            return self._load_cert()[0]
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The agent's own certificate (the first PEM block of the file)."""
+        with self._lock:
+            return self._load_cert()[1]
+
+    @property
+    def public_key_pem(self) -> str:
+        """PEM SubjectPublicKeyInfo of the key inside the certificate, with its trailing newline."""
+        pem = self.certificate.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+        return pem if pem.endswith("\n") else pem + "\n"
+
+    def sign(self, data: bytes) -> str:
+        """ECDSA-SHA256 signature of ``data`` with the agent's key: DER, lowercase hex."""
+        return self.private_key.sign(bytes(data), ec.ECDSA(hashes.SHA256())).hex()
+
+    def __repr__(self) -> str:  # never show the password
+        return f"AgentCredentials(agent_id={self.agent_id!r}, certs_dir={self.certs_dir!r})"
