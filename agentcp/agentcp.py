@@ -1,0 +1,903 @@
+"""``AgentCP`` (identities, process lifetime) and ``AgentID`` (one agent: online/offline, profile, handlers).
+
+Drop-in for agentcp 0.1.99 (api.md §2, §3): same constructors, names and on-disk layout. What changed:
+
+* ``AgentID.online()`` never gives up: if the access point or the heartbeat server is unreachable it keeps trying
+  in the background with capped, jittered backoff and becomes online when they return. ``offline()`` stops and
+  joins everything it started. ``status()`` reports the state and the heartbeat statistics.
+* Every identity write is atomic; a failure never deletes an identity; a wrong seed password is a clear
+  :class:`~agentcp.context.exceptions.CredentialError`; a stored certificate that is still valid loads without
+  network access (renewal is retried in the background).
+* ``AGENTCP_AP_URL`` (or ``AgentCP(..., ap_url=...)``) points every AID at another access point.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional
+
+from agentcp.ap.ap_client import ApClient, ap_api_base
+from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
+from agentcp.base.html_util import parse_html
+from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
+from agentcp.ca.ca_client import CAClient
+from agentcp.ca.ca_root import CARoot
+from agentcp.ca.identity_store import (
+    IdentityStore,
+    atomic_write,
+    decrypt_private_key,
+    hash_seed_password,
+    public_key_pem,
+)
+from agentcp.context import ErrorContext, exceptions
+from agentcp.context.exceptions import AuthError, CredentialError, SDKError
+from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
+
+_log = logging.getLogger("agentcp.agent")
+
+__all__ = ["AgentCP", "AgentID", "AP_URL_ENV"]
+
+#: Environment variable that points every AID at one access point, e.g. ``http://127.0.0.1:8765``.
+AP_URL_ENV = "AGENTCP_AP_URL"
+
+_MESSAGING_PENDING = (
+    "messaging (sessions, sending, streams) is not part of this release of the resilient agentcp; "
+    "it arrives in the next one (issue 4). Handlers can already be registered."
+)
+
+_proxy_notice_logged = False
+
+
+def _last_two_labels(name: str) -> str:
+    return ".".join(name.split(".")[-2:])
+
+
+def _validate_override(url: Optional[str]) -> Optional[str]:
+    if url is None:
+        return None
+    url = str(url).strip()
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"access point URL must start with http:// or https:// (got {url!r})")
+    return url.rstrip("/")
+
+
+def _env_override() -> Optional[str]:
+    return _validate_override(os.environ.get(AP_URL_ENV))
+
+
+def entry_url(aid_or_domain: str, override: Optional[str] = None) -> str:
+    """The access point entry URL for an AID or domain: the override, else ``https://acp3.<last two labels>``."""
+    if override:
+        return override
+    return "https://acp3." + _last_two_labels(aid_or_domain)
+
+
+def _is_guest_request(agent_name: str) -> bool:
+    # 0.1.99 treated any name starting with "guest" (e.g. "guesthouse") as a guest request (D-A2).
+    return agent_name == "guest" or re.match(r"^guest[_\-.0-9]", agent_name) is not None
+
+
+# ==================================================================================================================
+# _AgentCP: shutdown flag, signals, serve_forever
+# ==================================================================================================================
+
+
+class _AgentCP(abc.ABC):
+    """Process lifetime: ``shutdown_flag``, ``register_signal_handler``, ``signal_handle``, ``serve_forever``."""
+
+    def __init__(self) -> None:
+        self.shutdown_flag = threading.Event()
+        self.exit_hook_func: Optional[Callable[[Any, Any], Any]] = None
+
+    def register_signal_handler(self, exit_hook_func=None) -> None:
+        """Install SIGTERM/SIGINT handlers that set ``shutdown_flag`` (and call ``exit_hook_func(signum, frame)``)."""
+        self.exit_hook_func = exit_hook_func
+        try:
+            signal.signal(signal.SIGTERM, self.signal_handle)
+            signal.signal(signal.SIGINT, self.signal_handle)
+        except (ValueError, OSError, AttributeError) as exc:  # not the main thread, or no such signal
+            _log.warning("cannot install signal handlers: %s", exc)
+
+    def signal_handle(self, signum, frame) -> None:
+        self.shutdown_flag.set()
+        hook = self.exit_hook_func
+        if hook is not None:
+            try:
+                hook(signum, frame)
+            except Exception:
+                _log.exception("exit hook raised")
+
+    def serve_forever(self) -> None:
+        """Block until ``shutdown_flag`` is set (returns at once when it is)."""
+        if os.name == "posix":
+            # A plain wait; signals still interrupt it on POSIX (Ctrl-C raises KeyboardInterrupt unless a handler
+            # was registered, as in 0.1.99).
+            while not self.shutdown_flag.wait():
+                pass
+        else:  # Windows: a lock wait cannot be interrupted by Ctrl-C, so wake regularly
+            while not self.shutdown_flag.wait(0.5):
+                pass
+
+
+# ==================================================================================================================
+# AgentCP
+# ==================================================================================================================
+
+
+class AgentCP(_AgentCP):
+    """Owns the data directory, the identity store and the shutdown flag.
+
+    ``ap_url`` (keyword-only, new) or the ``AGENTCP_AP_URL`` environment variable points every AID at that
+    access point instead of ``https://acp3.<domain>``.
+    """
+
+    def __init__(
+        self,
+        agent_data_path,
+        certificate_path: str = "",
+        seed_password: str = "",
+        debug=False,
+        log_level: int = logging.INFO,
+        port: int = 0,
+        run_proxy: bool = True,
+        *,
+        ap_url: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not agent_data_path:
+            raise Exception("agent_data_path 不能为空 (agent_data_path must not be empty)")
+        self.app_path = os.path.join(agent_data_path, "agentcp")
+        self.seed_password = hash_seed_password(seed_password)
+        self.aid_path = os.path.join(certificate_path or self.app_path, "AIDs")
+        os.makedirs(self.aid_path, exist_ok=True)
+        self.debug = debug
+        if debug:
+            set_log_enabled(True, log_level)
+        self.ap_url = _validate_override(ap_url) or _env_override()
+        self.port = port
+        self.run_proxy = run_proxy
+        self.ca_client: Optional[CAClient] = None
+        self.ep_url: Optional[str] = None
+        self.aid_map: Dict[str, "AgentID"] = {}
+        self.exit_hook_func = None
+        self._agents: "weakref.WeakSet[AgentID]" = weakref.WeakSet()
+        global _proxy_notice_logged
+        if run_proxy and not _proxy_notice_logged:
+            _proxy_notice_logged = True
+            _log.debug("the local LLM proxy (run_proxy/port) is not part of this release; nothing was started")
+
+    # --- addressing ---------------------------------------------------------------------------------------------
+    @property
+    def store(self) -> IdentityStore:
+        return IdentityStore(self.aid_path)
+
+    def _entry_url(self, aid_or_domain: str) -> str:
+        return entry_url(aid_or_domain, self.ap_url)
+
+    def _use_ca(self, entry: str) -> CAClient:
+        self.ca_client = CAClient(entry, self.aid_path, self.seed_password)
+        self.ep_url = entry
+        return self.ca_client
+
+    def __build_url(self, aid: str) -> CAClient:
+        if len(aid.split(".")) < 3:
+            raise RuntimeError(f"加载aid错误,请检查传入aid (AID load error: {aid!r} needs at least 3 labels)")
+        return self._use_ca(self._entry_url(aid))
+
+    # --- identities ---------------------------------------------------------------------------------------------
+    def load_aid(self, agent_id: str) -> "AgentID":
+        """The stored identity ``agent_id`` as an :class:`AgentID` (not online), or ``None`` if it is missing or
+        its certificate expired and cannot be renewed. A valid stored certificate needs no network.
+
+        Raises ``RuntimeError`` for an AID with fewer than 3 labels and :class:`CredentialError` when the key is
+        missing or the seed password is wrong.
+        """
+        ca = self.__build_url(agent_id)
+        store = ca.store
+        if not store.exists(agent_id):
+            _log.error("identity %s not found in %s", agent_id, self.aid_path)
+            return None
+        key = store.load_key(agent_id, self.seed_password)  # CredentialError: wrong seed password / no key
+        try:
+            cert = store.load_cert(agent_id)
+        except CredentialError as exc:
+            _log.error("%s", exc)
+            return None
+        if public_key_pem(key) != public_key_pem(cert):
+            raise CredentialError(
+                f"the private key and the certificate of {agent_id} do not belong together "
+                f"({store.certs_dir(agent_id)})"
+            )
+        try:
+            if not ca.resign_csr(agent_id):
+                return None
+            agent = AgentID(agent_id, self.app_path, self.seed_password, ca, self.ep_url, debug=self.debug)
+        except (OSError, ValueError) as exc:
+            _log.error("loading %s failed: %s", agent_id, exc)
+            return None
+        self._agents.add(agent)
+        return agent
+
+    def create_aid(self, ap: str, agent_name: str) -> "AgentID":
+        """Create ``<agent_name>.<last two labels of ap>`` with the CA (or load it if it exists).
+
+        Raises ``RuntimeError`` with the CA's reason on refusal or when the CA is unreachable.
+        """
+        if _is_guest_request(agent_name):
+            return self.get_guest_aid(ap)
+        domain = _last_two_labels(ap)
+        aid = agent_name if agent_name.endswith("." + domain) else f"{agent_name}.{domain}"
+        ca = self._use_ca(self._entry_url(domain))
+        if ca.store.exists(aid) and ca.store.has_cert(aid) and ca.store.has_key(aid):
+            return self.load_aid(aid)
+        from agentcp.ca.ca_client import CAError
+
+        try:
+            ca.create_identity(aid)
+        except CAError as exc:
+            if exc.transient and exc.status == 0:
+                raise RuntimeError(f"send csr to server error: {exc}") from None
+            raise RuntimeError(str(exc)) from None
+        return self.load_aid(aid)
+
+    def get_guest_aid(self, ep_url: str) -> "AgentID":
+        """A guest identity for the domain ``ep_url`` (a stored valid one is reused; nothing is deleted)."""
+        ca = self._use_ca(self._entry_url(ep_url))
+        guest = ca.get_guest_aid()
+        if not guest:
+            raise RuntimeError("获取guest aid失败 (failed to get guest aid)")
+        if len(guest.split(".")) < 3:
+            raise RuntimeError(f"获取guest aid失败 (the CA returned an unusable guest AID {guest!r})")
+        return self.load_aid(guest)
+
+    def get_aid_list(self) -> list:
+        """Stored identities: directories of ``aid_path`` with at least 3 dot-separated labels, sorted."""
+        return self.store.list_aids()
+
+    def read_private_key(self, agent_id: str) -> str:
+        """The key PEM encrypted with the current seed; ``""`` if it cannot be read."""
+        ca = self.__build_url(agent_id)
+        return ca.load_private_key_str(agent_id, self.seed_password)
+
+    def read_certificate_pem(self, agent_id: str) -> str:
+        ca = self.__build_url(agent_id)
+        return ca.load_certificate_pem(agent_id)
+
+    def set_seed_password(self, seed_password: str) -> None:
+        """Use ``seed_password`` for the next load/create (nothing on disk changes)."""
+        self.seed_password = hash_seed_password(seed_password)
+
+    def modify_seed_password(self, seed_password: str) -> None:
+        """Re-encrypt every stored key with ``seed_password`` and use it from now on.
+
+        Keys are rewritten atomically; a key that the current seed cannot decrypt is left unchanged (logged).
+        Raises :class:`CredentialError` if there are keys and none of them could be decrypted (nothing changed).
+        """
+        new_hex = hash_seed_password(seed_password)
+        results = self.store.reencrypt_keys(self.seed_password, new_hex)
+        changed = [aid for aid, status in results.items() if status == "ok"]
+        failed = {aid: status for aid, status in results.items() if status not in ("ok", "no key")}
+        if failed and not changed:
+            raise CredentialError(
+                "wrong seed password: none of the stored keys could be decrypted with the current seed "
+                f"password; nothing was changed ({', '.join(sorted(failed))})"
+            )
+        for aid, status in failed.items():
+            _log.warning("key of %s left unchanged: %s", aid, status)
+        self.seed_password = new_hex
+        if self.ca_client is not None:
+            self.ca_client.seed_password = new_hex
+        for agent in list(self._agents):
+            agent._update_seed_password(new_hex)
+        _log.info("seed password changed for %d identit%s", len(changed), "y" if len(changed) == 1 else "ies")
+
+    def save_aid_info(self, agent_id: str, seed_password: str, private_key: str, cert: str) -> "AgentID":
+        """Import an identity: decrypt ``private_key`` with ``seed_password``, store it encrypted with the current
+        seed, and store ``cert``. Raises :class:`CredentialError` if the password is wrong. Returns ``None``."""
+        key = decrypt_private_key(private_key, hash_seed_password(seed_password), aid=agent_id)
+        ca = self.__build_url(agent_id)
+        ca.store.save_identity(agent_id, key, cert, self.seed_password)
+        return None
+
+    def get_agent_data_path(self):
+        return self.app_path
+
+    # --- handlers -----------------------------------------------------------------------------------------------
+    def add_message_handler(self, handler, aid_str: str) -> None:
+        """Create or load ``aid_str``, bring it online and register ``handler`` on it."""
+        if not aid_str or len(aid_str.split(".")) < 3:
+            raise ValueError(f"invalid AID {aid_str!r}: expected name.domain.tld")
+        name, _, ap = aid_str.partition(".")
+        agent = self.create_aid(ap, name)
+        if agent is None:
+            raise RuntimeError(f"cannot create or load {aid_str}")
+        agent.online()
+        self.aid_map[aid_str] = agent
+        agent.add_message_handler(handler, from_acp=True)
+
+    def message_handler(self, aid_str):
+        def decorator(func):
+            self.add_message_handler(func, aid_str)
+            return func
+
+        return decorator
+
+    def get_aid(self, aid_str: str) -> "AgentID":
+        return self.aid_map.get(aid_str)
+
+    # --- LLM proxy (not in this release) ------------------------------------------------------------------------
+    def run_llm_proxy(self, port) -> None:
+        _log.debug("the local LLM proxy is not part of this release; run_llm_proxy(%s) does nothing", port)
+
+    def get_llm_url(self, target_aid: str):
+        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+
+    def get_llm_api_key(self, aid_str: str):
+        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+
+    # --- context manager ----------------------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.shutdown_flag.set()
+        agents = list(self.aid_map.values()) + [a for a in list(self._agents) if a not in self.aid_map.values()]
+        for agent in agents:
+            try:
+                agent.offline()
+            except Exception:
+                _log.exception("offline() of %s failed", agent)
+        return None
+
+
+# ==================================================================================================================
+# AgentID
+# ==================================================================================================================
+
+
+class AgentID:
+    """One agent identity. Obtained from ``AgentCP.load_aid``/``create_aid``/``get_guest_aid``."""
+
+    #: How long ``online()`` waits for the first connection attempt before returning (seconds).
+    ONLINE_WAIT: float = 30.0
+    #: How long ``online()`` additionally waits for the first heartbeat reply once signed in (seconds).
+    HEARTBEAT_WAIT: float = 3.0
+    #: Waits between access point attempts while it is unreachable / refuses permanently.
+    RECONNECT_BACKOFF: Backoff = RECONNECT_BACKOFF
+    PERMANENT_BACKOFF: Backoff = PERMANENT_ERROR_BACKOFF
+    #: How often a connected agent checks whether its certificate is due for renewal (seconds).
+    RENEWAL_CHECK_INTERVAL: float = 600.0
+    #: ``offline()`` waits at most this long for the connect thread (it is bounded by HTTP timeouts).
+    JOIN_TIMEOUT: float = 30.0
+
+    def __init__(self, id: str, app_path: str, seed_password: str, ca_client, ep_url, debug=False) -> None:
+        self.id = id
+        self.ap = _last_two_labels(id)
+        self.name = ""
+        self.avaUrl = ""
+        self.description = ""
+        self.ep_url = ep_url
+        self.seed_password = seed_password
+        self.ca_client = ca_client
+        self.app_path = app_path
+        self.ap_client: Optional[ApClient] = None
+        self.heartbeat_client = None
+        self.session_manager = None
+        self.db_manager = None
+        self.file_client = None
+        self.is_online_success = False
+        self.message_handlers: List[Callable] = []
+        self.message_handlers_session_map: Dict[str, Callable] = {}
+        self.message_handlers_router_map: Dict[str, Callable] = {}
+        self.message_from_acp = False
+        base = os.path.join(app_path, "AIDs", id)
+        self.public_data_path = os.path.join(base, "public")
+        self.private_data_path = os.path.join(base, "private")
+        self.ca_root_path = os.path.join(app_path, "Certs", "root")
+        for path in (self.public_data_path, os.path.join(self.private_data_path, "data"), self.ca_root_path):
+            os.makedirs(path, exist_ok=True)
+        CARoot().set_ca_root_crt(self.ca_root_path)
+        self.thread_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"agentcp-{id}")  # lazy threads
+        self.debug = debug
+        self.message_server = ""
+        self.heartbeat_server = ""
+        # connection machinery
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._attempted = threading.Event()
+        self._conn_thread: Optional[threading.Thread] = None
+        self._phase = "offline"  # offline | connecting | started
+        self._ap_attempts = 0
+        self._ap_failures = 0
+        self._last_error: Optional[str] = None
+        self._published_error: Optional[str] = None
+        self._next_renewal_check = 0.0
+        self._online_since: Optional[float] = None
+        self.on_state_change: Optional[Callable[[str, str], Any]] = None
+
+    def __str__(self) -> str:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"AgentId(aid={self.id})"
+
+    # --- paths --------------------------------------------------------------------------------------------------
+    def _certs_dir(self) -> str:
+        if self.ca_client is not None:
+            return self.ca_client.get_aid_certs_path(self.id)
+        return os.path.join(self.private_data_path, "certs")
+
+    def _entry_url(self) -> str:
+        return self.ep_url or entry_url(self.id, _env_override())
+
+    def get_agent_public_path(self):
+        return self.public_data_path
+
+    def get_agent_private_path(self):
+        return self.private_data_path
+
+    def get_app_path(self):
+        return self.public_data_path  # sic: 0.1.99 returns the public path
+
+    def _update_seed_password(self, new_hex: str) -> None:
+        self.seed_password = new_hex
+        if self.ca_client is not None:
+            self.ca_client.seed_password = new_hex
+        for client in (self.ap_client, self.heartbeat_client):
+            if client is None:
+                continue
+            if hasattr(client, "seed_password"):
+                client.seed_password = new_hex
+            auth = getattr(client, "auth_client", None)
+            if auth is not None:
+                auth.seed_password = new_hex
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def online(self) -> None:
+        """Bring the agent online; never raises. ``is_online_success`` tells whether it got there.
+
+        The first attempt runs before this returns. If the access point is unreachable, the agent keeps trying in
+        the background and becomes online when it returns; the heartbeat client heals heartbeat faults itself.
+        """
+        try:
+            with self._lock:
+                running = self._conn_thread is not None and self._conn_thread.is_alive()
+                if running and self._phase == "started":
+                    return
+                self._attempted.clear()
+                if running:
+                    self._wake.set()  # try again now
+                else:
+                    self._stop = threading.Event()
+                    self._wake.clear()
+                    self._ap_failures = 0
+                    self._set_phase("connecting")
+                    self._conn_thread = threading.Thread(
+                        target=self._run, name=f"agentcp-online-{self.id}", daemon=True
+                    )
+                    self._conn_thread.start()
+            self._attempted.wait(self.ONLINE_WAIT)
+            hb = self.heartbeat_client
+            if hb is not None and hasattr(hb, "wait_online"):
+                hb.wait_online(self.HEARTBEAT_WAIT)
+        except Exception as exc:  # never raises (0.1.99 contract)
+            _log.exception("online() of %s failed unexpectedly", self.id)
+            self._publish(SDKError(f"online() of {self.id} failed: {exc}"))
+
+    def offline(self) -> None:
+        """Stop everything ``online()`` started, join its threads and sign out. Idempotent; never raises."""
+        try:
+            with self._lock:
+                self._stop.set()
+                self._wake.set()
+                thread = self._conn_thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(self.JOIN_TIMEOUT)
+                if thread.is_alive():
+                    _log.warning("connect thread of %s still busy after %.0f s; it will exit on its own",
+                                 self.id, self.JOIN_TIMEOUT)
+            with self._lock:
+                hb, self.heartbeat_client = self.heartbeat_client, None
+                ap, self.ap_client = self.ap_client, None
+                self._conn_thread = None
+                self.is_online_success = False
+                self._online_since = None
+                self._set_phase("offline")
+            if hb is not None:
+                hb.offline()
+                hb.sign_out()
+            if ap is not None:
+                ap.sign_out()
+                ap.auth_client.close()
+        except Exception:
+            _log.exception("offline() of %s failed", self.id)
+
+    def status(self) -> Dict[str, Any]:
+        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat."""
+        with self._lock:
+            hb = self.heartbeat_client
+            ap = self.ap_client
+            phase = self._phase
+            snap: Dict[str, Any] = {
+                "aid": self.id,
+                "is_online_success": self.is_online_success,
+                "access_point": {
+                    "url": ap_api_base(self._entry_url()),
+                    "connected": phase == "started",
+                    "attempts": self._ap_attempts,
+                    "consecutive_failures": self._ap_failures,
+                    "last_error": self._last_error,
+                },
+                "heartbeat_server": self.heartbeat_server,
+                "message_server": self.message_server,
+            }
+        if phase == "started" and hb is not None:
+            snap["state"] = hb.state
+            try:
+                snap["heartbeat"] = hb.stats()
+            except Exception as exc:  # stats must never break status()
+                snap["heartbeat"] = {"error": str(exc)}
+        else:
+            snap["state"] = "connecting" if phase == "connecting" else "offline"
+            snap["heartbeat"] = None
+        snap["online"] = snap["state"] == "online"
+        return snap
+
+    @property
+    def state(self) -> str:
+        return self.status()["state"]
+
+    def wait_online(self, timeout: Optional[float] = None) -> bool:
+        """Block until the heartbeat is online (True) or ``timeout`` passes (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            hb = self.heartbeat_client
+            if hb is not None and self._phase == "started":
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if hb.wait_online(left if left is None else min(left, 0.5)):
+                    return True
+            elif self._stop.is_set() and self._phase == "offline":
+                return False
+            else:
+                self._stop.wait(0.05)
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    # --- connect loop -------------------------------------------------------------------------------------------
+    def _set_phase(self, phase: str) -> None:
+        old, self._phase = self._phase, phase
+        if old != phase:
+            _log.debug("%s: %s -> %s", self.id, old, phase)
+
+    def _publish(self, err: SDKError) -> None:
+        try:
+            ErrorContext.publish(err)
+        except Exception:
+            _log.debug("ErrorContext.publish failed", exc_info=True)
+
+    def _run(self) -> None:
+        stop = self._stop
+        failures = 0
+        while not stop.is_set():
+            try:
+                self._connect_once(stop)
+                self._attempted.set()
+                break
+            except Exception as exc:
+                failures += 1
+                permanent = bool(getattr(exc, "permanent", False))
+                with self._lock:
+                    self._ap_failures = failures
+                    self._last_error = str(exc)
+                text = str(exc)
+                if text != self._published_error:
+                    self._published_error = text
+                    level = logging.ERROR if permanent else logging.WARNING
+                    _log.log(level, "%s: access point not available (%s); retrying in the background", self.id, exc)
+                    self._publish(exc if isinstance(exc, SDKError) else SDKError(f"online of {self.id}: {exc}"))
+                self._attempted.set()
+                policy = self.PERMANENT_BACKOFF if permanent else self.RECONNECT_BACKOFF
+                wait = policy.delay(failures - 1)
+                self._wake.wait(wait)
+                self._wake.clear()
+        # Connected (or stopped): look after the certificate until offline().
+        while not stop.is_set():
+            self._maybe_renew()
+            self._wake.wait(self.RENEWAL_CHECK_INTERVAL)
+            self._wake.clear()
+
+    def _connect_once(self, stop: threading.Event) -> None:
+        from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+
+        with self._lock:
+            self._ap_attempts += 1
+        self._maybe_renew()
+        certs = self._certs_dir()
+        ap = ApClient(self.id, self._entry_url(), certs, self.seed_password)
+        try:
+            ap.connect()
+        except BaseException:
+            ap.auth_client.close()
+            raise
+        with self._lock:
+            if stop.is_set():
+                ap.sign_out()
+                ap.auth_client.close()
+                return
+            old_ap, self.ap_client = self.ap_client, ap
+            self.heartbeat_server = ap.heartbeat_server
+            self.message_server = ap.message_server
+            hb = HeartbeatClient(self.id, ap.heartbeat_server, certs, self.seed_password)
+            hb.set_on_recv_invite(self._on_invite)
+            hb.on_state_change = self._on_heartbeat_state
+            try:
+                hb.online()  # non-blocking; signs in and heals in its own threads
+            except BaseException:
+                ap.sign_out()
+                raise
+            self.heartbeat_client = hb
+            self._set_phase("started")
+            self.is_online_success = True
+            self._ap_failures = 0
+            self._last_error = None
+            self._published_error = None
+            self._online_since = time.monotonic()
+        if old_ap is not None and old_ap is not ap:
+            old_ap.sign_out()
+        _log.info("%s connected to access point %s; heartbeat via %s", self.id, ap.server_url, ap.heartbeat_server)
+
+    def _maybe_renew(self) -> None:
+        """Renew the certificate if it is due; failure is logged and retried later (never fatal here)."""
+        now = time.monotonic()
+        if self.ca_client is None or now < self._next_renewal_check:
+            return
+        self._next_renewal_check = now + self.RENEWAL_CHECK_INTERVAL
+        try:
+            if self.ca_client.renewal_due(self.id):
+                self.ca_client.renew(self.id)
+        except Exception as exc:
+            _log.warning("certificate renewal of %s failed (%s); will retry later", self.id, exc)
+
+    def _on_heartbeat_state(self, old: str, new: str) -> None:
+        _log.debug("%s heartbeat %s -> %s", self.id, old, new)
+        callback = self.on_state_change
+        if callback is not None:
+            try:
+                callback(old, new)
+            except Exception:
+                _log.exception("on_state_change callback of %s raised", self.id)
+
+    def _on_invite(self, invite) -> None:
+        _log.info("%s: session invite from %s ignored: %s", self.id, getattr(invite, "InviterAgentId", "?"),
+                  _MESSAGING_PENDING)
+
+    # --- access point -------------------------------------------------------------------------------------------
+    def init_ap_client(self) -> None:
+        """Create the access point client, sign in and fetch the config (one attempt; failures are logged)."""
+        ap = ApClient(self.id, self._entry_url(), self._certs_dir(), self.seed_password)
+        ap.initialize()
+        with self._lock:
+            self.ap_client = ap
+            if ap.heartbeat_server:
+                self.heartbeat_server = ap.heartbeat_server
+            if ap.message_server:
+                self.message_server = ap.message_server
+
+    def _ap(self) -> ApClient:
+        if self.ap_client is None:
+            self.init_ap_client()
+        return self.ap_client
+
+    def get_online_status(self, aids):
+        """Online state of ``aids`` from the heartbeat server; ``[]`` when offline or unknown."""
+        hb = self.heartbeat_client
+        if hb is None:
+            _log.warning("get_online_status: %s is not online", self.id)
+            return []
+        return hb.get_online_status(aids)
+
+    def get_all_public_data(self):
+        return self._ap().get_all_public_data()
+
+    def get_agent_list(self):
+        return self._ap().get_agent_list()
+
+    def get_agent_public_data(self):
+        return self._ap().get_agent_public_data(self.id)
+
+    def get_agent_profile(self, aid_str):
+        return self._ap().get_agent_profile(aid_str)
+
+    def sync_public_files(self) -> bool:
+        return self._ap().sync_public_files(self.public_data_path)
+
+    def delete_public_file(self, file_path: str) -> None:
+        path = file_path if os.path.isabs(file_path) else os.path.join(self.public_data_path, file_path)
+        try:
+            os.remove(path)
+        except OSError as exc:
+            _log.warning("cannot delete %s: %s", path, exc)
+        self._ap().delete_public_file(path)
+
+    # --- profile ------------------------------------------------------------------------------------------------
+    def get_aid_info(self) -> Dict[str, str]:
+        return {"aid": self.id, "name": self.name, "description": self.description, "avaUrl": self.avaUrl,
+                "ep_url": self.ep_url}
+
+    def get_publisher_info(self) -> Dict[str, str]:
+        return {"publisherAid": self.id, "organization": self.ap, "certificationSignature": self.ap}
+
+    _DEFAULT_AVATAR = "https://www.agentunion.cn/images/default_agent.png"
+
+    @staticmethod
+    def _validate_profile(data) -> None:
+        def need(obj, key, kind, where="json_data"):
+            if not isinstance(obj, dict) or key not in obj:
+                raise Exception(f"{where} is missing {key!r}")
+            if kind is not None and not isinstance(obj[key], kind):
+                raise Exception(f"{where}[{key!r}] must be {kind.__name__}")
+            return obj[key]
+
+        if not isinstance(data, dict):
+            raise Exception("json_data must be a dict")
+        need(data, "publisherInfo", dict)
+        for key in ("version", "lastUpdated", "name", "description"):
+            need(data, key, str)
+        caps = need(data, "capabilities", dict)
+        for key in ("core", "extended"):
+            need(caps, key, None, "capabilities")
+        need(data, "llm", dict)
+        refs = need(data, "references", dict)
+        for key in ("knowledgeBases", "tools", "companyInfo", "productInfo"):
+            need(refs, key, None, "references")
+        auth = need(data, "authorization", dict)
+        for key in ("modes", "fee", "description", "sla"):
+            need(auth, key, None, "authorization")
+        for section in ("input", "output"):
+            part = need(data, section, dict)
+            for key in ("types", "formats", "examples", "semantics", "compatibleAids"):
+                need(part, key, None, section)
+        for key, kind in (("supportStream", bool), ("supportAsync", bool), ("permission", list)):
+            need(data, key, kind)
+
+    def create_agent_profile(self, json_data, supportDiscover=True) -> None:
+        """Validate ``json_data`` and write ``agentprofile.json``, ``index.html`` and ``config.json`` (if absent)
+        to the public directory (atomically). Raises ``Exception`` naming the first invalid field."""
+        ava = json_data.get("avaUrl") if isinstance(json_data, dict) else None
+        if isinstance(json_data, dict) and not (isinstance(ava, str) and ava.startswith(("http://", "https://"))):
+            json_data["avaUrl"] = self._DEFAULT_AVATAR
+        self._validate_profile(json_data)
+        os.makedirs(self.public_data_path, exist_ok=True)
+        config_path = os.path.join(self.public_data_path, "config.json")
+        if not os.path.exists(config_path):
+            atomic_write(config_path, json.dumps({"homepage": "index.html", "supportDiscover": supportDiscover}))
+        atomic_write(os.path.join(self.public_data_path, "agentprofile.json"), json.dumps(json_data))
+        atomic_write(os.path.join(self.public_data_path, "index.html"), parse_html(json_data))
+
+    def get_my_profile_data(self):
+        try:
+            with open(os.path.join(self.public_data_path, "agentprofile.json"), encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def update_aid_info(self, aid, avaUrl, name, description):
+        return True
+
+    # --- handlers (dispatch arrives with messaging, issue 4) ----------------------------------------------------
+    def message_handler(self, router: str = ""):
+        """Decorator: ``@aid.message_handler()`` registers the function (``router="cmd"`` for instructions)."""
+
+        def decorator(func):
+            self.add_message_handler(func, router=router)
+            return func
+
+        return decorator
+
+    def add_message_handler(self, handler, session_id: str = "", router: str = "", from_acp: bool = False) -> None:
+        if from_acp:
+            self.message_from_acp = True
+        if not session_id and not router:
+            self.message_handlers.append(handler)
+        elif session_id:
+            self.message_handlers_session_map[session_id] = handler
+        else:
+            self.message_handlers_router_map[router] = handler
+
+    def remove_message_handler(self, handler, session_id) -> None:
+        if session_id == "" or session_id is None:
+            if handler in self.message_handlers:
+                self.message_handlers.remove(handler)
+            return
+        self.message_handlers_session_map.pop(session_id, None)
+
+    # --- message parsing (pure) ---------------------------------------------------------------------------------
+    def get_sender_from_message(self, message):
+        return message.get("sender") if isinstance(message, dict) else None
+
+    def get_session_id_from_message(self, message):
+        return message.get("session_id") if isinstance(message, dict) else None
+
+    def get_receiver_from_message(self, message):
+        return message.get("receiver") if isinstance(message, dict) else None
+
+    def get_content_array_from_message(self, message):
+        raw = message.get("message")  # AttributeError for a non-dict, as in 0.1.99
+        if isinstance(raw, str):
+            if not raw.strip():
+                return []
+            try:
+                decoded = json.loads(raw)
+            except ValueError:
+                _log.warning("message content of %s is not JSON", message.get("message_id", "?"))
+                return []
+            if isinstance(decoded, list) and decoded:
+                return decoded
+            return [decoded]
+        if isinstance(raw, list) and raw:
+            return raw
+        return []
+
+    def get_content_from_message(self, message, message_type="content"):
+        blocks = self.get_content_array_from_message(message)
+        for wanted in ([message_type, "text"] if message_type == "content" else [message_type]):
+            for block in blocks:
+                if isinstance(block, dict) and block.get("type") == wanted:
+                    content = block.get("content")
+                    if isinstance(content, str):
+                        try:
+                            decoded = json.loads(content)
+                        except ValueError:
+                            return content
+                        if isinstance(decoded, dict) and "text" in decoded:
+                            return decoded["text"]
+                        return content
+                    if isinstance(content, dict) and "text" in content:
+                        return content["text"]
+                    return content
+        return None
+
+    # --- messaging (issue 4) ------------------------------------------------------------------------------------
+    def _messaging(self, what: str):
+        raise NotImplementedError(f"{what}: {_MESSAGING_PENDING}")
+
+    def send_message_content(self, session_id: str, to_aid_list: list, llm_content: str, ref_msg_id: str = "",
+                             message_id: str = ""):
+        self._messaging("send_message_content")
+
+    def reply_message(self, msg: dict, message):
+        self._messaging("reply_message")
+
+    def send_message(self, sessionId: str, to_aid_list: list, message, ref_msg_id: str = "", message_id: str = "",
+                     agent_cmd_block: AgentInstructionBlock = None, insert_message: bool = True):
+        self._messaging("send_message")
+
+    async def send_stream_message(self, session_id: str, to_aid_list: list, response, type="text/event-stream",
+                                  file_path: str = "", ref_msg_id: str = ""):
+        self._messaging("send_stream_message")
+
+    def quick_send_message(self, to_aid: str, message, asnyc_message_result, insert_message: bool = True):
+        self._messaging("quick_send_message")
+
+    def quick_send_message_content(self, to_aid: str, message_content: str, asnyc_message_result):
+        self._messaging("quick_send_message_content")
+
+    def create_session(self, name, subject, *, type="public"):
+        self._messaging("create_session")
+
+    def invite_member(self, session_id, to_aid):
+        self._messaging("invite_member")
+
+    def get_session_member_list(self, session_id):
+        self._messaging("get_session_member_list")

@@ -1,0 +1,4 @@
+"""Access point client (``ApClient``)."""
+from .ap_client import ApClient
+
+__all__ = ["ApClient"]
