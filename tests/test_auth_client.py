@@ -343,6 +343,7 @@ def test_backoff_is_capped_and_failure_returns_none(server, identity, published)
     assert len(server.requests) == 6 and client.attempts == 6
     assert isinstance(client.last_error, TransientAuthError) and client.last_error.status == 503
     assert "503" in str(client.last_error) and published == [client.last_error]
+    assert published[0].agent_id == AID
 
 
 def test_retry_count_beyond_max_returns_none_not_empty_string(server, identity):
@@ -550,6 +551,27 @@ def test_post_json_reauths_once_with_a_fresh_copy(server, identity):
     calls = [b for p, b, _ in server.requests if p == "/query_online_state"]
     assert [c["signature"] for c in calls] == [old, client.signature] and client.signature != old
     assert all(c["agent_id"] == AID for c in calls)
+
+
+def test_concurrent_401s_share_one_re_sign_in(server, identity):
+    client = make_client(server, identity)
+    client.sign_in()
+    server.tokens.clear()
+    server.step1_delay = 0.2
+    barrier = threading.Barrier(3)
+    results = []
+
+    def run():
+        barrier.wait()
+        results.append(client.post_json("query_online_state", {"agents": []}))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 3
+    assert server.paths().count("/sign_in") == 4  # the first sign-in plus exactly one re-sign-in
 
 
 def test_post_json_without_reauth_raises_401(server, identity):

@@ -358,6 +358,8 @@ class AuthClient:
                 return None
             error = exc if isinstance(exc, SDKError) else AuthError(f"sign-in failed: {_short(exc)}")
             self.last_error = error
+            if not getattr(error, "agent_id", ""):
+                error.agent_id = self.agent_id
             _log.warning("sign-in of %s to %s failed after %d attempt(s): %s",
                          self.agent_id, self.server_url, retrier.attempts, error)
             try:
@@ -410,15 +412,20 @@ class AuthClient:
         and resends a fresh copy of the payload carrying the new token. Failures raise :class:`AuthError`
         subclasses (transient / permanent, as for sign-in).
         """
-        generation = self._generation
         what = f"POST {path}"
+        body = self._authorised(payload, fresh_token=False)
         try:
-            return self._send(path, self._authorised(payload, fresh_token=False), what)
+            return self._send(path, body, what)
         except PermanentAuthError as exc:
             if exc.status != 401 or not reauth_on_401:
                 raise
-        _log.info("%s on %s answered 401; signing in again", what, self.server_url)
-        self._single_flight(generation)
+        generation = self._generation
+        if self.signature and self.signature != body.get("signature"):
+            # Another thread already replaced the token we sent: use its fresh one.
+            _log.debug("%s on %s answered 401; using the token refreshed meanwhile", what, self.server_url)
+        else:
+            _log.info("%s on %s answered 401; signing in again", what, self.server_url)
+            self._single_flight(generation)
         return self._send(path, self._authorised(payload, fresh_token=True), what)
 
     def __repr__(self) -> str:  # never show the token or the seed
