@@ -537,3 +537,18 @@ def test_invalid_options() -> None:
         FakeACPServer(next_beat_encoding="u32")
     with pytest.raises(ValueError):
         FakeACPServer(server_auth="maybe")
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fixed_ports(acp_server_factory: Any) -> None:
+    http_port, udp_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
+    srv = acp_server_factory(http_port=http_port, udp_port=udp_port)
+    assert (srv.http_port, srv.udp_port) == (http_port, udp_port)
+    assert srv.pki.agent_ca_pem == srv.agent_ca_pem
+    assert requests.post(srv.heartbeat_url + "/sign_in", json={"agent_id": AID, "request_id": "r"},
+                         timeout=5).status_code == 200

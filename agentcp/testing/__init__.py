@@ -3,6 +3,7 @@
 - :class:`FakeACPServer`: heartbeat server on loopback (HTTP two-step sign-in, UDP heartbeat) with fault controls.
 - :class:`Beat`, :class:`SignInRecord`, :class:`InviteResponse`, :class:`Session`: what it records.
 - :class:`HttpRequest`, :class:`HttpResponse`, :class:`HttpError`: for routes added with ``FakeACPServer.add_route``.
+- :class:`FakePKI`: the server's CA (``FakeACPServer.pki``), for such routes (e.g. a fake CA issuing certificates).
 - pytest fixtures ``acp_server`` and ``acp_server_factory`` (:mod:`agentcp.testing.pytest_plugin`, auto-loaded).
 
 Names are imported lazily, so ``import agentcp.testing`` (done by the pytest plugin in every test run of users who
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._http import HttpError, HttpRequest, HttpResponse
+    from ._pki import FakePKI
     from .fake_server import Beat, FakeACPServer, InviteResponse, Session, SignInRecord
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "HttpError",
+    "FakePKI",
 ]
 
 _LAZY: Dict[str, str] = {
@@ -37,6 +40,7 @@ _LAZY: Dict[str, str] = {
     "HttpRequest": "agentcp.testing._http",
     "HttpResponse": "agentcp.testing._http",
     "HttpError": "agentcp.testing._http",
+    "FakePKI": "agentcp.testing._pki",
 }
 
 

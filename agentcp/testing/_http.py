@@ -180,6 +180,7 @@ class HttpFrontend:
         host: str,
         tls_context: Optional[ssl.SSLContext] = None,
         io_timeout: float = 10.0,
+        port: int = 0,
     ) -> None:
         self._loop = loop
         self._host = host
@@ -189,7 +190,7 @@ class HttpFrontend:
         self._routes: Dict[Tuple[str, str], RouteHandler] = {}
         self._lock = threading.Lock()
         self._server: Optional[_HTTPServer] = None
-        self._port = 0
+        self._port = int(port)  # 0: ephemeral, chosen at the first listen() and kept for re-binds
         self._closing = False
         self._threads: Set[threading.Thread] = set()
         self._conns: Set[_Connection] = set()

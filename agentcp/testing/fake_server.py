@@ -146,6 +146,7 @@ class FakeACPServer:
     - ``trust_in_process``: when ``server_auth="signed"``, register :attr:`root_ca_pem` with
       ``agentcp.base.server_auth.add_trusted_root`` on start and remove it on stop, so the in-process client accepts
       this server's signed challenges.
+    - ``http_port`` / ``udp_port``: fixed ports to bind (default 0: ephemeral ports; what tests should use).
 
     A new sign-in of an agent supersedes that agent's previous session (its token and cookie stop working).
     """
@@ -159,6 +160,8 @@ class FakeACPServer:
         tls: bool = False,
         host: str = "127.0.0.1",
         trust_in_process: bool = True,
+        http_port: int = 0,
+        udp_port: int = 0,
     ) -> None:
         _check_next_beat(next_beat_ms, next_beat_encoding)
         if server_auth not in SERVER_AUTH_MODES:
@@ -194,7 +197,8 @@ class FakeACPServer:
         self._seq = itertools.count(1)
 
         self._loop = IOLoop("fakeacp-io")
-        self._http = HttpFrontend(self._loop, host)
+        self._http = HttpFrontend(self._loop, host, port=int(http_port))
+        self._initial_udp_port = int(udp_port)
         self._udp_sock: Optional[socket.socket] = None
         self._udp_port = 0
         self._tmpdir: Optional[str] = None
@@ -220,7 +224,7 @@ class FakeACPServer:
             self._state = "running"
         try:
             self._loop.start()
-            sock = self._bind_udp()
+            sock = self._bind_udp(self._initial_udp_port)
             self._loop.call(lambda: self._install_udp(sock))
             if self._tls:
                 self._http.tls_context = self._make_tls_context()
@@ -334,6 +338,16 @@ class FakeACPServer:
         """Path of a file holding :attr:`tls_cert_pem` (pass as ``requests``' ``verify=``); ``None`` without TLS or
         before start. Removed by :meth:`stop`."""
         return self._tls_cert_path
+
+    @property
+    def pki(self) -> FakePKI:
+        """The server's certificate authority (keys and certificates), for endpoints mounted with :meth:`add_route`.
+
+        Stable members: ``root_ca_pem``, ``agent_ca_pem``, ``server_cert_pem``, ``sign_challenge(agent_id,
+        request_id)``, ``verify_agent_cert(cert) -> Optional[str]``, ``issue_agent_cert(aid, public_key, expired=)``,
+        ``issue_identity(...)``.
+        """
+        return self._pki
 
     def issue_identity(
         self, aid: str, certs_dir: str, seed_password: str = "", *, expired: bool = False
@@ -773,10 +787,10 @@ class FakeACPServer:
 
     # ------------------------------------------------------------------------------------------------ UDP
 
-    def _bind_udp(self) -> socket.socket:
+    def _bind_udp(self, port: int = 0) -> socket.socket:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
-            sock.bind((self._host, 0))
+            sock.bind((self._host, port))
             sock.setblocking(False)
         except BaseException:
             sock.close()
