@@ -199,15 +199,18 @@ class AgentCP(_AgentCP):
         """The stored identity ``agent_id`` as an :class:`AgentID` (not online), or ``None`` if it is missing or
         its certificate expired and cannot be renewed. A valid stored certificate needs no network.
 
-        Raises ``RuntimeError`` for an AID with fewer than 3 labels and :class:`CredentialError` when the key is
-        missing or the seed password is wrong.
+        Raises ``RuntimeError`` for an AID with fewer than 3 labels and :class:`CredentialError` when the seed
+        password is wrong (the key cannot be decrypted) or key and certificate do not match.
         """
         ca = self.__build_url(agent_id)
         store = ca.store
         if not store.exists(agent_id):
             _log.error("identity %s not found in %s", agent_id, self.aid_path)
             return None
-        key = store.load_key(agent_id, self.seed_password)  # CredentialError: wrong seed password / no key
+        if not store.has_key(agent_id):
+            _log.error("identity %s has no private key (%s)", agent_id, store.key_path(agent_id))
+            return None
+        key = store.load_key(agent_id, self.seed_password)  # CredentialError: wrong seed password
         try:
             cert = store.load_cert(agent_id)
         except CredentialError as exc:

@@ -1,0 +1,103 @@
+"""A local ACP network in one process: FakeACPServer (heartbeat) + AccessPoint (access point and CA endpoints).
+
+Run ``python -m agentcp.testing.devserver`` (or ``python -m agentcp devserver``), export the printed
+``AGENTCP_AP_URL`` and run an unmodified agent script: ``create_aid``/``load_aid``/``online()`` go to this server.
+Stops cleanly on Ctrl-C or SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+__all__ = ["main", "DEFAULT_PORT", "start_dev_network"]
+
+#: The fixed default port, so the exported URL stays the same between runs.
+DEFAULT_PORT = 8765
+
+
+def _bind_port(server, port: int) -> None:
+    # FakeACPServer binds an ephemeral HTTP port unless told otherwise; use its option when it has one.
+    if port:
+        frontend = getattr(server, "_http", None)
+        if frontend is not None and hasattr(frontend, "_port"):
+            frontend._port = int(port)
+
+
+def start_dev_network(host: str = "127.0.0.1", port: int = DEFAULT_PORT, next_beat_ms: int = 5000,
+                      message_server: Optional[str] = None):
+    """Start and return ``(server, access_point)``; ``port=0`` picks a free port."""
+    import inspect
+
+    from .access_point import AccessPoint
+    from .fake_server import FakeACPServer
+
+    kwargs = {"host": host, "next_beat_ms": next_beat_ms}
+    params = inspect.signature(FakeACPServer.__init__).parameters
+    if "http_port" in params:
+        kwargs["http_port"] = port
+    server = FakeACPServer(**kwargs)
+    if "http_port" not in params:
+        _bind_port(server, port)
+    server.start()
+    access_point = AccessPoint(server, message_server=message_server).install()
+    return server, access_point
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m agentcp devserver",
+        description="Run a local ACP network (access point, CA and heartbeat server) for development.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"HTTP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--next-beat-ms", type=int, default=5000, help="heartbeat interval the server asks for")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        server, access_point = start_dev_network(args.host, args.port, args.next_beat_ms)
+    except OSError as exc:
+        print(f"devserver: cannot start on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    previous = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        print(f"export AGENTCP_AP_URL={access_point.url}", flush=True)
+        print(f"# access point {access_point.url}/api/accesspoint, heartbeat UDP {server.udp_address[0]}:"
+              f"{server.udp_address[1]}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
+    print("devserver stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
