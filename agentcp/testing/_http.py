@@ -158,6 +158,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: Tuple[str, int], frontend: "HttpFrontend") -> None:
         self.frontend = frontend
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:

@@ -212,7 +212,8 @@ class FakeACPServer:
     # ------------------------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> "FakeACPServer":
-        """Bind the UDP and HTTP sockets on ``host`` (ephemeral ports) and start serving; returns ``self``.
+        """Bind the UDP and HTTP sockets on ``host`` (ephemeral ports unless fixed ones were given) and start
+        serving; returns ``self``.
 
         Calling it on a running server does nothing; a stopped server cannot be started again.
         """
