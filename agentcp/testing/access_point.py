@@ -42,7 +42,7 @@ from ._http import HttpError, HttpRequest, HttpResponse
 
 logger = logging.getLogger("agentcp.testing")
 
-__all__ = ["AccessPoint", "PREFIX"]
+__all__ = ["AccessPoint", "PREFIX", "accept_any_issuer"]
 
 PREFIX = "/api/accesspoint"
 NONCE_TTL_S = 300.0
@@ -71,8 +71,14 @@ def _str(body: Dict[str, Any], name: str) -> str:
 class AccessPoint:
     """The access point + CA of a :class:`FakeACPServer` (call :meth:`install` once the server exists)."""
 
-    def __init__(self, server: Any, *, message_server: Optional[str] = None, guest_domain: str = "acp.local") -> None:
+    def __init__(self, server: Any, *, message_server: Optional[str] = None, guest_domain: str = "acp.local",
+                 server_auth: Optional[str] = None, accept_any_issuer: bool = False) -> None:
+        """``server_auth``: "signed" (challenge carries cert + signature) or "none"; default: as the server.
+        ``accept_any_issuer``: accept agent certificates from any issuer at sign-in (still checks dates and proof of
+        possession), so identities issued by the real CA can be used on a local network."""
         self.server = server
+        self.server_auth = server_auth or getattr(server, "_server_auth", "signed")
+        self.accept_any_issuer = bool(accept_any_issuer)
         # FakeACPServer keeps its keys in a FakePKI; the CA endpoints must issue with the same agent CA so that
         # heartbeat sign-in accepts the certificates.
         self._pki = getattr(server, "pki", None) or getattr(server, "_pki")
@@ -163,7 +169,7 @@ class AccessPoint:
                 self._expire(self._nonces)
                 self._nonces[nonce] = _Pending(agent_id, request_id, time.monotonic())
             reply: Dict[str, Any] = {"nonce": nonce}
-            if getattr(self.server, "_server_auth", "signed") == "signed":
+            if self.server_auth == "signed":
                 reply["cert"] = self._pki.server_cert_pem
                 reply["signature"] = self._pki.sign_challenge(agent_id, request_id)
             return HttpResponse(200, reply)
@@ -221,6 +227,8 @@ class AccessPoint:
         except ValueError:
             raise HttpError(400, "cert is not a PEM certificate") from None
         problem = self._pki.verify_agent_cert(cert)
+        if problem is not None and self.accept_any_issuer:
+            problem = _date_problem(cert)
         if problem is not None and not (allow_expired and problem in ("certificate expired",
                                                                        "certificate not yet valid")):
             raise HttpError(401, problem)
@@ -391,6 +399,37 @@ class AccessPoint:
     def issued_agents(self) -> List[str]:
         with self._lock:
             return sorted(set(self._sessions.values()))
+
+
+def _date_problem(cert: x509.Certificate) -> Optional[str]:
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    except AttributeError:  # cryptography < 42
+        nb = cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
+        na = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    if now < nb:
+        return "certificate not yet valid"
+    if now > na:
+        return "certificate expired"
+    return None
+
+
+def accept_any_issuer(server: Any) -> None:
+    """Make ``server``'s heartbeat sign-in accept agent certificates from any issuer (dates still checked).
+
+    For the dev network, where identities issued by the real CA (or written by hand) should go online too.
+    """
+    pki = getattr(server, "pki", None) or getattr(server, "_pki")
+    original = pki.verify_agent_cert
+
+    def lenient(cert: x509.Certificate, now: Any = None) -> Optional[str]:
+        problem = original(cert, now) if now is not None else original(cert)
+        return None if problem is None else _date_problem(cert)
+
+    pki.verify_agent_cert = lenient
 
 
 def _parse_multipart(request: HttpRequest) -> Dict[str, bytes]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,22 +29,31 @@ def _bind_port(server, port: int) -> None:
 
 
 def start_dev_network(host: str = "127.0.0.1", port: int = DEFAULT_PORT, next_beat_ms: int = 5000,
-                      message_server: Optional[str] = None):
-    """Start and return ``(server, access_point)``; ``port=0`` picks a free port."""
+                      message_server: Optional[str] = None, signed: bool = False, open_network: bool = True):
+    """Start and return ``(server, access_point)``; ``port=0`` picks a free port.
+
+    ``signed=False`` (default): sign-in challenges carry no server signature, so agents in other processes need
+    no extra trust root (the client logs that the server did not prove its identity). ``signed=True`` signs them;
+    then export ``AGENTCP_CA_ROOT`` pointing at the root certificate (see :func:`main`).
+    ``open_network=True`` (default): agent certificates from any issuer are accepted (dates and proof of
+    possession still checked), so existing identities go online too.
+    """
     import inspect
 
-    from .access_point import AccessPoint
+    from .access_point import AccessPoint, accept_any_issuer
     from .fake_server import FakeACPServer
 
-    kwargs = {"host": host, "next_beat_ms": next_beat_ms}
+    kwargs = {"host": host, "next_beat_ms": next_beat_ms, "server_auth": "signed" if signed else "none"}
     params = inspect.signature(FakeACPServer.__init__).parameters
     if "http_port" in params:
         kwargs["http_port"] = port
     server = FakeACPServer(**kwargs)
     if "http_port" not in params:
         _bind_port(server, port)
+    if open_network:
+        accept_any_issuer(server)
     server.start()
-    access_point = AccessPoint(server, message_server=message_server).install()
+    access_point = AccessPoint(server, message_server=message_server, accept_any_issuer=open_network).install()
     return server, access_point
 
 
@@ -56,13 +66,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"HTTP port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--next-beat-ms", type=int, default=5000, help="heartbeat interval the server asks for")
+    parser.add_argument("--signed", action="store_true",
+                        help="sign sign-in challenges (agents must then trust the printed AGENTCP_CA_ROOT)")
+    parser.add_argument("--strict-issuer", action="store_true",
+                        help="accept only agent certificates issued by this server's CA")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        server, access_point = start_dev_network(args.host, args.port, args.next_beat_ms)
+        server, access_point = start_dev_network(args.host, args.port, args.next_beat_ms, signed=args.signed,
+                                                 open_network=not args.strict_issuer)
     except OSError as exc:
         print(f"devserver: cannot start on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -80,8 +95,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             previous[sig] = signal.signal(sig, on_signal)
         except (ValueError, OSError):  # not the main thread
             pass
+    root_file = None
     try:
         print(f"export AGENTCP_AP_URL={access_point.url}", flush=True)
+        if args.signed:
+            import tempfile
+
+            fd, root_file = tempfile.mkstemp(prefix="agentcp-devserver-root-", suffix=".crt")
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(server.root_ca_pem)
+            print(f"export AGENTCP_CA_ROOT={root_file}", flush=True)
         print(f"# access point {access_point.url}/api/accesspoint, heartbeat UDP {server.udp_address[0]}:"
               f"{server.udp_address[1]}; Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
@@ -90,6 +113,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         pass
     finally:
         server.stop()
+        if root_file:
+            try:
+                os.unlink(root_file)
+            except OSError:
+                pass
         for sig, handler in previous.items():
             try:
                 signal.signal(sig, handler)
