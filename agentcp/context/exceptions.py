@@ -19,7 +19,7 @@ class SDKError(Exception):
     platform: str = _platform.version()
     py_version: str = _platform.python_version()
 
-    def __init__(self, message: Any = "", trace_id: str = "", code: int = 1000) -> None:
+    def __init__(self, message: Any, trace_id: str = "", code: int = 1000) -> None:
         super().__init__(message)
         self.message = str(message)
         self.trace_id = trace_id

@@ -11,7 +11,7 @@ The public surface is agentcp 0.1.99's (constructor, ``initialize``, ``sign_in``
 from __future__ import annotations
 
 import errno
-import io
+import os
 import logging
 import queue
 import select
@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from agentcp.base.auth_client import AuthClient
+from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.context import ErrorContext
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
 from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
@@ -46,10 +47,30 @@ _STOP = object()
 
 
 class _OwnedSocket(socket.socket):
-    """A UDP socket that tells its owner when someone else closes it, so the owner heals at once."""
+    """A UDP socket that tells its owner when someone else closes it, so the owner heals at once.
+
+    It also remembers which kernel object its descriptor named: if the descriptor was closed behind Python's
+    back, the number may already belong to a newer socket (often our own replacement), and closing it would kill
+    that one. ``owner_close`` then only forgets the number.
+    """
 
     _on_foreign_close: Optional[Callable[["_OwnedSocket"], None]] = None
     _owner_closing = False
+    _inode: Optional[int] = None
+
+    def remember_identity(self) -> None:
+        try:
+            self._inode = os.fstat(self.fileno()).st_ino
+        except (OSError, ValueError):
+            self._inode = None  # platforms where fstat() does not work on sockets: close normally
+
+    def still_ours(self) -> bool:
+        if self._inode is None or self.fileno() < 0:
+            return True
+        try:
+            return os.fstat(self.fileno()).st_ino == self._inode
+        except OSError:
+            return False
 
     def close(self) -> None:
         callback = None if self._owner_closing else self._on_foreign_close
@@ -60,6 +81,9 @@ class _OwnedSocket(socket.socket):
 
     def owner_close(self) -> None:
         self._owner_closing = True
+        if not self.still_ours():
+            self.detach()  # the number is someone else's now: forget it, never close it
+            return
         self.close()
 
 
@@ -76,6 +100,9 @@ class HeartbeatClient:
     REPLY_TIMEOUT: float = 1.0
     #: Consecutive misses that mean "the server is gone": sign in again and rebuild the socket.
     MAX_MISSES: int = 3
+    #: Waits between reconnect attempts while the server is away, and after permanent sign-in errors.
+    RECONNECT_BACKOFF: Backoff = RECONNECT_BACKOFF
+    PERMANENT_BACKOFF: Backoff = PERMANENT_ERROR_BACKOFF
     RECV_BUFFER: int = 1536
 
     def __init__(
@@ -111,6 +138,8 @@ class HeartbeatClient:
         self.on_recv_invite: Optional[Callable[[InviteMessageReq], Any]] = None
         # new
         self.on_state_change: Optional[Callable[[str, str], Any]] = None
+        #: Called with each :class:`~agentcp.heartbeat.liveness.Event` of the fault timeline (off-thread).
+        self.on_event: Optional[Callable[[Event], Any]] = None
         self._clock = clock
         self._lock = threading.RLock()
         self._machine = self._new_machine()
@@ -279,6 +308,8 @@ class HeartbeatClient:
             max_interval=self.MAX_INTERVAL,
             reply_timeout=self.REPLY_TIMEOUT,
             max_misses=self.MAX_MISSES,
+            reconnect_backoff=self.RECONNECT_BACKOFF,
+            permanent_backoff=self.PERMANENT_BACKOFF,
         )
         machine = Liveness(config)
         if previous is not None:  # counters and the timeline survive offline()/online() cycles
@@ -290,6 +321,7 @@ class HeartbeatClient:
     def _make_socket(self, addr: Optional[Tuple[str, int]]) -> _OwnedSocket:
         sock = _OwnedSocket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            sock.remember_identity()
             sock.bind((self.local_ip, 0))
             if addr is not None:
                 # Connected: the kernel filters other senders and reports ICMP errors (server gone) to us.
@@ -314,10 +346,13 @@ class HeartbeatClient:
 
     @staticmethod
     def _close_socket(sock: socket.socket) -> None:
-        if isinstance(sock, _OwnedSocket):
-            sock.owner_close()
-        else:
-            sock.close()
+        try:
+            if isinstance(sock, _OwnedSocket):
+                sock.owner_close()
+            else:
+                sock.close()
+        except OSError:
+            pass  # the descriptor was already dead (closed behind Python's back): nothing left to release
 
     def _socket_closed_externally(self, gen: int) -> None:
         """Somebody closed our socket under us: rebuild it now instead of at the next beat."""
@@ -385,22 +420,49 @@ class HeartbeatClient:
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                now = self._clock()
-                decision = self._machine.poll(now)
-                if decision.action in (Action.SIGN_IN, Action.REBUILD_SOCKET):
-                    self._machine.repair_started(now)
-                self._flush_state_changes()
-            if decision.action is Action.SEND_BEAT:
-                self._send_beat()
-            elif decision.action is Action.SIGN_IN:
-                self._reconnect()
-            elif decision.action is Action.REBUILD_SOCKET:
-                self._repair_socket()
-            else:
-                timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self._clock())
-                self._wake.wait(timeout)
-                self._wake.clear()
+            try:
+                self._send_step()
+            except Exception as exc:  # the send thread must never die: a dead sender is a silent agent
+                self._internal_error("send", exc)
+
+    def _receive_loop(self) -> None:
+        failed_gen = [-1]
+        while not self._stop.is_set():
+            try:
+                self._receive_step(failed_gen)
+            except Exception as exc:  # likewise for the receiver
+                self._internal_error("receive", exc)
+
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        """An unexpected exception in a protocol thread: count, log once with traceback, heal, go on."""
+        with self._lock:
+            self._extra["internal_errors"] = self._extra.get("internal_errors", 0) + 1
+            if not self._stop.is_set():
+                self._machine.socket_failed(self._clock())
+                self._after_input()
+        self._note_error(f"internal_{where}", f"unexpected error in the heartbeat {where} thread of "
+                         f"{self.agent_id}: {exc!r}; recovering", exc, exc_info=True)
+        # Never spin on a persistent bug: the machine's backoff paces the sender, this paces the receiver.
+        self._stop.wait(0.05)
+
+    def _send_step(self) -> None:
+        """One decision of the state machine, carried out."""
+        with self._lock:
+            now = self._clock()
+            decision = self._machine.poll(now)
+            if decision.action in (Action.SIGN_IN, Action.REBUILD_SOCKET):
+                self._machine.repair_started(now)
+            self._flush_state_changes()
+        if decision.action is Action.SEND_BEAT:
+            self._send_beat()
+        elif decision.action is Action.SIGN_IN:
+            self._reconnect()
+        elif decision.action is Action.REBUILD_SOCKET:
+            self._repair_socket()
+        else:
+            timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self._clock())
+            self._wake.wait(timeout)
+            self._wake.clear()
 
     def _send_beat(self) -> None:
         with self._lock:
@@ -411,22 +473,18 @@ class HeartbeatClient:
             req.header.MessageSeq = self.msg_seq
             req.AgentId = self.agent_id
             req.SignCookie = self.sign_cookie
+            # Recorded before the send: the reply may be processed before send() even returns here.
+            now = self._clock()
+            self._machine.beat_sent(now)
+            self.last_hb = int(now * 1000)
         try:
             if sock is None:
                 raise OSError(errno.EBADF, "no socket")
             sock.send(to_bytes(req))
         except BlockingIOError:
-            # The kernel buffer is full: this beat is lost, the reply watchdog copes.
-            with self._lock:
-                self._machine.beat_sent(self._clock())
-            return
+            pass  # the kernel buffer is full: this beat is lost and the reply watchdog copes
         except OSError as exc:
             self._socket_error(gen, exc, "send")
-            return
-        with self._lock:
-            now = self._clock()
-            self._machine.beat_sent(now)
-            self.last_hb = int(now * 1000)
 
     def _reconnect(self) -> None:
         """Sign in again (the send thread's job, never the receiver's), then rebuild towards the new address."""
@@ -469,6 +527,7 @@ class HeartbeatClient:
         with self._lock:
             if not self._stop.is_set():
                 self._machine.socket_rebuilt(self._clock())
+                self._flush_state_changes()
 
     def _socket_error(self, gen: int, exc: OSError, where: str) -> None:
         unreachable = isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED
@@ -484,34 +543,35 @@ class HeartbeatClient:
         else:
             self._note_error("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket", exc)
 
-    def _receive_loop(self) -> None:
-        failed_gen = -1
-        while not self._stop.is_set():
-            with self._lock:
-                sock, gen, wake_r = self.udp_socket, self._sock_gen, self._wake_r
-            if wake_r is None:
-                return
-            watch = [wake_r]
-            if sock is not None and gen != failed_gen and sock.fileno() >= 0:
-                watch.append(sock)
-            try:
-                readable, _, _ = select.select(watch, [], [])
-            except (OSError, ValueError):
-                # Our socket was closed between the snapshot and select(); the owner has been told.
-                failed_gen = gen
-                continue
-            if wake_r in readable:
-                self._drain_wake()
-                continue
-            try:
-                data, addr = sock.recvfrom(self.RECV_BUFFER)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                failed_gen = gen
-                self._socket_error(gen, exc, "receive")
-                continue
-            self._handle_datagram(data, addr, gen)
+    def _receive_step(self, failed_gen: List[int]) -> None:
+        """Wait for a datagram (or a wake-up) and handle it. ``failed_gen[0]``: a socket known to be broken."""
+        with self._lock:
+            sock, gen, wake_r = self.udp_socket, self._sock_gen, self._wake_r
+        if wake_r is None:
+            self._stop.wait()
+            return
+        watch = [wake_r]
+        if sock is not None and gen != failed_gen[0] and sock.fileno() >= 0:
+            watch.append(sock)
+        try:
+            readable, _, _ = select.select(watch, [], [])
+        except (OSError, ValueError) as exc:
+            # Our socket died between the snapshot and select(): wait for the sender to replace it.
+            failed_gen[0] = gen
+            self._socket_error(gen, exc if isinstance(exc, OSError) else OSError(errno.EBADF, str(exc)), "receive")
+            return
+        if wake_r in readable:
+            self._drain_wake()
+            return
+        try:
+            data, addr = sock.recvfrom(self.RECV_BUFFER)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            failed_gen[0] = gen
+            self._socket_error(gen, exc, "receive")
+            return
+        self._handle_datagram(data, addr, gen)
 
     def _drain_wake(self) -> None:
         try:
@@ -639,6 +699,10 @@ class HeartbeatClient:
             callback = self.on_state_change
             if callback is not None:
                 self._dispatch(callback, old.value, new.value)  # dropped once offline() began
+        events = self._machine.take_events()
+        if self.on_event is not None:
+            for event in events:
+                self._dispatch(self.on_event, event)
 
     # ------------------------------------------------------------------------------------------------------------
     # Internals: reporting

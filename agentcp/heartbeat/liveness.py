@@ -121,6 +121,7 @@ class Liveness:
         self.last_reply_at: Optional[float] = None
         self.last_sent_at: Optional[float] = None
         self.last_error: Optional[str] = None
+        self._pending_events: List[Event] = []
         self._reset_session_fields()
 
     # -- internal bookkeeping ------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class Liveness:
         self._need_sign_in = False
         self._repair_at = 0.0  # when the pending sign-in or rebuild may run
         self._sign_in_failures = 0  # consecutive failed sign-in attempts (backoff exponent)
-        self._reconnects_without_reply = 0  # consecutive reconnects that have not yet produced a valid reply
+        self._repairs_without_reply: Dict[str, int] = {}  # per repair kind, consecutive ones with no valid reply
         self._need_rebuild = False
         self._outstanding = False  # a beat is waiting for its reply
         self._reply_deadline = 0.0
@@ -142,7 +143,16 @@ class Liveness:
         if new is not self.state:
             old, self.state = self.state, new
             self._pending_states.append((old, new))
-            self.history.append(Event(now, "state", f"{old.value}->{new.value}"))
+            self._record(Event(now, "state", f"{old.value}->{new.value}"))
+
+    def _record(self, event: Event) -> None:
+        self.history.append(event)
+        self._pending_events.append(event)
+
+    def take_events(self) -> List[Event]:
+        """Timeline events since the last call (the shell turns them into ``on_event`` callbacks)."""
+        events, self._pending_events = self._pending_events, []
+        return events
 
     def take_state_changes(self) -> List[Tuple[State, State]]:
         """State transitions since the last call (the shell turns them into ``on_state_change`` callbacks)."""
@@ -158,16 +168,19 @@ class Liveness:
         self.counters.reconnects[reason.value] = self.counters.reconnects.get(reason.value, 0) + 1
         if self._fault is None:
             self._fault = (reason, now)
-        self.history.append(Event(now, "fault", reason.value))
+        self._record(Event(now, "fault", reason.value))
         self._outstanding = False
         self._misses = 0
-        # The first repair after a healthy period is immediate. Repairs that keep failing to bring a valid reply
-        # (the server's HTTP answers but its UDP does not; the network is down so every send fails) back off.
-        if self._reconnects_without_reply == 0:
+        # The first repair of each kind after a healthy period is immediate. Repairs that keep failing to bring a
+        # valid reply (the server's HTTP answers but its UDP does not; the network is down so every send fails)
+        # back off. Sign-ins and rebuilds are counted apart, so a rebuild that reveals a 401 still re-signs-in at once.
+        kind = "sign_in" if sign_in else "rebuild"
+        count = self._repairs_without_reply.get(kind, 0)
+        if count == 0:
             self._repair_at = now
         else:
-            self._repair_at = now + self.config.reconnect_backoff.delay(self._reconnects_without_reply - 1, self.rand)
-        self._reconnects_without_reply += 1
+            self._repair_at = now + self.config.reconnect_backoff.delay(count - 1, self.rand)
+        self._repairs_without_reply[kind] = count + 1
         if sign_in:
             self._need_sign_in = True
             self._need_rebuild = False  # a sign-in always rebuilds the socket
@@ -212,7 +225,7 @@ class Liveness:
         self._misses = 0
         self._next_beat_at = now
         self.last_error = None
-        self.history.append(Event(now, "signed_in"))
+        self._record(Event(now, "signed_in"))
 
     def sign_in_failed(self, now: float, error: str, permanent: bool = False, retry_after: float = 0.0) -> None:
         """Sign-in failed: try again later (capped full jitter; rarely if the error is permanent)."""
@@ -224,15 +237,16 @@ class Liveness:
         self._need_sign_in = True
         self._repair_at = now + policy.delay(self._sign_in_failures, self.rand, retry_after)
         self._sign_in_failures += 1
-        self.history.append(Event(now, "sign_in_failed", error))
+        self._record(Event(now, "sign_in_failed", error))
 
     def rebuild_failed(self, now: float, error: str) -> None:
         """The socket could not be rebuilt (no address to bind, descriptor limit): try again later."""
         self.last_error = error
         self._need_rebuild = True
-        self._repair_at = now + self.config.reconnect_backoff.delay(self._reconnects_without_reply, self.rand)
-        self._reconnects_without_reply += 1
-        self.history.append(Event(now, "rebuild_failed", error))
+        count = self._repairs_without_reply.get("rebuild", 0)
+        self._repair_at = now + self.config.reconnect_backoff.delay(count, self.rand)
+        self._repairs_without_reply["rebuild"] = count + 1
+        self._record(Event(now, "rebuild_failed", error))
 
     def socket_rebuilt(self, now: float) -> None:
         """A REBUILD_SOCKET was carried out: probe the server at once."""
@@ -240,7 +254,7 @@ class Liveness:
         self._need_rebuild = False
         self._outstanding = False
         self._next_beat_at = now
-        self.history.append(Event(now, "socket_rebuilt"))
+        self._record(Event(now, "socket_rebuilt"))
 
     def beat_sent(self, now: float) -> None:
         self.counters.beats_sent += 1
@@ -276,12 +290,12 @@ class Liveness:
         self.last_reply_at = now
         self._outstanding = False
         self._misses = 0
-        self._reconnects_without_reply = 0
+        self._repairs_without_reply.clear()
         base = self.last_sent_at if self.last_sent_at is not None else now
         self._next_beat_at = base + self.interval
         if self._fault is not None:
             reason, since = self._fault
-            self.history.append(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))
+            self._record(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))
             self._fault = None
         self._set_state(State.ONLINE, now)
 
@@ -300,7 +314,7 @@ class Liveness:
             self._outstanding = False
             self._misses += 1
             self.counters.misses += 1
-            self.history.append(Event(now, "miss", str(self._misses)))
+            self._record(Event(now, "miss", str(self._misses)))
             if self._misses >= self.config.max_misses:
                 self._start_reconnect(now, Reason.SILENT, sign_in=True)
                 return self.poll(now)

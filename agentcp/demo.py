@@ -1,0 +1,207 @@
+"""``python -m agentcp demo``: watch a client heal every fault, live.
+
+Starts an embedded :class:`~agentcp.testing.FakeACPServer`, makes an identity in a temporary folder, brings a
+heartbeat client online, then injects the faults one by one and prints a timeline of what the client noticed
+and when (milliseconds since the fault), as the server saw it. Exits 0 when every fault healed.
+
+The fault scenarios live here as plain functions so that ``benchmarks/fault_matrix.py`` measures exactly what
+the demo shows.
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, TextIO
+
+from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+from agentcp.heartbeat.liveness import Event
+from agentcp.msg.message_serialize import HeartbeatMessageResp, to_bytes
+
+DEMO_AID = "demo.agentcp.local"
+
+
+@dataclass
+class FaultResult:
+    """What one fault did, in seconds since it was injected (None: did not happen)."""
+
+    name: str
+    detected: Optional[float] = None
+    signed_in: Optional[float] = None
+    recovered: Optional[float] = None  # first beat the server accepted after the fault (or after it ended)
+    healed: bool = False
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class Watcher:
+    """Collects the client's timeline events (pushed by ``on_event``) for one fault at a time."""
+
+    def __init__(self, client: HeartbeatClient) -> None:
+        self.events: "queue.Queue[Event]" = queue.Queue()
+        client.on_event = self.events.put
+
+    def drain(self) -> List[Event]:
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+
+def _first_accepted_after(server, aid: str, since: float, timeout: float) -> Optional[float]:
+    """Monotonic time of the first heartbeat the server accepted after ``since`` (waits up to ``timeout``)."""
+    try:
+        return server.wait_for_beats(1, agent_id=aid, valid=True, timeout=timeout, since=since)[0].t
+    except TimeoutError:
+        return None
+
+
+def _collect(result: FaultResult, watcher: Watcher, t0: float, events: List[Event]) -> None:
+    for ev in events:
+        if ev.t < t0:
+            continue
+        if ev.kind == "fault" and result.detected is None:
+            result.detected = ev.t - t0
+        elif ev.kind == "signed_in" and result.signed_in is None:
+            result.signed_in = ev.t - t0
+
+
+def run_fault(
+    name: str,
+    server,
+    client: HeartbeatClient,
+    watcher: Watcher,
+    inject: Callable[[], None],
+    *,
+    heal: Optional[Callable[[], None]] = None,
+    heal_after: float = 0.0,
+    expect_fault: bool = True,
+    timeout: float = 30.0,
+    printer: Optional[Callable[[str], None]] = None,
+) -> FaultResult:
+    """Inject a fault, optionally undo it after ``heal_after`` s, and measure detection and recovery."""
+    watcher.drain()
+    result = FaultResult(name)
+    t0 = time.monotonic()
+    inject()
+    healed_at = t0
+    if heal is not None:
+        end = t0 + heal_after
+        while time.monotonic() < end:
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        heal()
+        healed_at = time.monotonic()
+        result.extra["healed_at"] = healed_at - t0
+    if expect_fault:
+        accepted = _first_accepted_after(server, client.agent_id, healed_at, timeout)
+        result.recovered = None if accepted is None else accepted - t0
+        # The server's acceptance can come a hair before the client processes the reply: let events land.
+        client.wait_online(2.0)
+    else:
+        time.sleep(min(timeout, 1.0))
+    _collect(result, watcher, t0, watcher.drain())
+    if expect_fault:
+        result.healed = result.recovered is not None and client.state == "online"
+    else:
+        result.healed = result.detected is None and client.state == "online"
+    if printer is not None:
+        printer(format_result(result))
+    return result
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def format_result(r: FaultResult) -> str:
+    status = "healed" if r.healed else "NOT HEALED"
+    return (f"  {r.name:<44} detected {_ms(r.detected):>9}  re-signed-in {_ms(r.signed_in):>9}  "
+            f"recovered {_ms(r.recovered):>9}  {status}")
+
+
+def spoofed_401(server, client: HeartbeatClient, count: int = 10) -> Callable[[], None]:
+    def inject() -> None:
+        resp = HeartbeatMessageResp()
+        resp.NextBeat = 401
+        for _ in range(count):
+            server.inject(to_bytes(resp), ("127.0.0.1", client.local_port), spoof=True)
+    return inject
+
+
+def garbage(server, client: HeartbeatClient, count: int = 100) -> Callable[[], None]:
+    def inject() -> None:
+        for i in range(count):
+            server.inject(bytes([0, 1, 1, 2, 0]) + b"\xff" * (i % 7), ("127.0.0.1", client.local_port),
+                          spoof=False)
+    return inject
+
+
+def demo_client_class(interval: float) -> type:
+    """A HeartbeatClient whose interval floor matches the demo server (5 s is the real-world floor)."""
+    return type("DemoHeartbeatClient", (HeartbeatClient,), {"MIN_INTERVAL": min(interval, HeartbeatClient.MIN_INTERVAL)})
+
+
+def run_demo(interval: float = 1.0, out: TextIO = sys.stdout) -> int:
+    from agentcp.base.credentials import hash_seed
+    from agentcp.testing import FakeACPServer
+
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="agentcp-demo-") as tmp, \
+            FakeACPServer(next_beat_ms=int(interval * 1000)) as server:
+        certs = f"{tmp}/agentcp/AIDs/{DEMO_AID}/private/certs"
+        server.issue_identity(DEMO_AID, certs, "demo seed")
+        say(f"agentcp demo: fake ACP server at {server.heartbeat_url} (UDP {server.udp_port}), "
+            f"NextBeat {interval * 1000:.0f} ms")
+        say(f"identity {DEMO_AID} written to {certs}")
+        client = demo_client_class(interval)(DEMO_AID, server.heartbeat_url, certs, hash_seed("demo seed"))
+        watcher = Watcher(client)
+        client.initialize()
+        client.online()
+        if not client.wait_online(10):
+            say("client did not come online; stats: %r" % (client.stats(),))
+            client.offline()
+            return 1
+        say(f"online after {1000 * (time.monotonic() - started):.0f} ms; injecting faults one by one\n")
+        results = [
+            run_fault("server restart (sessions lost, 401)", server, client, watcher, server.restart, printer=say),
+            run_fault("server back on a new UDP port", server, client, watcher,
+                      lambda: server.restart(move_port=True), printer=say),
+            run_fault("client socket closed under it", server, client, watcher,
+                      lambda: client.udp_socket.close(), printer=say),
+            run_fault("server silent for a while", server, client, watcher, server.go_silent,
+                      heal=server.resume, heal_after=interval + 4 * client.REPLY_TIMEOUT, printer=say),
+            run_fault("sign-in down 3 s + restart", server, client, watcher,
+                      lambda: (server.set_sign_in("503"), server.restart()),
+                      heal=lambda: server.set_sign_in("ok"), heal_after=3.0, printer=say),
+            run_fault("10 spoofed 401s from another address", server, client, watcher,
+                      spoofed_401(server, client), expect_fault=False, printer=say),
+            run_fault("100 garbage datagrams", server, client, watcher, garbage(server, client),
+                      expect_fault=False, printer=say),
+        ]
+        t0 = time.monotonic()
+        client.offline()
+        say(f"\noffline() took {1000 * (time.monotonic() - t0):.1f} ms; "
+            f"stats: beats {client.stats()['beats_sent']}, reconnects {client.stats()['reconnects']}, "
+            f"malformed dropped {client.stats()['malformed']}")
+    failed = [r.name for r in results if not r.healed]
+    if failed:
+        say("NOT healed: " + ", ".join(failed))
+        return 1
+    say(f"all {len(results)} faults healed in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agentcp demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--interval", type=float, default=1.0,
+                        help="server NextBeat in seconds (real servers use 5; default 1 keeps the demo short)")
+    args = parser.parse_args(argv)
+    return run_demo(interval=args.interval)
