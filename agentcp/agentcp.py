@@ -625,7 +625,6 @@ class AgentID:
 
         with self._lock:
             self._ap_attempts += 1
-        self._maybe_renew()
         certs = self._certs_dir()
         ap = ApClient(self.id, self._entry_url(), certs, self.seed_password)
         try:

@@ -213,3 +213,37 @@ def test_unreachable_access_point_never_raises(tmp_path):
     assert aid.is_online_success is False and aid.status()["state"] == "connecting"
     aid.offline()
     assert aid.status()["state"] == "offline"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("register", [True, False])
+def test_serve_forever_and_signals_in_a_real_process(tmp_path, register):
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from agentcp import AgentCP\n"
+        f"acp = AgentCP({str(tmp_path)!r}, run_proxy=False)\n"
+        + ("acp.register_signal_handler(lambda s, f: print('hook', s, flush=True))\n" if register else "")
+        + "print('ready', flush=True)\n"
+        "try:\n"
+        "    acp.serve_forever()\n"
+        "    print('returned', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if register:
+        assert "hook 2" in out and "returned" in out
+    else:
+        assert "interrupted" in out
