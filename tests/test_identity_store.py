@@ -10,7 +10,7 @@ import stat
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentcp import AgentCP
@@ -158,7 +158,7 @@ def test_renewal_near_expiry_keeps_key(tmp_path, acp_server, network):
     near = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=95)).not_valid_after(now + datetime.timedelta(days=5))
-            .sign(pki.agent_ca_key, __import__("cryptography.hazmat.primitives.hashes", fromlist=["x"]).SHA256()))
+            .sign(pki.agent_ca_key, hashes.SHA256()))
     store.write_cert(aid.id, near.public_bytes(serialization.Encoding.PEM).decode())
     assert needs_renewal(store.load_cert(aid.id))
     assert acp.load_aid(aid.id) is not None
@@ -291,3 +291,32 @@ def test_ca_client_requires_http_url(tmp_path):
     assert ca.ca_server == "https://acp3.example.com/api/accesspoint"
     assert ca.get_aid_certs_path("a.b.c") == os.path.join(str(tmp_path), "a.b.c", "private", "certs")
     assert ca.aid_is_not_exist("a.b.c")
+
+
+def test_renewal_retried_after_going_online(tmp_path, acp_server, network):
+    """CA down at load time: the identity loads; once online, the agent renews in the background."""
+    import time as _time
+
+    acp = AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=network.url)
+    aid = acp.create_aid("example.com", "nora")
+    store = IdentityStore(acp.aid_path)
+    key = store.load_key(aid.id, acp.seed_password)
+    now = datetime.datetime.now(UTC)
+    pki = acp_server._pki
+    subject = store.load_cert(aid.id).subject
+    near = (x509.CertificateBuilder().subject_name(subject).issuer_name(pki.agent_ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=95)).not_valid_after(now + datetime.timedelta(days=5))
+            .sign(pki.agent_ca_key, hashes.SHA256()))
+    store.write_cert(aid.id, near.public_bytes(serialization.Encoding.PEM).decode())
+    network.set_ca_available(False)
+    loaded = acp.load_aid(aid.id)
+    assert loaded is not None and needs_renewal(store.load_cert(aid.id))
+    network.set_ca_available(True)
+    loaded.online()
+    assert loaded.is_online_success
+    deadline = _time.monotonic() + 5
+    while needs_renewal(store.load_cert(aid.id)) and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert not needs_renewal(store.load_cert(aid.id))
+    loaded.offline()
