@@ -153,7 +153,7 @@ def test_renewal_near_expiry_keeps_key(tmp_path, acp_server, network):
     # Replace the certificate by one from the same CA that is in its last 10 %.
     now = datetime.datetime.now(UTC)
     key = store.load_key(aid.id, acp.seed_password)
-    pki = acp_server._pki
+    pki = acp_server.pki
     old = pki.issue_agent_cert(aid.id, key.public_key())
     near = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -302,7 +302,7 @@ def test_renewal_retried_after_going_online(tmp_path, acp_server, network):
     store = IdentityStore(acp.aid_path)
     key = store.load_key(aid.id, acp.seed_password)
     now = datetime.datetime.now(UTC)
-    pki = acp_server._pki
+    pki = acp_server.pki
     subject = store.load_cert(aid.id).subject
     near = (x509.CertificateBuilder().subject_name(subject).issuer_name(pki.agent_ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())

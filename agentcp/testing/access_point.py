@@ -79,9 +79,8 @@ class AccessPoint:
         self.server = server
         self.server_auth = server_auth or getattr(server, "_server_auth", "signed")
         self.accept_any_issuer = bool(accept_any_issuer)
-        # FakeACPServer keeps its keys in a FakePKI; the CA endpoints must issue with the same agent CA so that
-        # heartbeat sign-in accepts the certificates.
-        self._pki = getattr(server, "pki", None) or getattr(server, "_pki")
+        # The CA endpoints issue with the server's own agent CA, so heartbeat sign-in accepts the certificates.
+        self._pki = server.pki
         self._message_server = message_server
         self.guest_domain = guest_domain
         self._lock = threading.Lock()
@@ -422,7 +421,7 @@ def accept_any_issuer(server: Any) -> None:
 
     For the dev network, where identities issued by the real CA (or written by hand) should go online too.
     """
-    pki = getattr(server, "pki", None) or getattr(server, "_pki")
+    pki = server.pki
     original = pki.verify_agent_cert
 
     def lenient(cert: x509.Certificate, now: Any = None) -> Optional[str]:

@@ -20,14 +20,6 @@ __all__ = ["main", "DEFAULT_PORT", "start_dev_network"]
 DEFAULT_PORT = 8765
 
 
-def _bind_port(server, port: int) -> None:
-    # FakeACPServer binds an ephemeral HTTP port unless told otherwise; use its option when it has one.
-    if port:
-        frontend = getattr(server, "_http", None)
-        if frontend is not None and hasattr(frontend, "_port"):
-            frontend._port = int(port)
-
-
 def start_dev_network(host: str = "127.0.0.1", port: int = DEFAULT_PORT, next_beat_ms: int = 5000,
                       message_server: Optional[str] = None, signed: bool = False, open_network: bool = True):
     """Start and return ``(server, access_point)``; ``port=0`` picks a free port.
@@ -38,18 +30,11 @@ def start_dev_network(host: str = "127.0.0.1", port: int = DEFAULT_PORT, next_be
     ``open_network=True`` (default): agent certificates from any issuer are accepted (dates and proof of
     possession still checked), so existing identities go online too.
     """
-    import inspect
-
     from .access_point import AccessPoint, accept_any_issuer
     from .fake_server import FakeACPServer
 
-    kwargs = {"host": host, "next_beat_ms": next_beat_ms, "server_auth": "signed" if signed else "none"}
-    params = inspect.signature(FakeACPServer.__init__).parameters
-    if "http_port" in params:
-        kwargs["http_port"] = port
-    server = FakeACPServer(**kwargs)
-    if "http_port" not in params:
-        _bind_port(server, port)
+    server = FakeACPServer(host=host, next_beat_ms=next_beat_ms, server_auth="signed" if signed else "none",
+                           http_port=port)
     if open_network:
         accept_any_issuer(server)
     server.start()
