@@ -38,7 +38,8 @@ from agentcp.ca.identity_store import (
     public_key_pem,
 )
 from agentcp.context import ErrorContext, exceptions
-from agentcp.context.exceptions import AuthError, CredentialError, SDKError
+from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
+from agentcp.heartbeat.heartbeat_client import HeartbeatClient
 from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
 
 _log = logging.getLogger("agentcp.agent")
@@ -621,8 +622,6 @@ class AgentID:
             self._wake.clear()
 
     def _connect_once(self, stop: threading.Event) -> None:
-        from agentcp.heartbeat.heartbeat_client import HeartbeatClient
-
         with self._lock:
             self._ap_attempts += 1
         certs = self._certs_dir()
