@@ -1,9 +1,11 @@
 """UDP heartbeat client: the thin I/O shell around :class:`~agentcp.heartbeat.liveness.Liveness`.
 
-It owns one UDP socket (connected to the heartbeat server, so the kernel drops datagrams from anywhere else
-and reports ICMP "port unreachable" when the server has moved), a send thread that does whatever the state
-machine decides (beat, sign in again, rebuild the socket), and a receive thread that feeds replies to it.
-User callbacks (invites, state changes) run on a third, lazily started thread, never on the two above.
+Each client owns one UDP socket, connected to the heartbeat server (so the kernel drops datagrams from anywhere
+else and reports ICMP "port unreachable" when the server has moved). Its beats and replies are handled on the
+process-wide :class:`~agentcp.heartbeat.reactor.HeartbeatReactor` thread, which does whatever the state machine
+decides (beat, rebuild the socket) and never blocks. Re-sign-in, the only blocking step, runs on a short-lived
+worker thread of the client (the "send side"), never on the receive path. User callbacks (invites, state
+changes) run on a third, lazily started thread of the client.
 
 The public surface is agentcp 0.1.99's (constructor, ``initialize``, ``sign_in``, ``online``, ``offline``, ...);
 ``state``, ``stats()``, ``history``, ``on_state_change`` and ``wait_online()`` are new.
@@ -11,21 +13,20 @@ The public surface is agentcp 0.1.99's (constructor, ``initialize``, ``sign_in``
 from __future__ import annotations
 
 import errno
-import os
 import logging
+import os
 import queue
-import select
 import socket
 import threading
 import time
-from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.context import ErrorContext
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
 from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
+from agentcp.heartbeat.reactor import HeartbeatReactor
 from agentcp.msg.message_serialize import *  # noqa: F401,F403  (0.1.99 re-exported these names here)
 from agentcp.msg.message_serialize import (
     MSG_HEARTBEAT_RESP,
@@ -103,7 +104,13 @@ class HeartbeatClient:
     #: Waits between reconnect attempts while the server is away, and after permanent sign-in errors.
     RECONNECT_BACKOFF: Backoff = RECONNECT_BACKOFF
     PERMANENT_BACKOFF: Backoff = PERMANENT_ERROR_BACKOFF
+    #: A beat may go out this fraction of the interval early (at most MAX_BEAT_SLACK seconds), so that the beats
+    #: of many agents in one process share wake-ups.
+    BEAT_SLACK: float = 0.1
+    MAX_BEAT_SLACK: float = 0.5
     RECV_BUFFER: int = 1536
+    #: Datagrams read per readiness event before other clients get their turn.
+    RECV_BATCH: int = 64
 
     def __init__(
         self,
@@ -113,6 +120,7 @@ class HeartbeatClient:
         seed_password: str,
         *,
         auth_client: Optional[AuthClient] = None,
+        reactor: Optional[HeartbeatReactor] = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent_id = agent_id
@@ -130,6 +138,7 @@ class HeartbeatClient:
         self.heartbeat_interval = int(self.MIN_INTERVAL * 1000)
         self.is_running = False
         self.is_sending_heartbeat = False
+        #: 0.1.99 had a send and a receive thread per client; both jobs now run on the shared reactor thread.
         self.send_thread: Optional[threading.Thread] = None
         self.receive_thread: Optional[threading.Thread] = None
         self.msg_seq = 0
@@ -141,19 +150,19 @@ class HeartbeatClient:
         #: Called with each :class:`~agentcp.heartbeat.liveness.Event` of the fault timeline (off-thread).
         self.on_event: Optional[Callable[[Event], Any]] = None
         self._clock = clock
+        self._reactor = reactor or HeartbeatReactor.shared()
         self._lock = threading.RLock()
         self._machine = self._new_machine()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._online_event = threading.Event()
         self._server_addr: Optional[Tuple[str, int]] = None
         self._have_session = False
         self._sock_gen = 0
-        self._wake_r: Optional[socket.socket] = None
-        self._wake_w: Optional[socket.socket] = None
+        self._worker: Optional[threading.Thread] = None
         self._callbacks: "queue.Queue[object]" = queue.Queue()
         self._callback_thread: Optional[threading.Thread] = None
-        self._extra = {"malformed": 0, "foreign": 0, "unknown_type": 0, "invites": 0, "callback_errors": 0}
+        self._extra = {"malformed": 0, "foreign": 0, "unknown_type": 0, "invites": 0, "callback_errors": 0,
+                       "internal_errors": 0}
         self._logged_once: set = set()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -182,46 +191,36 @@ class HeartbeatClient:
             log.warning("heartbeat sign-out for %s failed: %s", self.agent_id, exc)
 
     def set_on_recv_invite(self, listener: Optional[Callable[[InviteMessageReq], Any]]) -> None:
-        """Call ``listener(InviteMessageReq)`` for each invite (on a callback thread, not the receive loop)."""
+        """Call ``listener(InviteMessageReq)`` for each invite (on a callback thread, not the I/O thread)."""
         self.on_recv_invite = listener
         self.message_listener = listener
 
     def online(self) -> None:
         """Start heartbeating (returns at once; no-op if already running).
 
-        If the client has no session yet (or ``initialize()`` failed) the send thread signs in first, retrying
-        with capped full-jitter backoff for as long as the client is online.
+        If the client has no session yet (or ``initialize()`` failed) it signs in first, retrying with capped
+        full-jitter backoff for as long as the client is online.
         """
         with self._lock:
             if self.is_running:
                 return
             self._stop.clear()
-            self._wake.clear()
             self._online_event.clear()
             self._machine = self._new_machine(self._machine)
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_r.setblocking(False)
-            self._wake_w.setblocking(False)
-            try:
-                self._install_socket(self._make_socket(self._server_addr if self._have_session else None))
-            except OSError as exc:
-                self._close_wake_pair()
-                raise HeartbeatError(f"cannot open the heartbeat UDP socket: {exc}") from exc
-            self._machine.start(self._clock(), have_session=self._have_session)
             self.is_running = True
             self.is_sending_heartbeat = True
-            self.send_thread = threading.Thread(
-                target=self._send_loop, name=f"agentcp-hb-send-{self.agent_id}", daemon=True
-            )
-            self.receive_thread = threading.Thread(
-                target=self._receive_loop, name=f"agentcp-hb-recv-{self.agent_id}", daemon=True
-            )
-            self._flush_state_changes()
-        self.send_thread.start()
-        self.receive_thread.start()
+        try:
+            self._reactor.call(self._reactor_start, wait=True)
+        except OSError as exc:
+            with self._lock:
+                self.is_running = False
+                self.is_sending_heartbeat = False
+            self._reactor.call(self._reactor_stop, wait=True)
+            self._reactor.join_stopped()
+            raise HeartbeatError(f"cannot open the heartbeat UDP socket: {exc}") from exc
 
     def offline(self) -> None:
-        """Stop: wake both threads, join them (and the callback thread), then close the socket. Idempotent.
+        """Stop: leave the I/O thread, join this client's threads, then close the socket. Idempotent.
 
         Safe to call from any thread, including a callback. No callback runs after it returns (unless it was
         called from that callback itself).
@@ -231,24 +230,22 @@ class HeartbeatClient:
             self.is_running = False
             self.is_sending_heartbeat = False
             self._stop.set()
-            self._wake.set()
             self._machine.stop(self._clock())
             self._flush_state_changes()
-            self._poke_receiver()
-            threads = [self.send_thread, self.receive_thread]
+        if was_running:
+            self._reactor.call(self._reactor_stop, wait=True)
         current = threading.current_thread()
-        for thread in threads:
-            if thread is not None and thread is not current and thread.is_alive():
-                thread.join()
+        with self._lock:
+            worker = self._worker
+        if worker is not None and worker is not current:
+            worker.join()  # a sign-in in flight ends within the HTTP timeouts, and then changes nothing
         self._stop_callback_thread(current)
         with self._lock:
             sock, self.udp_socket = self.udp_socket, None
             self._sock_gen += 1
-            if sock is not None:
-                self._close_socket(sock)
-            self._close_wake_pair()
-            self.send_thread = None if self.send_thread is not current else self.send_thread
-            self.receive_thread = None if self.receive_thread is not current else self.receive_thread
+        if sock is not None:
+            self._close_socket(sock)
+        self._reactor.join_stopped()
         if was_running:
             log.info("heartbeat for %s stopped", self.agent_id)
 
@@ -292,15 +289,155 @@ class HeartbeatClient:
 
     def _rebuild_socket(self) -> None:
         """Close the current socket and bind a fresh one aimed at the current server address."""
-        new = self._make_socket(self._server_addr)
-        with self._lock:
-            if self._stop.is_set():
-                self._close_socket(new)
-                return
-            self._install_socket(new)
+        self._reactor.call(lambda: self._install_socket(self._make_socket(self._server_addr)), wait=True)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Internals: sockets
+    # Reactor thread: everything below until "Sign-in worker" runs there
+    # ------------------------------------------------------------------------------------------------------------
+    def _timer_slack(self) -> float:
+        return min(self.MAX_BEAT_SLACK, self.BEAT_SLACK * self._machine.interval)
+
+    def _reactor_start(self) -> None:
+        self._reactor.add_client(self)
+        with self._lock:
+            self._install_socket(self._make_socket(self._server_addr if self._have_session else None))
+            self._machine.start(self._clock(), have_session=self._have_session)
+            self._flush_state_changes()
+        self._reactor.set_timer(self, self._clock())
+
+    def _reactor_stop(self) -> None:
+        with self._lock:
+            if self.udp_socket is not None:
+                self._reactor.unwatch(self.udp_socket)
+        self._reactor.remove_client(self)
+
+    def _reactor_timer(self, now: float) -> Optional[float]:
+        """Carry out the machine's decisions until it says "wait"; return when to be called again."""
+        with self._lock:
+            for _ in range(16):  # each action changes the machine; a handful always suffices
+                if self._stop.is_set():
+                    return None
+                decision = self._machine.poll(now, self._timer_slack())
+                if decision.action is Action.SEND_BEAT:
+                    self._send_beat(now)
+                elif decision.action is Action.REBUILD_SOCKET:
+                    self._machine.repair_started(now)
+                    self._repair_socket(now)
+                elif decision.action is Action.SIGN_IN:
+                    self._machine.repair_started(now)
+                    self._start_sign_in_worker()
+                else:
+                    self._flush_state_changes()
+                    return decision.wake_at
+                now = self._clock()
+            self._flush_state_changes()
+            return now + 0.05  # never spin on a confused machine: look again shortly
+
+    def _reactor_readable(self, sock: socket.socket, now: float) -> Optional[float]:
+        for _ in range(self.RECV_BATCH):
+            try:
+                data, addr = sock.recvfrom(self.RECV_BUFFER)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._socket_error(sock, exc, "receive")
+                break
+            self._handle_datagram(data, addr, sock)
+        return self._reactor_timer(self._clock())
+
+    def _reactor_socket_dead(self, now: float, sock: Optional[socket.socket] = None) -> Optional[float]:
+        """Our socket died (closed under us): rebuild now instead of at the next beat."""
+        with self._lock:
+            if sock is None or sock is self.udp_socket:
+                self._machine.socket_failed(now)
+        return self._reactor_timer(now)
+
+    def _send_beat(self, now: float) -> None:
+        """Lock held."""
+        self.msg_seq += 1
+        req = HeartbeatMessageReq()
+        req.header.MessageSeq = self.msg_seq
+        req.AgentId = self.agent_id
+        req.SignCookie = self.sign_cookie
+        # Recorded before the send, so a reply can never be processed before its beat is known.
+        self._machine.beat_sent(now)
+        self.last_hb = int(now * 1000)
+        self._send(to_bytes(req))
+
+    def _send(self, data: bytes) -> None:
+        sock = self.udp_socket
+        try:
+            if sock is None:
+                raise OSError(errno.EBADF, "no socket")
+            sock.send(data)
+        except BlockingIOError:
+            pass  # the kernel buffer is full: this datagram is lost and the reply watchdog copes
+        except OSError as exc:
+            self._socket_error(sock, exc, "send")
+
+    def _repair_socket(self, now: float) -> None:
+        """Lock held: the socket failed; replace it (same server address) and probe at once."""
+        try:
+            self._install_socket(self._make_socket(self._server_addr))
+        except OSError as exc:
+            self._machine.rebuild_failed(now, str(exc))
+            self._note_error("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
+            return
+        self._machine.socket_rebuilt(now)
+
+    def _socket_error(self, sock: Optional[socket.socket], exc: OSError, where: str) -> None:
+        unreachable = isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED
+        with self._lock:
+            if sock is not self.udp_socket or self._stop.is_set():
+                return  # an error of a socket we already replaced
+            self._machine.socket_failed(self._clock(), unreachable=unreachable)
+        if not self._reactor.in_reactor_thread():  # e.g. an invite reply from the callback thread
+            self._reactor.call(lambda: self._reactor.set_timer(self, self._reactor_timer(self._clock())))
+        if unreachable:
+            self._log_once("unreachable", logging.WARNING,
+                           "heartbeat server %s:%s of %s is unreachable; signing in again",
+                           self.server_ip, self.port, self.agent_id)
+        else:
+            self._note_error("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket",
+                             exc)
+
+    def _handle_datagram(self, data: bytes, addr: Tuple[str, int], sock: socket.socket) -> None:
+        now = self._clock()
+        expected = self._server_addr
+        if expected is None or (addr[0], addr[1]) != expected:
+            with self._lock:
+                self._extra["foreign"] += 1
+            self._log_once("foreign", logging.WARNING, "dropping datagram from %s:%s (not the heartbeat server)",
+                           addr[0], addr[1])
+            return
+        try:
+            msg_type = peek_message_type(data)
+            if msg_type == MSG_HEARTBEAT_RESP:
+                resp, _ = HeartbeatMessageResp.deserialize(data, 0)
+                with self._lock:
+                    if sock is not self.udp_socket:
+                        return
+                    self._machine.reply(now, resp.NextBeat)
+                    self.heartbeat_interval = int(self._machine.interval * 1000)
+                    if self._machine.state is State.ONLINE:
+                        self._online_event.set()
+                    self._flush_state_changes()
+            elif msg_type == MSG_INVITE_REQ:
+                invite, _ = InviteMessageReq.deserialize(data, 0)
+                with self._lock:
+                    self._extra["invites"] += 1
+                self._dispatch(self._handle_invite, invite)
+            else:
+                with self._lock:
+                    self._extra["unknown_type"] += 1
+        except MalformedDatagram as exc:
+            with self._lock:
+                self._extra["malformed"] += 1
+            self._log_once("malformed", logging.WARNING, "dropping malformed heartbeat datagram (%d bytes): %s "
+                           "(further ones are only counted)", len(data), exc)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sockets
     # ------------------------------------------------------------------------------------------------------------
     def _new_machine(self, previous: Optional[Liveness] = None) -> Liveness:
         config = LivenessConfig(
@@ -333,14 +470,17 @@ class HeartbeatClient:
         return sock
 
     def _install_socket(self, new: _OwnedSocket) -> None:
-        """Swap in ``new`` (lock held), wake the receiver so it selects on it, close the old one."""
-        old = self.udp_socket
-        self._sock_gen += 1
-        gen = self._sock_gen
-        new._on_foreign_close = lambda _sock, g=gen: self._socket_closed_externally(g)
-        self.udp_socket = new
-        self.local_port = new.getsockname()[1]
-        self._poke_receiver()
+        """Reactor thread: swap in ``new``, watch it, and close the old one (in that order, so a reused
+        descriptor number never confuses the selector)."""
+        with self._lock:
+            old = self.udp_socket
+            if old is not None:
+                self._reactor.unwatch(old)
+            self._sock_gen += 1
+            new._on_foreign_close = self._socket_closed_externally
+            self.udp_socket = new
+            self.local_port = new.getsockname()[1]
+            self._reactor.watch(new, self)
         if old is not None:
             self._close_socket(old)
 
@@ -354,32 +494,71 @@ class HeartbeatClient:
         except OSError:
             pass  # the descriptor was already dead (closed behind Python's back): nothing left to release
 
-    def _socket_closed_externally(self, gen: int) -> None:
-        """Somebody closed our socket under us: rebuild it now instead of at the next beat."""
+    def _socket_closed_externally(self, sock: _OwnedSocket) -> None:
+        """Any thread: somebody closed our socket under us. Heal on the reactor thread, at once."""
+        if self._stop.is_set():
+            return
+        self._log_once("foreign_close", logging.WARNING,
+                       "heartbeat socket of %s was closed by someone else; rebuilding", self.agent_id)
+
+        def heal() -> None:
+            self._reactor.unwatch(sock)
+            self._reactor.set_timer(self, self._reactor_socket_dead(self._clock(), sock))
+
+        self._reactor.call(heal)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sign-in worker (the "send side" of a reconnect; never the I/O thread)
+    # ------------------------------------------------------------------------------------------------------------
+    def _start_sign_in_worker(self) -> None:
+        """Lock held, reactor thread."""
+        if self._worker is not None and self._worker.is_alive():
+            return  # single flight
+        if self._worker is not None:
+            self._worker.join()  # finished: reap it before starting the next one
+        self._worker = threading.Thread(target=self._sign_in_worker, name=f"agentcp-hb-signin-{self.agent_id}",
+                                        daemon=True)
+        self._worker.start()
+
+    def _sign_in_worker(self) -> None:
+        error: Optional[BaseException] = None
+        try:
+            self._do_sign_in()
+        except AuthError as exc:
+            error = exc
+        except Exception as exc:  # an unexpected bug must not leave the client waiting forever
+            error = exc
+            with self._lock:
+                self._extra["internal_errors"] += 1
+            log.exception("unexpected error while signing %s in to the heartbeat server", self.agent_id)
+        if self._stop.is_set():
+            return
+        self._reactor.call(lambda: self._reactor_sign_in_done(error))
+
+    def _reactor_sign_in_done(self, error: Optional[BaseException]) -> None:
+        now = self._clock()
         with self._lock:
-            if gen != self._sock_gen or self._stop.is_set():
+            if self._stop.is_set():
                 return
-            self._machine.socket_failed(self._clock())
-            self._after_input()
-        self._log_once("foreign_close", logging.WARNING, "heartbeat socket of %s was closed by someone else; rebuilding",
-                       self.agent_id)
+            if error is None:
+                try:
+                    self._install_socket(self._make_socket(self._server_addr))
+                except OSError as exc:
+                    self._machine.rebuild_failed(now, str(exc))
+                    error = exc
+                else:
+                    self._machine.signed_in(now)
+            else:
+                self._machine.sign_in_failed(
+                    now, str(error), permanent=getattr(error, "permanent", False),
+                    retry_after=getattr(error, "retry_after", 0.0) or 0.0,
+                )
+            self._flush_state_changes()
+        if error is not None:
+            self._note_error("reconnect", f"heartbeat sign-in for {self.agent_id} failed (will retry): {error}",
+                             error)
+        self._reactor.set_timer(self, self._reactor_timer(now))
 
-    def _poke_receiver(self) -> None:
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"\0")
-            except (BlockingIOError, OSError):
-                pass  # the pipe is full (already poked) or closed (shutting down): either way nothing to do
-
-    def _close_wake_pair(self) -> None:
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
-        self._wake_r = self._wake_w = None
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Internals: sign-in
-    # ------------------------------------------------------------------------------------------------------------
     def _do_sign_in(self) -> Tuple[str, int]:
         """One sign-in attempt; on success stores the new address and cookie. Raises AuthError."""
         reply = self.auth_client.sign_in_once()
@@ -411,217 +590,7 @@ class HeartbeatClient:
         return server_ip, port, cookie
 
     # ------------------------------------------------------------------------------------------------------------
-    # Internals: threads
-    # ------------------------------------------------------------------------------------------------------------
-    def _after_input(self) -> None:
-        """Lock held: something changed; wake the sender and publish state changes."""
-        self._wake.set()
-        self._flush_state_changes()
-
-    def _send_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._send_step()
-            except Exception as exc:  # the send thread must never die: a dead sender is a silent agent
-                self._internal_error("send", exc)
-
-    def _receive_loop(self) -> None:
-        failed_gen = [-1]
-        while not self._stop.is_set():
-            try:
-                self._receive_step(failed_gen)
-            except Exception as exc:  # likewise for the receiver
-                self._internal_error("receive", exc)
-
-    def _internal_error(self, where: str, exc: Exception) -> None:
-        """An unexpected exception in a protocol thread: count, log once with traceback, heal, go on."""
-        with self._lock:
-            self._extra["internal_errors"] = self._extra.get("internal_errors", 0) + 1
-            if not self._stop.is_set():
-                self._machine.socket_failed(self._clock())
-                self._after_input()
-        self._note_error(f"internal_{where}", f"unexpected error in the heartbeat {where} thread of "
-                         f"{self.agent_id}: {exc!r}; recovering", exc, exc_info=True)
-        # Never spin on a persistent bug: the machine's backoff paces the sender, this paces the receiver.
-        self._stop.wait(0.05)
-
-    def _send_step(self) -> None:
-        """One decision of the state machine, carried out."""
-        with self._lock:
-            now = self._clock()
-            decision = self._machine.poll(now)
-            if decision.action in (Action.SIGN_IN, Action.REBUILD_SOCKET):
-                self._machine.repair_started(now)
-            self._flush_state_changes()
-        if decision.action is Action.SEND_BEAT:
-            self._send_beat()
-        elif decision.action is Action.SIGN_IN:
-            self._reconnect()
-        elif decision.action is Action.REBUILD_SOCKET:
-            self._repair_socket()
-        else:
-            timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self._clock())
-            self._wake.wait(timeout)
-            self._wake.clear()
-
-    def _send_beat(self) -> None:
-        with self._lock:
-            sock = self.udp_socket
-            gen = self._sock_gen
-            self.msg_seq += 1
-            req = HeartbeatMessageReq()
-            req.header.MessageSeq = self.msg_seq
-            req.AgentId = self.agent_id
-            req.SignCookie = self.sign_cookie
-            # Recorded before the send: the reply may be processed before send() even returns here.
-            now = self._clock()
-            self._machine.beat_sent(now)
-            self.last_hb = int(now * 1000)
-        try:
-            if sock is None:
-                raise OSError(errno.EBADF, "no socket")
-            sock.send(to_bytes(req))
-        except BlockingIOError:
-            pass  # the kernel buffer is full: this beat is lost and the reply watchdog copes
-        except OSError as exc:
-            self._socket_error(gen, exc, "send")
-
-    def _reconnect(self) -> None:
-        """Sign in again (the send thread's job, never the receiver's), then rebuild towards the new address."""
-        try:
-            self._do_sign_in()
-            new = self._make_socket(self._server_addr)
-        except AuthError as exc:
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                self._machine.sign_in_failed(
-                    self._clock(), str(exc), permanent=exc.permanent, retry_after=getattr(exc, "retry_after", 0.0)
-                )
-                self._flush_state_changes()
-            self._note_error("reconnect", f"heartbeat sign-in for {self.agent_id} failed (will retry): {exc}", exc)
-            return
-        except OSError as exc:
-            with self._lock:
-                if not self._stop.is_set():
-                    self._machine.rebuild_failed(self._clock(), str(exc))
-            self._note_error("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
-            return
-        with self._lock:
-            if self._stop.is_set():  # offline() ran meanwhile: leave nothing behind
-                self._close_socket(new)
-                return
-            self._install_socket(new)
-            self._machine.signed_in(self._clock())
-            self._flush_state_changes()
-
-    def _repair_socket(self) -> None:
-        try:
-            self._rebuild_socket()
-        except OSError as exc:
-            with self._lock:
-                if not self._stop.is_set():
-                    self._machine.rebuild_failed(self._clock(), str(exc))
-            self._note_error("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
-            return
-        with self._lock:
-            if not self._stop.is_set():
-                self._machine.socket_rebuilt(self._clock())
-                self._flush_state_changes()
-
-    def _socket_error(self, gen: int, exc: OSError, where: str) -> None:
-        unreachable = isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED
-        with self._lock:
-            if gen != self._sock_gen or self._stop.is_set():
-                return  # an error of a socket we already replaced
-            self._machine.socket_failed(self._clock(), unreachable=unreachable)
-            self._after_input()
-        if unreachable:
-            self._log_once("unreachable", logging.WARNING,
-                           "heartbeat server %s:%s of %s is unreachable; signing in again",
-                           self.server_ip, self.port, self.agent_id)
-        else:
-            self._note_error("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket", exc)
-
-    def _receive_step(self, failed_gen: List[int]) -> None:
-        """Wait for a datagram (or a wake-up) and handle it. ``failed_gen[0]``: a socket known to be broken."""
-        with self._lock:
-            sock, gen, wake_r = self.udp_socket, self._sock_gen, self._wake_r
-        if wake_r is None:
-            self._stop.wait()
-            return
-        watch = [wake_r]
-        if sock is not None and gen != failed_gen[0] and sock.fileno() >= 0:
-            watch.append(sock)
-        try:
-            readable, _, _ = select.select(watch, [], [])
-        except (OSError, ValueError) as exc:
-            # Our socket died between the snapshot and select(): wait for the sender to replace it.
-            failed_gen[0] = gen
-            self._socket_error(gen, exc if isinstance(exc, OSError) else OSError(errno.EBADF, str(exc)), "receive")
-            return
-        if wake_r in readable:
-            self._drain_wake()
-            return
-        try:
-            data, addr = sock.recvfrom(self.RECV_BUFFER)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            failed_gen[0] = gen
-            self._socket_error(gen, exc, "receive")
-            return
-        self._handle_datagram(data, addr, gen)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r is not None and self._wake_r.recv(512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _handle_datagram(self, data: bytes, addr: Tuple[str, int], gen: int) -> None:
-        now = self._clock()
-        with self._lock:
-            expected = self._server_addr
-            if gen != self._sock_gen:
-                return
-        if expected is None or (addr[0], addr[1]) != expected:
-            with self._lock:
-                self._extra["foreign"] += 1
-            self._log_once("foreign", logging.WARNING, "dropping datagram from %s:%s (not the heartbeat server)",
-                           addr[0], addr[1])
-            return
-        try:
-            msg_type = peek_message_type(data)
-            if msg_type == MSG_HEARTBEAT_RESP:
-                resp, _ = HeartbeatMessageResp.deserialize(data, 0)
-                with self._lock:
-                    if gen != self._sock_gen:
-                        return
-                    self._machine.reply(now, resp.NextBeat)
-                    self.heartbeat_interval = int(self._machine.interval * 1000)
-                    if self._machine.state is State.ONLINE:
-                        self._online_event.set()
-                    else:
-                        self._online_event.clear()
-                    self._after_input()
-            elif msg_type == MSG_INVITE_REQ:
-                invite, _ = InviteMessageReq.deserialize(data, 0)
-                with self._lock:
-                    self._extra["invites"] += 1
-                self._dispatch(self._handle_invite, invite)
-            else:
-                with self._lock:
-                    self._extra["unknown_type"] += 1
-        except MalformedDatagram as exc:
-            with self._lock:
-                self._extra["malformed"] += 1
-            self._log_once("malformed", logging.WARNING, "dropping malformed heartbeat datagram (%d bytes): %s "
-                           "(further ones are only counted)", len(data), exc)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Internals: callbacks, off the protocol threads
+    # Callbacks, off the protocol threads
     # ------------------------------------------------------------------------------------------------------------
     def _dispatch(self, fn: Callable, *args: Any) -> None:
         with self._lock:
@@ -674,8 +643,8 @@ class HeartbeatClient:
 
     def _send_invite_response(self, invite: InviteMessageReq) -> None:
         with self._lock:
-            sock = self.udp_socket
-            gen = self._sock_gen
+            if self._stop.is_set():
+                return
             self.msg_seq += 1
             resp = InviteMessageResp()
             resp.header.MessageSeq = self.msg_seq
@@ -683,15 +652,10 @@ class HeartbeatClient:
             resp.InviterAgentId = invite.InviterAgentId
             resp.SessionId = invite.SessionId  # 0.1.99 left this empty (D-H18)
             resp.SignCookie = self.sign_cookie
-        if sock is None or self._stop.is_set():
-            return
-        try:
-            sock.send(to_bytes(resp))
-        except OSError as exc:
-            self._socket_error(gen, exc, "send")
+            self._send(to_bytes(resp))
 
     def _flush_state_changes(self) -> None:
-        """Lock held: turn the machine's state transitions into logs and ``on_state_change`` callbacks."""
+        """Lock held: turn the machine's state transitions and events into logs and callbacks."""
         for old, new in self._machine.take_state_changes():
             log.info("heartbeat %s: %s -> %s", self.agent_id, old.value, new.value)
             if new is not State.ONLINE:
@@ -705,7 +669,7 @@ class HeartbeatClient:
                 self._dispatch(self.on_event, event)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Internals: reporting
+    # Reporting
     # ------------------------------------------------------------------------------------------------------------
     def _log_once(self, key: str, level: int, msg: str, *args: Any) -> None:
         if key in self._logged_once:
@@ -724,5 +688,8 @@ class HeartbeatClient:
         err = exc if isinstance(exc, SDKError) else HeartbeatError(message)
         try:
             ErrorContext.publish(err)
-        except Exception:  # publishing is best effort by contract; count nothing, never raise into the loop
+        except Exception:  # publishing is best effort by contract; never raise into the I/O thread
             log.debug("ErrorContext.publish failed", exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"HeartbeatClient({self.agent_id!r}, state={self.state})"

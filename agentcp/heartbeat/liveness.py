@@ -300,8 +300,12 @@ class Liveness:
         self._set_state(State.ONLINE, now)
 
     # -- the one question ---------------------------------------------------------------------------------------
-    def poll(self, now: float) -> Decision:
-        """What should the shell do at ``now``? Call again at ``wake_at`` or after any input."""
+    def poll(self, now: float, beat_slack: float = 0.0) -> Decision:
+        """What should the shell do at ``now``? Call again at ``wake_at`` or after any input.
+
+        A beat due within ``beat_slack`` seconds is sent now, so that the beats of many clients in one process
+        coalesce into few wake-ups (reply deadlines and repairs are never advanced).
+        """
         if self.state in (State.OFFLINE, State.STOPPED):
             return Decision(Action.NONE, None)
         if self._need_sign_in or self._need_rebuild:
@@ -317,9 +321,9 @@ class Liveness:
             self._record(Event(now, "miss", str(self._misses)))
             if self._misses >= self.config.max_misses:
                 self._start_reconnect(now, Reason.SILENT, sign_in=True)
-                return self.poll(now)
+                return self.poll(now, beat_slack)
             return Decision(Action.SEND_BEAT)  # re-probe at once
-        if now >= self._next_beat_at:
+        if now + beat_slack >= self._next_beat_at:
             return Decision(Action.SEND_BEAT)
         return Decision(Action.NONE, self._next_beat_at)
 
