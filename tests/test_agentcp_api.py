@@ -71,11 +71,16 @@ def test_message_helpers(aid):
         aid.get_content_array_from_message("not a dict")
 
 
-def test_sending_says_not_yet(aid):
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        aid.send_message_content("s", ["b.example.com"], "hello")
-    with pytest.raises(NotImplementedError):
-        asyncio.run(aid.send_stream_message("s", [], None))
+def test_sending_while_offline_fails_truthfully(aid):
+    try:
+        result = aid.send_message_content("s", ["b.example.com"], "hello")  # tries online() first, as 0.1.99
+        assert not result and result == False and result.status == "failed"  # noqa: E712 (0.1.99 compared to bools)
+        assert "not online" in result.error
+        assert aid.send_message_content("", ["b.example.com"], "hello") is None
+        with pytest.raises(NotImplementedError):
+            asyncio.run(aid.send_stream_message("s", [], None))
+    finally:
+        aid.offline()
 
 
 def test_message_blocks():

@@ -21,7 +21,7 @@ from ._loop import IOLoop
 
 logger = logging.getLogger("agentcp.testing")
 
-__all__ = ["HttpRequest", "HttpResponse", "HttpError", "RouteHandler", "HttpFrontend"]
+__all__ = ["HttpRequest", "HttpResponse", "HttpError", "RouteHandler", "UpgradeHandler", "HttpFrontend"]
 
 #: Largest request body accepted (anything bigger gets 413): sign-in bodies are a few kilobytes.
 MAX_BODY_BYTES = 1 << 20
@@ -92,6 +92,11 @@ class HttpResponse:
 RouteHandler = Callable[[HttpRequest], Union[HttpResponse, Tuple[int, Any]]]
 
 
+#: Takes over a connection that asked for ``Upgrade`` (e.g. a WebSocket): ``(request, sock, rfile)``; it answers the
+#: handshake itself and returns when the connection is finished (the frontend then closes the socket).
+UpgradeHandler = Callable[[HttpRequest, socket.socket, Any], None]
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Parses one request (HTTP/1.0: one request per connection) and hands it to the frontend's route table."""
 
@@ -122,6 +127,11 @@ class _Handler(BaseHTTPRequestHandler):
             body=body,
             client_address=(str(self.client_address[0]), int(self.client_address[1])),
         )
+        upgrade = frontend.upgrade_handler(request)
+        if upgrade is not None:
+            self.close_connection = True
+            upgrade(request, self.connection, self.rfile)
+            return
         self._write(frontend.dispatch(request))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
@@ -189,6 +199,7 @@ class HttpFrontend:
         self.tls_context = tls_context
         self._io_timeout = io_timeout
         self._routes: Dict[Tuple[str, str], RouteHandler] = {}
+        self._upgrades: Dict[str, UpgradeHandler] = {}
         self._lock = threading.Lock()
         self._server: Optional[_HTTPServer] = None
         self._port = int(port)  # 0: ephemeral, chosen at the first listen() and kept for re-binds
@@ -209,6 +220,20 @@ class HttpFrontend:
         """Remove a route; unknown routes are ignored."""
         with self._lock:
             self._routes.pop((method.upper(), path), None)
+
+    def add_upgrade(self, path: str, handler: UpgradeHandler) -> None:
+        """Hand GET requests for exactly ``path`` carrying ``Upgrade: websocket`` to ``handler`` (takes the socket)."""
+        if not path.startswith("/"):
+            raise ValueError(f"upgrade path must start with '/': {path!r}")
+        with self._lock:
+            self._upgrades[path] = handler
+
+    def upgrade_handler(self, request: HttpRequest) -> Optional[UpgradeHandler]:
+        """The upgrade handler for ``request``, or None if it is a plain HTTP request."""
+        if request.method.upper() != "GET" or (request.header("upgrade") or "").lower() != "websocket":
+            return None
+        with self._lock:
+            return self._upgrades.get(request.path)
 
     def dispatch(self, request: HttpRequest) -> HttpResponse:
         """Run the handler for ``request``: 404 for unknown paths, 405 for a known path with another method."""

@@ -19,6 +19,9 @@ Endpoints: ``sign_in`` (two steps, own sessions: an AP sign-in never ends the ag
 ``post_agent_private_data``, ``sync_public_files``, ``upload_file``, ``download_file``, ``delete_public_file``.
 Certificates are issued by the server's agent CA, so the heartbeat sign-in accepts them.
 
+``install()`` also mounts the message server (:class:`~agentcp.testing.message_server.MessageServer`, as
+``ap.messages``) at the ``message_server`` the config announces, unless an external one was given.
+
 Fault controls: :meth:`AccessPoint.set_available` (503 on every AP endpoint), :meth:`AccessPoint.expire_tokens`
 (the next authorised call gets 401), :meth:`AccessPoint.set_ca_available` (CA endpoints answer 503).
 """
@@ -96,6 +99,9 @@ class AccessPoint:
             "sign_ins": 0, "configs": 0, "certs_issued": 0, "renewals": 0, "guests": 0, "unauthorised": 0,
         }
         self._installed = False
+        #: The :class:`~agentcp.testing.message_server.MessageServer` that :meth:`install` mounts at
+        #: :attr:`message_server` (None if an external ``message_server`` was given).
+        self.messages: Any = None
 
     # --- setup ----------------------------------------------------------------------------------------------------
     @property
@@ -129,6 +135,12 @@ class AccessPoint:
         for (method, name), handler in routes.items():
             self.server.add_route(method, f"{PREFIX}/{name}", self._guard(handler, ca=name in (
                 "sign_cert", "resign_cert", "sign_guest_cert")))
+        if self._message_server is None and self.messages is None:
+            # The config announces <base>/message: serve the message server there (sign-in + WebSocket).
+            from .message_server import MessageServer
+
+            self.messages = MessageServer(self.server, accept_any_issuer=self.accept_any_issuer,
+                                          server_auth=self.server_auth).install()
         self._installed = True
         return self
 

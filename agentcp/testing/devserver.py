@@ -1,4 +1,4 @@
-"""A local ACP network in one process: FakeACPServer (heartbeat) + AccessPoint (access point and CA endpoints).
+"""A local ACP network in one process: FakeACPServer (heartbeat) + AccessPoint (access point, CA, message server).
 
 Run ``python -m agentcp.testing.devserver`` (or ``python -m agentcp devserver``), export the printed
 ``AGENTCP_AP_URL`` and run an unmodified agent script: ``create_aid``/``load_aid``/``online()`` go to this server.
@@ -45,7 +45,7 @@ def start_dev_network(host: str = "127.0.0.1", port: int = DEFAULT_PORT, next_be
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m agentcp devserver",
-        description="Run a local ACP network (access point, CA and heartbeat server) for development.",
+        description="Run a local ACP network (access point, CA, heartbeat and message server) for development.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -91,7 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 fh.write(server.root_ca_pem)
             print(f"export AGENTCP_CA_ROOT={root_file}", flush=True)
         print(f"# access point {access_point.url}/api/accesspoint, heartbeat UDP {server.udp_address[0]}:"
-              f"{server.udp_address[1]}; Ctrl-C to stop", file=sys.stderr, flush=True)
+              f"{server.udp_address[1]}, message server {access_point.message_server}; Ctrl-C to stop",
+              file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:

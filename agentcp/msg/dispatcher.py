@@ -1,0 +1,252 @@
+"""Runs message handlers off the protocol threads: per-session order, sync and async handlers, clean shutdown.
+
+* Work is queued per key (the session id): one key's items run one after the other, in arrival order; different
+  keys run concurrently on up to ``workers`` threads (started on first use).
+* Coroutine handlers run on one dedicated asyncio loop thread (not a new loop per message); the worker waits for
+  them (bounded by ``handler_timeout``), so the order of a session holds for async handlers too.
+* A handler that raises is reported (log + :class:`~agentcp.context.ErrorContext`), is called once, and never
+  stops dispatching.
+* :meth:`Dispatcher.stop`: nothing new starts, queued work is dropped, every thread is joined.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import threading
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Set
+
+from agentcp.context import ErrorContext
+from agentcp.context.exceptions import SDKError
+
+log = logging.getLogger("agentcp.msg")
+
+__all__ = ["Dispatcher", "HandlerError", "call_arity"]
+
+
+class HandlerError(SDKError):
+    """A message handler raised (reported; the handler is not called again for that message)."""
+
+    def __init__(self, message: Any = "", trace_id: str = "", code: int = 1301) -> None:
+        super().__init__(message, trace_id, code)
+
+
+def call_arity(handler: Callable[..., Any]) -> Optional[int]:
+    """Positional parameters the handler takes (bound ``self`` excluded); None if it cannot be told."""
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return None
+    count = 0
+    for param in sig.parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            count += 1
+        elif param.kind is param.VAR_POSITIONAL:
+            return -1
+    return count
+
+
+def is_coroutine_handler(handler: Callable[..., Any]) -> bool:
+    target = handler
+    for _ in range(8):  # functools.wraps chains
+        if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None)):
+            return True
+        target = getattr(target, "__wrapped__", None)
+        if target is None:
+            return False
+    return False
+
+
+class Dispatcher:
+    """Keyed serial executor for handler calls (see the module docstring)."""
+
+    def __init__(self, name: str, workers: int = 4, handler_timeout: float = 60.0,
+                 agent_id: str = "") -> None:
+        self.name = name
+        self.agent_id = agent_id
+        self.max_workers = max(1, int(workers))
+        self.handler_timeout = handler_timeout
+        self._lock = threading.Condition()
+        self._queues: Dict[Hashable, Deque[Callable[[], None]]] = {}
+        self._ready: Deque[Hashable] = deque()
+        self._busy: Set[Hashable] = set()
+        self._threads: List[threading.Thread] = []
+        self._stopped = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[threading.Thread] = None
+        self._logged: Set[str] = set()
+        self.counters: Dict[str, int] = {"dispatched": 0, "handler_errors": 0, "timeouts": 0, "dropped": 0}
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def submit(self, key: Hashable, work: Callable[[], None]) -> bool:
+        """Queue ``work`` behind earlier work of ``key``; False once stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            queue_ = self._queues.get(key)
+            if queue_ is None:
+                queue_ = self._queues[key] = deque()
+            queue_.append(work)
+            if key not in self._busy and len(queue_) == 1:
+                self._ready.append(key)
+            if len(self._threads) < self.max_workers and len(self._ready) > self._idle_workers():
+                self._start_worker()
+            self._lock.notify()
+        return True
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Drop queued work, wait for running handlers, stop the loop and join every thread. Idempotent."""
+        with self._lock:
+            self._stopped = True
+            dropped = sum(len(q) for q in self._queues.values())
+            self.counters["dropped"] += dropped
+            self._queues.clear()
+            self._ready.clear()
+            threads = list(self._threads)
+            self._lock.notify_all()
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                thread.join(timeout)
+                if thread.is_alive():
+                    log.warning("%s: a handler is still running after %.0f s; not waiting for it", self.name,
+                                timeout or 0)
+        loop, thread = self._loop, self._loop_thread
+        if loop is not None and thread is not None:
+            def shutdown() -> None:
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+                loop.stop()
+
+            try:
+                loop.call_soon_threadsafe(shutdown)
+            except RuntimeError:  # loop already closed
+                pass
+            if thread is not current:
+                thread.join(timeout)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+
+    def call_handler(self, handler: Callable[..., Any], args: List[Any], what: str = "message handler") -> None:
+        """Call one handler (sync, or async on the loop thread) and report what it raised; never raises."""
+        if self._stopped:
+            return
+        try:
+            if is_coroutine_handler(handler):
+                self.run_coroutine(handler(*args), what)
+                return
+            result = handler(*args)
+            if inspect.isawaitable(result):  # e.g. ``lambda msg: coro(msg)``: await it (0.1.99 did not)
+                self.run_coroutine(result, what)
+        except Exception as exc:  # a handler's bug is reported, never retried, never fatal
+            self._report(handler, exc)
+
+    def run_coroutine(self, awaitable: Any, what: str = "message handler") -> None:
+        loop = self._ensure_loop()
+
+        async def runner() -> Any:
+            return await awaitable
+
+        future = asyncio.run_coroutine_threadsafe(runner(), loop)
+        try:
+            future.result(self.handler_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            with self._lock:
+                self.counters["timeouts"] += 1
+            log.warning("%s: %s still running after %.0f s; cancelled", self.name, what, self.handler_timeout)
+        except concurrent.futures.CancelledError:
+            pass
+        except Exception as exc:  # raised inside the coroutine
+            self._report(awaitable, exc)
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _idle_workers(self) -> int:
+        return len(self._threads) - len(self._busy)
+
+    def _start_worker(self) -> None:
+        thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads) + 1}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ready and not self._stopped:
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                key = self._ready.popleft()
+                queue_ = self._queues.get(key)
+                if not queue_:
+                    continue
+                work = queue_.popleft()
+                self._busy.add(key)
+            try:
+                work()
+                with self._lock:
+                    self.counters["dispatched"] += 1
+            except Exception as exc:  # the work wrappers report handler errors; this is a bug in them
+                log.exception("%s: dispatch failed: %r", self.name, exc)
+            finally:
+                with self._lock:
+                    self._busy.discard(key)
+                    queue_ = self._queues.get(key)
+                    if queue_:
+                        self._ready.append(key)
+                        self._lock.notify()
+                    elif queue_ is not None:
+                        del self._queues[key]
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
+                return self._loop
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                try:
+                    loop.run_forever()
+                finally:
+                    try:
+                        pending = asyncio.all_tasks(loop)
+                        for task in pending:
+                            task.cancel()
+                        if pending:
+                            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                        loop.run_until_complete(loop.shutdown_asyncgens())
+                    finally:
+                        loop.close()
+
+            thread = threading.Thread(target=run, name=f"{self.name}-asyncio", daemon=True)
+            self._loop, self._loop_thread = loop, thread
+            thread.start()
+        ready.wait(5.0)
+        return loop
+
+    def _report(self, handler: Any, exc: BaseException) -> None:
+        name = getattr(handler, "__qualname__", None) or getattr(handler, "__name__", None) or repr(handler)
+        with self._lock:
+            self.counters["handler_errors"] += 1
+            first = name not in self._logged
+            self._logged.add(name)
+        text = f"message handler {name} of {self.agent_id or self.name} raised {type(exc).__name__}: {exc}"
+        if first:
+            log.warning("%s (further errors of this handler are logged at DEBUG)", text, exc_info=exc)
+        else:
+            log.debug("%s", text, exc_info=exc)
+        err = HandlerError(text)
+        err.agent_id = self.agent_id
+        try:
+            ErrorContext.publish(err)
+        except Exception:  # publishing is best effort
+            log.debug("ErrorContext.publish failed", exc_info=True)

@@ -1,0 +1,797 @@
+"""WebSocket client of the message server: the thin I/O shell around :class:`~agentcp.msg.channel.Channel`.
+
+Compatible with 0.1.99's ``agentcp.msg.message_client`` (``ConnectionState``, ``MessageClientConfig`` field names,
+``MessageClient(agent_id, server_url, aid_path, seed_password, cache_auth_client=None, config=None)``,
+``start_websocket_client``, ``stop_websocket_client``, ``send_msg``, ``set_message_handler``,
+``connection_state``). What changed (messaging.md §1.6-§1.8, §7):
+
+* One driver thread obeys the channel machine: sign in, connect, ping, drop a dead connection (no frame within
+  ``pong_timeout`` of a ping), reconnect with capped full-jitter backoff **for as long as the client runs**, sign in
+  again when the handshake is rejected. A receive-only client reconnects without sending anything.
+* One reader thread per connection feeds frames to the machine and the handler (``on_message(ws, text)``).
+  Acknowledgements (``session_message_ack``) complete the sender's :class:`SendResult`; incoming messages already
+  seen (same ``session_id``/``message_id``, e.g. redelivered after a reconnect) are dropped before the handler.
+* Sending never blocks on a connect. While disconnected, frames wait in a bounded outbox and go out in order after
+  the reconnect (after the handler's ``on_open`` re-joined the sessions). A full outbox raises
+  :class:`OutboxFullError`. Session messages not acked when a connection is lost are sent again.
+* ``stop_websocket_client()`` closes the socket and joins every thread; no handler call starts after it returns.
+* The signature is never logged: URLs in logs read ``signature=***``.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import websocket
+
+from agentcp.base.auth_client import AuthClient
+from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
+from agentcp.base.client import IClient
+from agentcp.base.http import resolve_verify
+from agentcp.context import ErrorContext
+from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
+from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
+
+log = logging.getLogger("agentcp.msg")
+
+_SIGNATURE_QUERY = re.compile(r"signature=[^&\s'\"]*")
+
+__all__ = [
+    "ConnectionState",
+    "MessageClientConfig",
+    "MessageClient",
+    "SendStatus",
+    "SendResult",
+    "OutboxFullError",
+    "ClientStoppedError",
+    "MessageChannelError",
+]
+
+
+class MessageChannelError(SDKError):
+    """A fault of the message channel (connection lost, handshake rejected, ...) reported while it heals."""
+
+    def __init__(self, message: Any = "", trace_id: str = "", code: int = 1300) -> None:
+        super().__init__(message, trace_id, code)
+
+
+class OutboxFullError(SendMsgError):
+    """The outbox is full (the server has been unreachable for a while): the message was NOT queued."""
+
+    def __init__(self, message: Any = "", trace_id: str = "", code: int = 1009) -> None:
+        super().__init__(message, trace_id, code)
+
+
+class ClientStoppedError(SendMsgError):
+    """The message client was stopped (``offline()``): nothing can be sent through it any more."""
+
+    def __init__(self, message: Any = "", trace_id: str = "", code: int = 1009) -> None:
+        super().__init__(message, trace_id, code)
+
+
+@dataclass
+class MessageClientConfig:
+    """0.1.99's field names first (some now unused: reconnects never give up), then the new ones."""
+
+    max_queue_size: int = 1000  # 0.1.99: 30, oldest dropped silently; now a full outbox is an error
+    connection_timeout: float = 5.0  # TCP connect + WebSocket handshake
+    retry_interval: float = 4.0  # unused: reconnects follow reconnect_backoff
+    max_retry_attempts: int = 3  # unused: reconnects continue while the client runs
+    send_retry_attempts: int = 5  # unused: sends never wait for a connection
+    send_retry_delay: float = 0.01  # unused
+    ping_interval: float = 5
+    # --- new ---
+    #: Seconds a ping waits for any frame before the connection counts as dead (None: ping_interval / 2).
+    pong_timeout: Optional[float] = None
+    #: How long ``send_message`` waits for the server's ack while connected (0: do not wait).
+    ack_timeout: float = 5.0
+    #: Socket write timeout (and the reader's idle wake-up period).
+    send_timeout: float = 10.0
+    reconnect_backoff: Backoff = RECONNECT_BACKOFF
+    permanent_backoff: Backoff = PERMANENT_ERROR_BACKOFF
+    resign_after_failures: int = 3
+    dedup_window: int = 8192
+    immediate_reconnect_gap: float = 1.0
+    #: TLS verification of ``wss://``: None follows AGENTCP_TLS_VERIFY (default on); False or a CA bundle path.
+    verify: Any = None
+
+    def channel_config(self) -> ChannelConfig:
+        return ChannelConfig(
+            ping_interval=float(self.ping_interval),
+            pong_timeout=self.pong_timeout,
+            reconnect_backoff=self.reconnect_backoff,
+            permanent_backoff=self.permanent_backoff,
+            max_queue_size=int(self.max_queue_size),
+            resign_after_failures=int(self.resign_after_failures),
+            dedup_window=int(self.dedup_window),
+            immediate_reconnect_gap=float(self.immediate_reconnect_gap),
+        )
+
+
+class SendStatus(str, enum.Enum):
+    DELIVERED = "delivered"  # the server acknowledged it
+    SENT = "sent"  # written to the connection; no ack (yet); re-sent after a reconnect if still unacked
+    QUEUED = "queued"  # waiting in the outbox for the connection; goes out in order after the reconnect
+    FAILED = "failed"  # not sent and not queued (outbox full, client stopped, refused by the server)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SendResult:
+    """What became of a message. Truthy unless it FAILED; compares equal to ``True``/``False`` accordingly, so
+    0.1.99 code testing ``if aid.send_message(...)`` or ``== True`` keeps working."""
+
+    __slots__ = ("status", "message_id", "error", "status_code", "offline_receivers")
+
+    def __init__(self, status: SendStatus, message_id: str = "", error: Optional[str] = None,
+                 status_code: Optional[int] = None, offline_receivers: Optional[List[str]] = None) -> None:
+        self.status = status
+        self.message_id = message_id
+        self.error = error
+        self.status_code = status_code
+        self.offline_receivers = list(offline_receivers or [])
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is SendStatus.DELIVERED
+
+    @property
+    def queued(self) -> bool:
+        return self.status is SendStatus.QUEUED
+
+    @property
+    def failed(self) -> bool:
+        return self.status is SendStatus.FAILED
+
+    def __bool__(self) -> bool:
+        return self.status is not SendStatus.FAILED
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, bool):
+            return bool(self) is other
+        if isinstance(other, SendResult):
+            return (self.status, self.message_id) == (other.status, other.message_id)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.status, self.message_id))
+
+    def __repr__(self) -> str:
+        extra = f", error={self.error!r}" if self.error else ""
+        if self.offline_receivers:
+            extra += f", offline_receivers={self.offline_receivers!r}"
+        return f"SendResult({self.status.value}, message_id={self.message_id!r}{extra})"
+
+
+class Ticket:
+    """The sender's handle on one outgoing frame: its status, completed by the writer / the ack."""
+
+    def __init__(self, message_id: str = "", session_id: str = "") -> None:
+        self.message_id = message_id
+        self.session_id = session_id
+        self.status = SendStatus.QUEUED
+        self.error: Optional[str] = None
+        self.status_code: Optional[int] = None
+        self.offline_receivers: List[str] = []
+        self.ack_data: Optional[Dict[str, Any]] = None
+        self._done = threading.Event()
+
+    def _finish(self, status: SendStatus, error: Optional[str] = None) -> None:
+        self.status = status
+        self.error = error
+        self._done.set()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        """Wait until acked or failed; True if that happened within ``timeout``."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> SendResult:
+        return SendResult(self.status, self.message_id, self.error, self.status_code, self.offline_receivers)
+
+
+def ws_base_url(server_url: str) -> str:
+    """``https://host/api/message`` -> ``wss://host/api/message`` (``http`` -> ``ws``), trailing ``/`` removed."""
+    url = (server_url or "").rstrip("/")
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://"):]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://"):]
+    return url
+
+
+def redact(text: str, secret: Optional[str]) -> str:
+    """``text`` with ``secret`` (and any ``signature=`` query value) replaced by ``***``."""
+    if secret:
+        text = text.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
+    return _SIGNATURE_QUERY.sub("signature=***", text)
+
+
+class _Conn:
+    """One WebSocket connection and its reader thread. Only the reader closes the socket (one owner)."""
+
+    def __init__(self, ws: websocket.WebSocket, gen: int) -> None:
+        self.ws = ws
+        self.gen = gen
+        self.reader: Optional[threading.Thread] = None
+        self.opened_at = time.monotonic()
+
+    def send(self, text: str) -> None:
+        self.ws.send(text)
+
+    def ping(self, payload: bytes = b"") -> None:
+        self.ws.ping(payload)
+
+    def abort(self) -> None:
+        """Wake the reader (shutdown, not close: closing under a blocked recv() would race for the descriptor)."""
+        sock = getattr(self.ws, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+
+
+class MessageClient(IClient):
+    """The agent's connection to one message server (``server_url`` as in the access point config)."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        server_url: str,
+        aid_path: str,
+        seed_password: str,
+        cache_auth_client: Optional[AuthClient] = None,
+        config: Optional[MessageClientConfig] = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.agent_id = agent_id
+        self.server_url = (server_url or "").rstrip("/")
+        self.aid_path = aid_path
+        self.seed_password = seed_password
+        self.config = config or MessageClientConfig()
+        self.auth_client = cache_auth_client or AuthClient(agent_id, self.server_url, aid_path, seed_password)
+        self.timeout = self.auth_client.timeout
+        self.verify = self.config.verify
+        self.message_handler: Any = None
+        self.stream_queue_map: Dict[str, Any] = {}
+        #: Called with ``(old_state, new_state)`` strings on every state change (on the thread that caused it).
+        self.on_state_change: Optional[Callable[[str, str], Any]] = None
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected_event = threading.Event()
+        self._machine = Channel(self.config.channel_config())
+        self._conn: Optional[_Conn] = None
+        self._gen = 0
+        self._driver: Optional[threading.Thread] = None
+        self._readers: List[threading.Thread] = []
+        self._logged_once: set = set()
+        self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0}
+        self._lost_at: Optional[float] = None
+        #: Seconds from each lost connection to the next successful handshake (the last 32).
+        self.resume_times: List[float] = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 0.1.99 API
+    # ------------------------------------------------------------------------------------------------------------
+    def initialize(self) -> None:
+        """Sign in (one attempt; the client keeps trying in the background once started)."""
+        self.sign_in()
+
+    def sign_in(self) -> bool:
+        """One sign-in to the message server; True on success (the token is kept in the auth client)."""
+        try:
+            self.auth_client.sign_in_once()
+            return True
+        except AuthError as exc:
+            self._note_error("sign_in", f"message server sign-in of {self.agent_id} to {self.server_url} "
+                                        f"failed: {exc}", exc)
+            return False
+
+    def get_headers(self) -> Dict[str, str]:
+        return self.auth_client.get_headers()
+
+    def sign_out(self) -> None:
+        try:
+            self.auth_client.sign_out()
+        except Exception as exc:  # best effort: sign-out must never break shutdown
+            log.warning("message server sign-out of %s failed: %s", self.agent_id, type(exc).__name__)
+
+    def current_signature(self) -> Optional[str]:
+        return self.auth_client.signature
+
+    def set_message_handler(self, message_handler: Any) -> None:
+        """``message_handler.on_message(ws, text)`` for every frame; ``on_open(ws)`` after each connect (optional)."""
+        self.message_handler = message_handler
+
+    @property
+    def connection_state(self) -> ConnectionState:
+        return self._machine.state
+
+    def start_websocket_client(self) -> bool:
+        """Start the client (if not running) and wait up to ``connection_timeout`` for a connection.
+
+        Returns True if connected. If not, the client keeps connecting in the background; sends are queued.
+        """
+        self.start()
+        return self.wait_connected(self.config.connection_timeout)
+
+    def stop_websocket_client(self) -> None:
+        """Stop: fail queued sends, close the connection and join every thread. Idempotent."""
+        with self._lock:
+            left = self._machine.stop(self._clock())
+            self._flush_state_changes()
+            self._stop.set()
+            self._wake.set()
+            conn, self._conn = self._conn, None
+            driver = self._driver
+            self._connected_event.clear()
+        for item in left:
+            ticket = item.token
+            if isinstance(ticket, Ticket) and not ticket.done:
+                ticket._finish(SendStatus.FAILED, "message client stopped before the server confirmed it")
+        if left:
+            log.warning("%s: %d outgoing message(s) not confirmed by the server when the client stopped",
+                        self.agent_id, len(left))
+        if conn is not None:
+            conn.abort()
+        current = threading.current_thread()
+        if driver is not None and driver is not current:
+            driver.join()
+        with self._lock:
+            readers, self._readers = list(self._readers), []
+        for reader in readers:
+            if reader is not current:
+                reader.join()
+        with self._lock:
+            if self._driver is driver:
+                self._driver = None
+
+    def send_msg(self, msg: Union[str, dict]) -> bool:
+        """Send one frame: True if written now, False if queued (sent after the reconnect).
+
+        Raises :class:`OutboxFullError` if the outbox is full and :class:`ClientStoppedError` after stop.
+        """
+        ticket = self.send(msg)
+        if ticket.status is SendStatus.FAILED:
+            if "stopped" in (ticket.error or ""):
+                raise ClientStoppedError(ticket.error)
+            raise OutboxFullError(ticket.error)
+        return ticket.status is not SendStatus.QUEUED
+
+    # ------------------------------------------------------------------------------------------------------------
+    # New API
+    # ------------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the driver thread (returns at once; no-op while running)."""
+        with self._lock:
+            if self._driver is not None and self._driver.is_alive() and not self._stop.is_set():
+                return
+            if self._stop.is_set() and self._driver is not None:
+                raise RuntimeError("a stopped MessageClient cannot be restarted; create a new one")
+            previous = self._machine
+            self._machine = Channel(self.config.channel_config())
+            self._machine.counters = previous.counters
+            self._machine.start(self._clock(), have_token=bool(self.auth_client.signature))
+            self._flush_state_changes()
+            self._driver = threading.Thread(target=self._drive, name=f"agentcp-msg-{self.agent_id}", daemon=True)
+            self._driver.start()
+
+    def close(self) -> None:
+        """Alias of :meth:`stop_websocket_client`."""
+        self.stop_websocket_client()
+
+    @property
+    def running(self) -> bool:
+        return self._driver is not None and not self._stop.is_set()
+
+    @property
+    def state(self) -> str:
+        return self._machine.state.value
+
+    def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Block until connected (True) or ``timeout`` passes (False)."""
+        return self._connected_event.wait(timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            snap = self._machine.snapshot(self._clock())
+            snap.update(self._extra)
+            snap["resume_times"] = list(self.resume_times)
+            snap["server_url"] = self.server_url
+        return snap
+
+    def send(self, msg: Union[str, dict], *, ack_key: Optional[str] = None, message_id: str = "",
+             session_id: str = "") -> Ticket:
+        """Send one frame (JSON text or a dict); the :class:`Ticket` tells what became of it.
+
+        ``ack_key``: the frame expects a ``session_message_ack`` for this key (the message id); it stays tracked
+        until then and is sent again if the connection is lost first. Never blocks on a connect.
+        """
+        text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)
+        ticket = Ticket(message_id or (ack_key or ""), session_id)
+        item = OutItem(text, ack_key=ack_key, token=ticket)
+        with self._send_lock:
+            with self._lock:
+                if self._stop.is_set() or self._machine.stopped:
+                    ticket._finish(SendStatus.FAILED, "message client stopped")
+                    return ticket
+                conn = self._conn if self._machine.can_send_direct() else None
+                if conn is not None:
+                    self._machine.written(item)  # before the write: the ack may arrive before send() returns
+                elif not self._machine.submit(item):
+                    ticket._finish(SendStatus.FAILED, f"outbox full ({self.config.max_queue_size} messages wait "
+                                                      "for the message server); message not queued")
+                    self._wake.set()
+                    return ticket
+                else:
+                    self._wake.set()
+                    return ticket  # QUEUED
+            try:
+                conn.send(text)
+                if not ticket.done:
+                    ticket.status = SendStatus.SENT
+            except (websocket.WebSocketException, OSError) as exc:
+                # The item is in flight: the loss handling puts it back at the head of the outbox.
+                self._connection_lost(conn, f"send failed: {type(exc).__name__}")
+        return ticket
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: URLs and sockets
+    # ------------------------------------------------------------------------------------------------------------
+    def _ws_url(self, token: str) -> str:
+        query = urllib.parse.urlencode({"agent_id": self.agent_id, "signature": token}, quote_via=urllib.parse.quote)
+        return f"{ws_base_url(self.server_url)}/session?{query}"
+
+    def _redacted_url(self) -> str:
+        return f"{ws_base_url(self.server_url)}/session?agent_id={self.agent_id}&signature=***"
+
+    def _sslopt(self) -> Dict[str, Any]:
+        verify = resolve_verify(self.config.verify if self.config.verify is not None else self.auth_client.verify)
+        if verify is False:
+            return {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
+        if isinstance(verify, str):
+            return {"ca_certs": verify}
+        return {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: the driver thread
+    # ------------------------------------------------------------------------------------------------------------
+    def _flush_state_changes(self) -> None:
+        """Lock held: log state changes and call ``on_state_change``."""
+        for old, new in self._machine.take_state_changes():
+            log.info("message channel %s: %s -> %s", self.agent_id, old.value, new.value)
+            if new is ConnectionState.CONNECTED:
+                self._connected_event.set()
+            else:
+                self._connected_event.clear()
+            callback = self.on_state_change
+            if callback is not None:
+                try:
+                    callback(old.value, new.value)
+                except Exception:  # a state callback's bug must not stop the channel
+                    log.exception("on_state_change callback of %s raised", self.agent_id)
+
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drive_step()
+            except Exception as exc:  # the driver must never die: a dead driver is a deaf agent
+                with self._lock:
+                    self._extra["internal_errors"] = self._extra.get("internal_errors", 0) + 1
+                    conn = self._conn
+                self._note_error("internal", f"unexpected error in the message driver of {self.agent_id}: "
+                                             f"{exc!r}; recovering", exc, exc_info=True)
+                if conn is not None:
+                    self._connection_lost(conn, "internal error")
+                self._stop.wait(0.05)
+
+    def _drive_step(self) -> None:
+        with self._lock:
+            now = self._clock()
+            decision = self._machine.poll(now)
+            if decision.action in (Action.SIGN_IN, Action.CONNECT):
+                self._machine.repair_started(now)
+            conn = self._conn
+            flush = self._machine.state is ConnectionState.CONNECTED and self._machine.queued > 0
+        action = decision.action
+        if action is Action.SIGN_IN:
+            self._do_sign_in()
+        elif action is Action.CONNECT:
+            self._do_connect()
+        elif action is Action.PING:
+            self._do_ping(conn)
+        elif action is Action.DROP:
+            if conn is not None:
+                log.warning("message channel %s: no frame within %.1f s of a ping; dropping the dead connection",
+                            self.agent_id, self.config.channel_config().effective_pong_timeout())
+                self._connection_lost(conn, "dead")
+        elif flush:
+            self._flush_outbox()
+        else:
+            timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self._clock())
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _do_sign_in(self) -> None:
+        try:
+            self.auth_client.sign_in_once()
+        except AuthError as exc:
+            with self._lock:
+                self._machine.sign_in_failed(self._clock(), str(exc), permanent=exc.permanent,
+                                             retry_after=float(getattr(exc, "retry_after", 0.0) or 0.0))
+            self._note_error("sign_in", f"message server sign-in of {self.agent_id} failed (will retry): {exc}", exc)
+            return
+        with self._lock:
+            self._machine.signed_in(self._clock())
+
+    def _do_connect(self) -> None:
+        token = self.auth_client.signature or ""
+        url = self._ws_url(token)
+        try:
+            ws = websocket.create_connection(
+                url,
+                timeout=self.config.connection_timeout,
+                sslopt=self._sslopt(),
+                enable_multithread=True,
+                suppress_origin=True,
+            )
+        except websocket.WebSocketBadStatusException as exc:
+            status = int(getattr(exc, "status_code", 0) or 0)
+            rejected = status in (401, 403)
+            with self._lock:
+                self._machine.connect_failed(self._clock(), f"handshake rejected: HTTP {status}",
+                                             auth_rejected=rejected)
+            what = "token rejected; signing in again" if rejected else "retrying"
+            self._note_error(f"handshake_{status}", f"message server {self._redacted_url()} answered the "
+                                                    f"WebSocket handshake with HTTP {status} ({what})",
+                             MessageChannelError(f"handshake rejected with HTTP {status}"))
+            return
+        except (websocket.WebSocketException, OSError, ValueError) as exc:
+            text = redact(f"{type(exc).__name__}: {exc}", token)
+            with self._lock:
+                self._machine.connect_failed(self._clock(), text)
+            self._note_error("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
+                                        "retrying", MessageChannelError(f"connect failed: {text}"))
+            return
+        try:
+            ws.settimeout(self.config.send_timeout)
+        except OSError:
+            pass
+        with self._lock:
+            if self._stop.is_set():
+                ws.shutdown()
+                return
+            self._gen += 1
+            conn = _Conn(ws, self._gen)
+            self._conn = conn
+            now = self._clock()
+            self._machine.connected(now)
+            if self._lost_at is not None:
+                self.resume_times.append(now - self._lost_at)
+                del self.resume_times[:-32]
+                self._lost_at = None
+            self._readers = [t for t in self._readers if t.is_alive()]
+            conn.reader = threading.Thread(target=self._read_loop, args=(conn,),
+                                           name=f"agentcp-msg-recv-{self.agent_id}", daemon=True)
+            self._readers.append(conn.reader)
+            conn.reader.start()
+            self._flush_state_changes()
+        # A new outage deserves a new warning: forget the once-only keys of the connection faults.
+        self._logged_once = {k for k in self._logged_once if not k.startswith(("connect", "handshake", "sign_in",
+                                                                               "lost"))}
+        log.info("message channel %s connected to %s", self.agent_id, self._redacted_url())
+        handler = self.message_handler
+        on_open = getattr(handler, "on_open", None)
+        if on_open is not None:
+            try:
+                on_open(conn)  # re-joins sessions through conn.send(), ahead of the outbox
+            except (websocket.WebSocketException, OSError) as exc:
+                self._connection_lost(conn, f"send failed: {type(exc).__name__}")
+                return
+            except Exception as exc:  # a handler bug must not stop the channel
+                self._note_error("on_open", f"on_open of the message handler raised: {exc!r}", exc, exc_info=True)
+        with self._lock:
+            if self._conn is conn:
+                self._machine.opened()
+        self._flush_outbox()
+
+    def _do_ping(self, conn: Optional[_Conn]) -> None:
+        with self._lock:
+            self._machine.ping_sent(self._clock())
+        if conn is None:
+            return
+        try:
+            conn.ping()
+        except (websocket.WebSocketException, OSError) as exc:
+            self._connection_lost(conn, f"ping failed: {type(exc).__name__}")
+
+    def _flush_outbox(self) -> None:
+        """Write queued items in order while connected (under the send lock, so direct sends cannot overtake)."""
+        while not self._stop.is_set():
+            with self._send_lock:
+                with self._lock:
+                    conn = self._conn
+                    item = self._machine.next_item() if conn is not None else None
+                    if item is None:
+                        return
+                    self._machine.written(item)
+                try:
+                    conn.send(item.text)
+                except (websocket.WebSocketException, OSError) as exc:
+                    with self._lock:
+                        if item.ack_key is None:
+                            self._machine.requeue_front(item)
+                    self._connection_lost(conn, f"send failed: {type(exc).__name__}")
+                    return
+                ticket = item.token
+                if isinstance(ticket, Ticket) and not ticket.done:
+                    if item.ack_key is None:
+                        ticket._finish(SendStatus.SENT)
+                    else:
+                        ticket.status = SendStatus.SENT
+
+    def _connection_lost(self, conn: _Conn, reason: str) -> None:
+        """``conn`` failed or closed: tell the machine (once per connection), wake the driver, unblock the reader."""
+        with self._lock:
+            current = self._conn is conn
+            if current:
+                self._conn = None
+                now = self._clock()
+                self._machine.connection_lost(now, reason)
+                self._lost_at = now
+                self._flush_state_changes()
+                self._wake.set()
+        conn.abort()
+        if current and not self._stop.is_set():
+            key = "lost_dead" if reason == "dead" else "lost"
+            self._note_error(key, f"message channel of {self.agent_id} lost its connection ({reason}); "
+                                  "reconnecting", MessageChannelError(f"connection lost: {reason}"))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: the reader thread
+    # ------------------------------------------------------------------------------------------------------------
+    def _read_loop(self, conn: _Conn) -> None:
+        reason = "closed"
+        try:
+            while not self._stop.is_set():
+                try:
+                    opcode, frame = conn.ws.recv_data_frame(True)
+                except websocket.WebSocketTimeoutException:
+                    continue  # idle; the driver's pings decide whether the connection is dead
+                except websocket.WebSocketConnectionClosedException:
+                    reason = "closed by peer"
+                    break
+                except (websocket.WebSocketException, OSError, ValueError, AttributeError) as exc:
+                    reason = f"receive failed: {type(exc).__name__}"
+                    break
+                with self._lock:
+                    if self._conn is not conn:
+                        break
+                    self._machine.frame_received(self._clock())
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    reason = "closed by server"
+                    break
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    data = frame.data
+                    text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
+                    self._on_text(conn, text)
+                elif opcode == websocket.ABNF.OPCODE_BINARY:
+                    self._log_once("binary", logging.DEBUG, "message channel %s: binary frame ignored", self.agent_id)
+        finally:
+            self._connection_lost(conn, reason)
+            try:
+                conn.ws.shutdown()
+            except Exception:  # closing is best effort; the descriptor is released either way
+                log.debug("closing the WebSocket failed", exc_info=True)
+
+    def _on_text(self, conn: _Conn, text: str) -> None:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            frame = None
+        if not isinstance(frame, dict) or "cmd" not in frame or not isinstance(frame.get("data"), dict):
+            with self._lock:
+                self._extra["malformed"] += 1
+            self._log_once("malformed", logging.WARNING, "message channel %s: dropping a frame without cmd/data "
+                                                         "(further ones are only counted)", self.agent_id)
+            return
+        cmd, data = frame["cmd"], frame["data"]
+        if cmd == "session_message_ack":
+            self._on_ack(data)
+        elif cmd == "session_message":
+            session_id, message_id = str(data.get("session_id") or ""), str(data.get("message_id") or "")
+            if message_id:
+                with self._lock:
+                    duplicate = self._machine.seen((session_id, message_id))
+                if duplicate:
+                    log.debug("message channel %s: duplicate message %s in %s dropped", self.agent_id, message_id,
+                              session_id)
+                    return
+        handler = self.message_handler
+        on_message = getattr(handler, "on_message", None)
+        if on_message is None:
+            return
+        with self._lock:
+            if self._stop.is_set() or self._conn is not conn:
+                return  # stopped (or a superseded socket): no handler call starts after stop
+        try:
+            on_message(conn, text)
+        except Exception as exc:  # a handler bug must not kill the reader
+            with self._lock:
+                self._extra["handler_errors"] += 1
+            self._note_error("handler", f"message handler of {self.agent_id} raised: {exc!r}", exc, exc_info=True)
+
+    def _on_ack(self, data: Dict[str, Any]) -> None:
+        key = data.get("message_id") or data.get("request_id")
+        session_id = str(data.get("session_id") or "")
+        with self._lock:
+            item = self._machine.acked(str(key)) if key else None
+            if item is None and not key:
+                # No id in the ack: it confirms the oldest unconfirmed message of that session.
+                oldest = self._machine.oldest_inflight(
+                    lambda it: isinstance(it.token, Ticket) and getattr(it.token, "session_id", "") == session_id)
+                item = self._machine.acked(oldest) if oldest is not None else None
+            if item is None:
+                self._extra["acks_unmatched"] += 1
+                return
+        ticket = item.token
+        if not isinstance(ticket, Ticket) or ticket.done:
+            return
+        try:
+            code = int(data.get("status_code", 200))
+        except (TypeError, ValueError):
+            code = 0
+        ticket.status_code = code
+        ticket.ack_data = data
+        offline = data.get("offline_receivers")
+        if isinstance(offline, list):
+            ticket.offline_receivers = [str(a) for a in offline]
+        if code in (200, 404) or 200 <= code < 300:
+            ticket._finish(SendStatus.DELIVERED)
+        else:
+            ticket._finish(SendStatus.FAILED, f"the message server refused the message: {code} "
+                                              f"{data.get('message', '')}".strip())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: reporting
+    # ------------------------------------------------------------------------------------------------------------
+    def _log_once(self, key: str, level: int, msg: str, *args: Any) -> None:
+        if key in self._logged_once:
+            log.debug(msg, *args)
+            return
+        self._logged_once.add(key)
+        log.log(level, msg, *args)
+
+    def _note_error(self, key: str, message: str, exc: BaseException, exc_info: bool = False) -> None:
+        """Log a fault once at WARNING (then at DEBUG) and publish it through ErrorContext."""
+        message = redact(message, self.auth_client.signature)
+        if key in self._logged_once:
+            log.debug("%s", message)
+        else:
+            self._logged_once.add(key)
+            log.warning("%s", message, exc_info=exc_info)
+        err = exc if isinstance(exc, SDKError) else MessageChannelError(message)
+        if not getattr(err, "agent_id", ""):
+            err.agent_id = self.agent_id
+        try:
+            ErrorContext.publish(err)
+        except Exception:  # publishing is best effort by contract
+            log.debug("ErrorContext.publish failed", exc_info=True)

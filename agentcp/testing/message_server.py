@@ -1,0 +1,659 @@
+"""The message server of :class:`~agentcp.testing.FakeACPServer`: HTTP sign-in plus the session WebSocket.
+
+Mounted on the same host and port as the rest of the fake network (messaging.md §1.3-§1.4, §2)::
+
+    from agentcp.testing import FakeACPServer
+    from agentcp.testing.message_server import MessageServer
+
+    with FakeACPServer() as srv:
+        msg = MessageServer(srv).install()          # POST <base>/sign_in, WebSocket <base>/session
+        msg.url                                     # http://127.0.0.1:PORT/message (the AP config's message_server)
+        msg.drop_all()                              # fault controls: drop_all, refuse, stop_pongs, restart
+
+It relays between connected agents: ``create_session_req`` (-> ``create_session_ack``), ``invite_agent_req``
+(-> the invitee gets the UDP invite from the heartbeat server if it is heartbeat-online, else the server pushes
+``invite_agent_req`` on its WebSocket; -> ``invite_agent_ack``, 404 if the invitee is nowhere), ``join_session_req``,
+``leave_session_req``, ``close_session_req`` (-> ``system_message`` "Session dismissed" to the others),
+``eject_agent_req``, ``get_member_list`` (-> ``get_member_list_ack`` with ``member_list``), ``session_message``
+(-> delivered to every other member, then ``session_message_ack`` to the sender with ``message_id``), and
+``session_create_stream_req`` (-> ``session_create_stream_ack`` with push/pull URLs; the stream endpoints themselves
+are not served).
+
+Delivery guarantees (a model of a server that keeps session history): every session keeps a log of its messages.
+A member that is not connected gets nothing pushed; when it joins again, ``last_msg_id`` (the last message id it
+received in that session) makes the server replay everything after that message, and ``"0"`` replays what the
+server never pushed to it. So a client that re-joins after a reconnect loses nothing, even messages that were in
+a socket buffer when the connection died.
+
+A ``join_session_req`` for a session the server forgot (after :meth:`MessageServer.restart`) that presents the
+session's identifying code re-creates it, as a server that keeps sessions in a database would.
+
+The WebSocket side is a small RFC 6455 server written here (no dependency), so ``python -m agentcp devserver``
+works without the test extras.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import logging
+import queue
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from ._http import HttpRequest
+
+logger = logging.getLogger("agentcp.testing.msg")
+
+__all__ = ["MessageServer", "PREFIX"]
+
+PREFIX = "/message"
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_FRAME = 16 << 20
+#: Messages kept per session for replay after a re-join.
+LOG_SIZE = 20000
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_STOP = object()
+
+
+def _ms() -> str:
+    return str(int(time.time() * 1000))
+
+
+def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
+    """One final WebSocket frame (server frames are unmasked; ``mask=True`` for tests acting as a client)."""
+    head = bytearray([0x80 | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head.append(bit | n)
+    elif n < 1 << 16:
+        head.append(bit | 126)
+        head += struct.pack(">H", n)
+    else:
+        head.append(bit | 127)
+        head += struct.pack(">Q", n)
+    if mask:
+        key = secrets.token_bytes(4)
+        head += key
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes(head) + payload
+
+
+class _Closed(Exception):
+    pass
+
+
+def _read_exact(rfile: Any, n: int) -> bytes:
+    data = rfile.read(n) if n else b""
+    if len(data) != n:
+        raise _Closed("connection closed")
+    return data
+
+
+def read_frame(rfile: Any) -> Tuple[bool, int, bytes]:
+    """``(fin, opcode, payload)`` of the next frame (unmasked)."""
+    b1, b2 = _read_exact(rfile, 2)
+    fin, opcode = bool(b1 & 0x80), b1 & 0x0F
+    masked, n = bool(b2 & 0x80), b2 & 0x7F
+    if n == 126:
+        n = struct.unpack(">H", _read_exact(rfile, 2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", _read_exact(rfile, 8))[0]
+    if n > _MAX_FRAME:
+        raise _Closed(f"frame of {n} bytes is too large")
+    key = _read_exact(rfile, 4) if masked else b""
+    payload = _read_exact(rfile, n)
+    if masked:
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 64 else _unmask(payload, key)
+    return fin, opcode, payload
+
+
+def _unmask(payload: bytes, key: bytes) -> bytes:
+    # XOR with an int of the whole repeated key: much faster than a per-byte loop for big frames.
+    n = len(payload)
+    repeated = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
+
+
+class _Conn:
+    """One agent's WebSocket: the reader is the HTTP connection thread; a writer thread drains ``out``."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, agent_id: str, sock: socket.socket) -> None:
+        self.id = next(self._ids)
+        self.agent_id = agent_id
+        self.sock = sock
+        self.out: "queue.Queue[object]" = queue.Queue()
+        self.alive = True
+        self.opened = time.monotonic()
+        self.writer = threading.Thread(target=self._write_loop, name=f"fakeacp-ws-writer-{self.id}", daemon=True)
+
+    def send_json(self, cmd: str, data: Dict[str, Any]) -> None:
+        self.send_frame(OP_TEXT, json.dumps({"cmd": cmd, "data": data}).encode("utf-8"))
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        if self.alive:
+            self.out.put(encode_frame(opcode, payload))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self.out.get()
+            if item is _STOP:
+                return
+            try:
+                self.sock.sendall(item)  # type: ignore[arg-type]
+            except OSError:
+                self.alive = False
+                self.abort()
+                return
+
+    def abort(self) -> None:
+        """Cut the connection (no close frame): both directions fail at once, as when a network drops."""
+        self.alive = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self.alive = False
+        self.out.put(_STOP)
+        if self.writer.is_alive() and self.writer is not threading.current_thread():
+            self.writer.join(2.0)
+
+
+@dataclass
+class _Entry:
+    seq: int
+    message_id: str
+    sender: str
+    recipients: Tuple[str, ...]
+    data: Dict[str, Any]
+
+
+@dataclass
+class _Session:
+    session_id: str
+    owner: str
+    identifying_code: str
+    name: str = ""
+    subject: str = ""
+    type: str = "public"
+    members: Dict[str, str] = field(default_factory=dict)  # aid -> role ("owner" / "member")
+    log: Deque[_Entry] = field(default_factory=lambda: deque(maxlen=LOG_SIZE))
+    pushed_upto: Dict[str, int] = field(default_factory=dict)  # aid -> last log seq pushed to a live connection
+
+
+class MessageServer:
+    """The fake message server; call :meth:`install` to mount it on a :class:`FakeACPServer`."""
+
+    def __init__(self, server: Any, *, prefix: str = PREFIX, accept_any_issuer: bool = False,
+                 server_auth: Optional[str] = None) -> None:
+        from .access_point import AccessPoint
+
+        self.server = server
+        self.prefix = "/" + prefix.strip("/")
+        # Sign-in is the access point's two-step flow with its own token table (never the heartbeat session's).
+        self._auth = AccessPoint(server, server_auth=server_auth, accept_any_issuer=accept_any_issuer)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._conns: Dict[str, _Conn] = {}
+        self._all_conns: Set[_Conn] = set()
+        self._sessions: Dict[str, _Session] = {}
+        self._known: Set[str] = set()
+        self._session_ids = itertools.count(int(time.time() * 1000) * 1000)
+        self._seq = itertools.count(1)
+        self._refuse = False
+        self._no_pongs = False
+        #: Counters for tests.
+        self.counters: Dict[str, int] = {
+            "handshakes": 0, "rejected": 0, "refused": 0, "connections": 0, "frames_in": 0, "messages": 0,
+            "delivered": 0, "replayed": 0, "pings": 0, "pongs_withheld": 0, "invites_udp": 0, "invites_ws": 0,
+            "drops": 0, "joins": 0,
+        }
+        #: Every command received, as ``(agent_id, cmd, data)`` (most recent 10000).
+        self.received: Deque[Tuple[str, str, Dict[str, Any]]] = deque(maxlen=10000)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    @property
+    def url(self) -> str:
+        """The message server base URL (what the access point config announces as ``message_server``)."""
+        return self.server.heartbeat_url + self.prefix
+
+    def install(self) -> "MessageServer":
+        """Mount ``POST <prefix>/sign_in``, ``POST <prefix>/sign_out`` and the WebSocket ``<prefix>/session``."""
+        self.server.add_route("POST", f"{self.prefix}/sign_in", self._auth.handle_sign_in)
+        self.server.add_route("POST", f"{self.prefix}/sign_out", self._auth.handle_sign_out)
+        self.server._http.add_upgrade(f"{self.prefix}/session", self._handle_upgrade)
+        return self
+
+    # ------------------------------------------------------------------------------------------------ fault controls
+    def drop_all(self) -> int:
+        """Cut every WebSocket connection at once (no close frame); returns how many were cut."""
+        with self._lock:
+            conns = list(self._all_conns)
+            self.counters["drops"] += 1
+        for conn in conns:
+            conn.abort()
+        logger.info("message server: dropped %d connection(s)", len(conns))
+        return len(conns)
+
+    def refuse(self, refuse: bool = True) -> None:
+        """``True``: answer new WebSocket handshakes with 503 (open connections stay)."""
+        with self._lock:
+            self._refuse = bool(refuse)
+
+    def stop_pongs(self, stop: bool = True) -> None:
+        """``True``: ignore pings (connections look half-open: nothing comes back unless a message is relayed)."""
+        with self._lock:
+            self._no_pongs = bool(stop)
+
+    def restart(self) -> None:
+        """Forget every session, token and connection (connections are cut; old tokens get 401 at handshake)."""
+        with self._lock:
+            self._sessions.clear()
+        self._auth.expire_tokens()
+        self.drop_all()
+        logger.info("message server restarted")
+
+    # ------------------------------------------------------------------------------------------------ views
+    def connected_agents(self) -> List[str]:
+        with self._lock:
+            return sorted(self._conns)
+
+    def is_connected(self, agent_id: str) -> bool:
+        with self._lock:
+            return agent_id in self._conns
+
+    def members(self, session_id: str) -> Dict[str, str]:
+        """``{aid: role}`` of a session (empty if unknown)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            return dict(session.members) if session else {}
+
+    def sessions(self) -> List[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def messages(self, session_id: str) -> List[Dict[str, Any]]:
+        """The ``data`` of every message logged in ``session_id`` (oldest first)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            return [dict(e.data) for e in session.log] if session else []
+
+    def commands(self, cmd: Optional[str] = None, agent_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        with self._lock:
+            return [d for (a, c, d) in self.received if (cmd is None or c == cmd)
+                    and (agent_id is None or a == agent_id)]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Block until ``predicate()`` (evaluated under the server lock) is truthy; return it. ``TimeoutError``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"condition not met within {timeout} s")
+                self._cond.wait(left)
+
+    def wait_connected(self, agent_id: str, timeout: float = 5.0) -> None:
+        self.wait_for(lambda: agent_id in self._conns, timeout)
+
+    def push(self, agent_id: str, cmd: str, data: Dict[str, Any]) -> bool:
+        """Send an arbitrary frame to ``agent_id`` (False if it is not connected)."""
+        with self._lock:
+            conn = self._conns.get(agent_id)
+        if conn is None:
+            return False
+        conn.send_json(cmd, data)
+        return True
+
+    # ------------------------------------------------------------------------------------------------ WebSocket
+    def _handle_upgrade(self, request: HttpRequest, sock: socket.socket, rfile: Any) -> None:
+        agent_id = (request.query.get("agent_id") or [""])[0]
+        token = (request.query.get("signature") or [""])[0]
+        key = request.header("sec-websocket-key") or ""
+        with self._lock:
+            refuse = self._refuse
+        if refuse:
+            with self._lock:
+                self.counters["refused"] += 1
+            self._http_reply(sock, 503, "message server refuses connections (fault control)")
+            return
+        try:
+            owner = self._auth._authorised({"signature": token})
+        except Exception:  # HttpError 401: unknown or expired token
+            owner = None
+        if owner is None or owner != agent_id:
+            with self._lock:
+                self.counters["rejected"] += 1
+            self._http_reply(sock, 401, "unknown or expired signature")
+            return
+        if not key or (request.header("sec-websocket-version") or "13") != "13":
+            self._http_reply(sock, 400, "bad WebSocket handshake")
+            return
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+        try:
+            sock.settimeout(None)  # idle WebSockets are normal; close()/drop_all() unblock the read
+            sock.sendall((
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            ).encode("ascii"))
+        except OSError:
+            return
+        conn = _Conn(agent_id, sock)
+        conn.writer.start()
+        with self._cond:
+            old = self._conns.get(agent_id)
+            self._conns[agent_id] = conn
+            self._all_conns.add(conn)
+            self._known.add(agent_id)
+            self.counters["handshakes"] += 1
+            self.counters["connections"] += 1
+            self._cond.notify_all()
+        if old is not None:
+            old.abort()  # one connection per agent: the newer one wins
+        logger.debug("message server: %s connected (conn %d)", agent_id, conn.id)
+        try:
+            self._serve(conn, rfile)
+        finally:
+            with self._cond:
+                self._all_conns.discard(conn)
+                if self._conns.get(agent_id) is conn:
+                    del self._conns[agent_id]
+                self._cond.notify_all()
+            conn.finish()
+            logger.debug("message server: %s disconnected (conn %d)", agent_id, conn.id)
+
+    @staticmethod
+    def _http_reply(sock: socket.socket, status: int, text: str) -> None:
+        body = json.dumps({"error": text}).encode("utf-8")
+        reason = {400: "Bad Request", 401: "Unauthorized", 503: "Service Unavailable"}.get(status, "Error")
+        try:
+            sock.sendall((f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body)
+        except OSError:
+            pass
+
+    def _serve(self, conn: _Conn, rfile: Any) -> None:
+        fragments: List[bytes] = []
+        while conn.alive:
+            try:
+                fin, opcode, payload = read_frame(rfile)
+            except (_Closed, OSError, ValueError):
+                return
+            if opcode == OP_PING:
+                with self._lock:
+                    self.counters["pings"] += 1
+                    withhold = self._no_pongs
+                    if withhold:
+                        self.counters["pongs_withheld"] += 1
+                if not withhold:
+                    conn.send_frame(OP_PONG, payload)
+                continue
+            if opcode == OP_PONG:
+                continue
+            if opcode == OP_CLOSE:
+                conn.send_frame(OP_CLOSE, payload[:2])
+                return
+            if opcode in (OP_TEXT, OP_BINARY):
+                fragments = [payload]
+            elif opcode == OP_CONT:
+                fragments.append(payload)
+            else:
+                return  # unknown opcode: protocol error, drop the connection
+            if not fin:
+                continue
+            data, fragments = b"".join(fragments), []
+            if opcode == OP_BINARY:
+                continue
+            try:
+                frame = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                logger.debug("message server: non-JSON frame from %s ignored", conn.agent_id)
+                continue
+            if isinstance(frame, dict) and isinstance(frame.get("cmd"), str) and isinstance(frame.get("data"), dict):
+                try:
+                    self._on_command(conn, frame["cmd"], frame["data"])
+                except Exception:  # a bad command must not kill the connection thread
+                    logger.exception("message server: command %s from %s failed", frame.get("cmd"), conn.agent_id)
+
+    # ------------------------------------------------------------------------------------------------ commands
+    def _on_command(self, conn: _Conn, cmd: str, data: Dict[str, Any]) -> None:
+        with self._cond:
+            self.counters["frames_in"] += 1
+            self.received.append((conn.agent_id, cmd, dict(data)))
+            self._cond.notify_all()
+        handler = {
+            "create_session_req": self._create_session,
+            "invite_agent_req": self._invite,
+            "join_session_req": self._join,
+            "leave_session_req": self._leave,
+            "close_session_req": self._close,
+            "eject_agent_req": self._eject,
+            "get_member_list": self._member_list,
+            "session_message": self._message,
+            "session_create_stream_req": self._create_stream,
+        }.get(cmd)
+        if handler is None:
+            logger.debug("message server: unknown cmd %r from %s ignored", cmd, conn.agent_id)
+            return
+        handler(conn, data)
+
+    def _create_session(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(next(self._session_ids))
+        code = secrets.token_hex(16)
+        session = _Session(session_id, conn.agent_id, code, str(data.get("group_name", "")),
+                           str(data.get("subject", "")), str(data.get("type", "public") or "public"))
+        session.members[conn.agent_id] = "owner"
+        with self._cond:
+            self._sessions[session_id] = session
+            self._cond.notify_all()
+        conn.send_json("create_session_ack", {"request_id": data.get("request_id", ""), "session_id": session_id,
+                                              "identifying_code": code, "status_code": 200, "message": "success"})
+
+    def _invite(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        acceptor = str(data.get("acceptor_id", ""))
+        code = str(data.get("invite_code", ""))
+        ack = {"request_id": data.get("request_id", ""), "session_id": session_id, "acceptor_id": acceptor}
+        with self._lock:
+            session = self._sessions.get(session_id)
+            allowed = session is not None and (code == session.identifying_code or conn.agent_id in session.members)
+            if allowed and session is not None:
+                code = session.identifying_code
+                # A member from now on: messages sent before it joins wait for it (quick_send sends at once).
+                session.members.setdefault(acceptor, "member")
+            target = self._conns.get(acceptor)
+        if not allowed:
+            conn.send_json("invite_agent_ack", dict(ack, status_code=403, message="not allowed to invite"))
+            return
+        delivered = False
+        online = getattr(self.server, "is_online", None)
+        if online is not None and online(acceptor):
+            try:
+                self.server.send_invite(acceptor, conn.agent_id, session_id, invite_code=code, message_server=self.url)
+                delivered = True
+                with self._lock:
+                    self.counters["invites_udp"] += 1
+            except (LookupError, OSError, RuntimeError):
+                delivered = False
+        if not delivered and target is not None:
+            target.send_json("invite_agent_req", {"session_id": session_id, "inviter_id": conn.agent_id,
+                                                  "invite_code": code, "acceptor_id": acceptor,
+                                                  "message_server": self.url})
+            delivered = True
+            with self._lock:
+                self.counters["invites_ws"] += 1
+        if delivered:
+            conn.send_json("invite_agent_ack", dict(ack, status_code=200, message="ok"))
+        else:
+            conn.send_json("invite_agent_ack", dict(ack, status_code=404, message="invitee is not online"))
+
+    def _join(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        code = str(data.get("invite_code", ""))
+        inviter = str(data.get("inviter_agent_id", ""))
+        last = str(data.get("last_msg_id", "0") or "0")
+        with self._cond:
+            session = self._sessions.get(session_id)
+            if session is None:
+                if not code:
+                    logger.debug("message server: %s joins unknown session %s without a code", conn.agent_id,
+                                 session_id)
+                    return
+                owner = conn.agent_id if not inviter else inviter
+                session = _Session(session_id, owner, code)
+                session.members[owner] = "owner"
+                self._sessions[session_id] = session
+            elif code != session.identifying_code and conn.agent_id not in session.members:
+                logger.debug("message server: %s presented a wrong code for %s", conn.agent_id, session_id)
+                return
+            session.members.setdefault(conn.agent_id, "owner" if conn.agent_id == session.owner else "member")
+            self.counters["joins"] += 1
+            replay = self._replay_entries(session, conn.agent_id, last)
+            if replay:
+                session.pushed_upto[conn.agent_id] = replay[-1].seq
+                self.counters["replayed"] += len(replay)
+            self._cond.notify_all()
+        for entry in replay:
+            conn.send_json("session_message", entry.data)
+
+    @staticmethod
+    def _replay_entries(session: _Session, aid: str, last: str) -> List[_Entry]:
+        mine = [e for e in session.log if aid in e.recipients]
+        start = None
+        if last and last != "0":
+            for index in range(len(mine) - 1, -1, -1):
+                if mine[index].message_id == last:
+                    start = index + 1
+                    break
+        if start is None:
+            upto = session.pushed_upto.get(aid, 0)
+            return [e for e in mine if e.seq > upto]
+        return mine[start:]
+
+    def _leave(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        with self._cond:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.members.pop(conn.agent_id, None)
+                if not session.members:
+                    del self._sessions[session_id]
+            self._cond.notify_all()
+
+    def _close(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        with self._cond:
+            session = self._sessions.get(session_id)
+            if session is None or str(data.get("identifying_code", "")) != session.identifying_code:
+                return
+            del self._sessions[session_id]
+            others = [self._conns.get(a) for a in session.members if a != conn.agent_id]
+            self._cond.notify_all()
+        for other in others:
+            if other is not None:
+                other.send_json("system_message", {"session_id": session_id, "event_type": "Session dismissed",
+                                                   "timestamp": _ms()})
+
+    def _eject(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        target = str(data.get("eject_agent_id", ""))
+        with self._cond:
+            session = self._sessions.get(session_id)
+            if session is None or str(data.get("identifying_code", "")) != session.identifying_code:
+                return
+            if target == session.owner:
+                return
+            session.members.pop(target, None)
+            other = self._conns.get(target)
+            self._cond.notify_all()
+        if other is not None:
+            other.send_json("system_message", {"session_id": session_id, "event_type": "Session dismissed",
+                                               "timestamp": _ms()})
+
+    def _member_list(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        with self._lock:
+            session = self._sessions.get(session_id)
+            members = [{"agent_id": aid, "role": role, "online": aid in self._conns}
+                       for aid, role in (session.members.items() if session else [])]
+        conn.send_json("get_member_list_ack", {"request_id": data.get("request_id", ""), "session_id": session_id,
+                                               "status_code": 200 if session else 404, "member_list": members})
+
+    def _message(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        message_id = str(data.get("message_id", "") or "")
+        ack: Dict[str, Any] = {"session_id": session_id, "message_id": message_id, "request_id": message_id}
+        with self._cond:
+            session = self._sessions.get(session_id)
+            if session is None or conn.agent_id not in session.members:
+                status = 404 if session is None else 403
+                text = "no such session" if session is None else "not a member of the session"
+                self._cond.notify_all()
+                conn.send_json("session_message_ack", dict(ack, status_code=status, message=text,
+                                                           offline_receivers=[]))
+                return
+            if not message_id:
+                message_id = str(next(self._seq))
+                ack["message_id"] = ack["request_id"] = message_id
+            out = dict(data)
+            out["message_id"] = message_id
+            out["sender"] = conn.agent_id
+            out.setdefault("request_id", "")
+            out.setdefault("ref_msg_id", "")
+            out.setdefault("receiver", "")
+            out.setdefault("timestamp", _ms())
+            named = [a for a in str(out.get("receiver", "")).replace(",", ";").split(";") if a]
+            unknown = [a for a in named if a not in session.members and a not in self._known]
+            recipients = tuple(a for a in session.members if a != conn.agent_id)
+            entry = _Entry(next(self._seq), message_id, conn.agent_id, recipients, out)
+            session.log.append(entry)
+            targets = []
+            for aid in recipients:
+                target = self._conns.get(aid)
+                if target is not None:
+                    targets.append(target)
+                    session.pushed_upto[aid] = entry.seq
+            self.counters["messages"] += 1
+            self.counters["delivered"] += len(targets)
+            self._cond.notify_all()
+        for target in targets:
+            target.send_json("session_message", out)
+        if unknown:
+            conn.send_json("session_message_ack", dict(ack, status_code=404, message="receiver offline",
+                                                       offline_receivers=unknown))
+        else:
+            conn.send_json("session_message_ack", dict(ack, status_code=200, message="ok", offline_receivers=[]))
+
+    def _create_stream(self, conn: _Conn, data: Dict[str, Any]) -> None:
+        session_id = str(data.get("session_id", ""))
+        with self._lock:
+            known = session_id in self._sessions
+        request_id = data.get("request_id", "")
+        if not known:
+            conn.send_json("session_create_stream_ack", {"request_id": request_id, "session_id": session_id,
+                                                         "error": "no such session"})
+            return
+        message_id = str(next(self._seq))
+        base = self.server.heartbeat_url.replace("http", "ws", 1) + self.prefix
+        conn.send_json("session_create_stream_ack", {
+            "request_id": request_id, "session_id": session_id, "message_id": message_id,
+            "push_url": f"{base}/stream/push?session_id={session_id}&message_id={message_id}",
+            "pull_url": (f"{self.server.heartbeat_url}{self.prefix}/stream/pull?session_id={session_id}"
+                         f"&message_id={message_id}"),
+        })
