@@ -5,23 +5,8 @@ import os
 import threading
 from typing import List, Optional
 
-#: Built-in trust anchor: ``O=AgentUnion, CN=Root CA``, EC P-521, valid 2025-05-08 .. 2045-05-08
-#: (SHA-256 of the DER: 32b9d974cb7faf5c12e14eb21fe69977dc090cd6c3bf68de34ce487ea2924564).
-AGENTUNION_ROOT_CA_PEM = """-----BEGIN CERTIFICATE-----
-MIICJjCCAYigAwIBAgIQf2zjuigigLrW8Su0I+2AiTAKBggqhkjOPQQDBDAnMRMw
-EQYDVQQKEwpBZ2VudFVuaW9uMRAwDgYDVQQDEwdSb290IENBMB4XDTI1MDUwODA3
-MDE1OFoXDTQ1MDUwODA3MDE1OFowJzETMBEGA1UEChMKQWdlbnRVbmlvbjEQMA4G
-A1UEAxMHUm9vdCBDQTCBmzAQBgcqhkjOPQIBBgUrgQQAIwOBhgAEAUuDc4dMcjXI
-GVxem8HStonZlyfyqtujfpTz8WP4ZcMUCTlrvnxZRjzNarmzSc2Yx2COcK1VEuzP
-TcyQGE/Pw9i4AP9qGtX0j3dwLw+i2+TzEOmgoulm+t+fyjxhLsmqyWrIUdTv6T5C
-IYVkSnX1mM0UPVQYxZi/2Uuyw8FOcPzIq7eWo1MwUTAOBgNVHQ8BAf8EBAMCAf4w
-DwYDVR0lBAgwBgYEVR0lADAPBgNVHRMBAf8EBTADAQH/MB0GA1UdDgQWBBQhkljB
-FddnHb7Y0j6YEZ7wtYReNzAKBggqhkjOPQQDBAOBiwAwgYcCQWKjy52NZwqJZ1FN
-1n1BRPAIy6nFDTke+HbM/JFWGyFrNSx4ceVSurpa+Uy9TWmwNUuog82MHRDXnlYp
-e1KpOe6qAkIBGGII4Yfzoc5x+ZC0le7kyAYTJJl1XVLCdwECPRfzk/uZHonFA4tV
-nHMwnEqFoMdsj2GgOqoRqAw/miMQwo2T0hA=
------END CERTIFICATE-----
-"""
+# The built-in trust anchor (O=AgentUnion, CN=Root CA, EC P-521) lives with the server-authentication code.
+from agentcp.base.server_auth import AGENTUNION_ROOT_CA_PEM  # re-exported here, where 0.1.99 had it
 
 
 class CARoot:
