@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import queue
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -122,7 +124,16 @@ def test_echo_conversation_over_the_devserver(tmp_path):
 
         # history was written by both sides (0.1.99 wrote none)
         db = tmp_path / "alice" / "agentcp" / "AIDs" / "alice.agentunion.cn" / "private" / "data" / "agentid_data.db"
-        assert db.is_file()
+        conn = sqlite3.connect(str(db))
+        try:
+            rows = conn.execute("SELECT role, message_aid, content FROM messages ORDER BY id").fetchall()
+            owner = conn.execute("SELECT identifying_code FROM conversation").fetchall()
+        finally:
+            conn.close()
+        sent = [r for r in rows if r[0] == "user" and r[1] == "alice.agentunion.cn"]
+        echoed = {json.loads(r[2])[0]["content"] for r in rows if r[0] == "assistant"}
+        assert len(sent) >= 5 and {f"echo: message {i}" for i in range(1, 6)} <= echoed, rows
+        assert owner and owner[0][0], "the session's owner code was not kept"
 
         assert echo.stop(signal.SIGINT) == 0, echo.transcript()  # Ctrl-C
         assert "echo agent stopped" in "".join(echo.out)
