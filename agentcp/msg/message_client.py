@@ -478,10 +478,8 @@ class MessageClient(IClient):
         """Lock held: log state changes and call ``on_state_change``."""
         for old, new in self._machine.take_state_changes():
             log.info("message channel %s: %s -> %s", self.agent_id, old.value, new.value)
-            if new is ConnectionState.CONNECTED:
-                self._connected_event.set()
-            else:
-                self._connected_event.clear()
+            if new is not ConnectionState.CONNECTED:
+                self._connected_event.clear()  # set once the sessions are re-joined (see _do_connect)
             callback = self.on_state_change
             if callback is not None:
                 try:
@@ -611,6 +609,7 @@ class MessageClient(IClient):
         with self._lock:
             if self._conn is conn:
                 self._machine.opened()
+                self._connected_event.set()
         self._flush_outbox()
 
     def _do_ping(self, conn: Optional[_Conn]) -> None:
@@ -719,8 +718,10 @@ class MessageClient(IClient):
         elif cmd == "session_message":
             session_id, message_id = str(data.get("session_id") or ""), str(data.get("message_id") or "")
             if message_id:
+                # Keyed with the sender too: 0.1.99 ids are millisecond stamps, so two senders can collide.
+                key = (session_id, str(data.get("sender") or ""), message_id)
                 with self._lock:
-                    duplicate = self._machine.seen((session_id, message_id))
+                    duplicate = self._machine.seen(key)
                 if duplicate:
                     log.debug("message channel %s: duplicate message %s in %s dropped", self.agent_id, message_id,
                               session_id)

@@ -20,7 +20,7 @@ It relays between connected agents: ``create_session_req`` (-> ``create_session_
 are not served).
 
 Delivery guarantees (a model of a server that keeps session history): every session keeps a log of its messages.
-A member that is not connected gets nothing pushed; when it joins again, ``last_msg_id`` (the last message id it
+A member gets messages pushed only on a connection where it joined (or created) the session; when it joins again, ``last_msg_id`` (the last message id it
 received in that session) makes the server replay everything after that message, and ``"0"`` replays what the
 server never pushed to it. So a client that re-joins after a reconnect loses nothing, even messages that were in
 a socket buffer when the connection died.
@@ -135,6 +135,8 @@ class _Conn:
         self.sock = sock
         self.out: "queue.Queue[object]" = queue.Queue()
         self.alive = True
+        #: Sessions joined (or created) on this connection: only those get messages pushed.
+        self.joined: Set[str] = set()
         self.opened = time.monotonic()
         self.writer = threading.Thread(target=self._write_loop, name=f"fakeacp-ws-writer-{self.id}", daemon=True)
 
@@ -168,7 +170,7 @@ class _Conn:
     def finish(self) -> None:
         self.alive = False
         self.out.put(_STOP)
-        if self.writer.is_alive() and self.writer is not threading.current_thread():
+        if self.writer.ident is not None and self.writer.is_alive() and self.writer is not threading.current_thread():
             self.writer.join(2.0)
 
 
@@ -346,16 +348,8 @@ class MessageServer:
             self._http_reply(sock, 400, "bad WebSocket handshake")
             return
         accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
-        try:
-            sock.settimeout(None)  # idle WebSockets are normal; close()/drop_all() unblock the read
-            sock.sendall((
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
-            ).encode("ascii"))
-        except OSError:
-            return
         conn = _Conn(agent_id, sock)
-        conn.writer.start()
+        # Registered before the 101 goes out: once the client sees "connected", fault controls reach it.
         with self._cond:
             old = self._conns.get(agent_id)
             self._conns[agent_id] = conn
@@ -364,11 +358,25 @@ class MessageServer:
             self.counters["handshakes"] += 1
             self.counters["connections"] += 1
             self._cond.notify_all()
+        try:
+            sock.settimeout(None)  # idle WebSockets are normal; close()/drop_all() unblock the read
+            sock.sendall((
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            ).encode("ascii"))
+            ok = True
+        except OSError:
+            ok = False
+        if ok:
+            conn.writer.start()
+        else:
+            conn.alive = False
         if old is not None:
             old.abort()  # one connection per agent: the newer one wins
         logger.debug("message server: %s connected (conn %d)", agent_id, conn.id)
         try:
-            self._serve(conn, rfile)
+            if ok:
+                self._serve(conn, rfile)
         finally:
             with self._cond:
                 self._all_conns.discard(conn)
@@ -461,6 +469,7 @@ class MessageServer:
         session.members[conn.agent_id] = "owner"
         with self._cond:
             self._sessions[session_id] = session
+            conn.joined.add(session_id)
             self._cond.notify_all()
         conn.send_json("create_session_ack", {"request_id": data.get("request_id", ""), "session_id": session_id,
                                               "identifying_code": code, "status_code": 200, "message": "success"})
@@ -528,9 +537,11 @@ class MessageServer:
             if replay:
                 session.pushed_upto[conn.agent_id] = replay[-1].seq
                 self.counters["replayed"] += len(replay)
+            # Queued under the lock, before the connection counts as joined: live messages come after the replay.
+            for entry in replay:
+                conn.send_json("session_message", entry.data)
+            conn.joined.add(session_id)
             self._cond.notify_all()
-        for entry in replay:
-            conn.send_json("session_message", entry.data)
 
     @staticmethod
     def _replay_entries(session: _Session, aid: str, last: str) -> List[_Entry]:
@@ -626,14 +637,13 @@ class MessageServer:
             targets = []
             for aid in recipients:
                 target = self._conns.get(aid)
-                if target is not None:
+                if target is not None and session_id in target.joined:
                     targets.append(target)
                     session.pushed_upto[aid] = entry.seq
+                    target.send_json("session_message", out)  # under the lock: per-session order holds
             self.counters["messages"] += 1
             self.counters["delivered"] += len(targets)
             self._cond.notify_all()
-        for target in targets:
-            target.send_json("session_message", out)
         if unknown:
             conn.send_json("session_message_ack", dict(ack, status_code=404, message="receiver offline",
                                                        offline_receivers=unknown))
