@@ -385,6 +385,8 @@ class AgentID:
     RENEWAL_CHECK_INTERVAL: float = 600.0
     #: ``offline()`` waits at most this long for the connect thread (it is bounded by HTTP timeouts).
     JOIN_TIMEOUT: float = 30.0
+    #: How long ``online()`` additionally waits for the message-server connection (seconds).
+    MESSAGE_WAIT: float = 3.0
     #: Settings of the message-server connection (ping interval, outbox size, backoff, ...); None: defaults.
     MESSAGE_CONFIG: Optional[MessageClientConfig] = None
     #: Handler threads (messages of one session are handled in order, sessions concurrently).
@@ -507,6 +509,10 @@ class AgentID:
             hb = self.heartbeat_client
             if hb is not None and hasattr(hb, "wait_online"):
                 hb.wait_online(self.HEARTBEAT_WAIT)
+            sm = self.session_manager
+            client = sm.message_client_map.get(sm.server_url) if sm is not None else None
+            if client is not None:
+                client.wait_connected(self.MESSAGE_WAIT)  # ready to receive when online() returns
         except Exception as exc:  # never raises (0.1.99 contract)
             _log.exception("online() of %s failed unexpectedly", self.id)
             self._publish(SDKError(f"online() of {self.id} failed: {exc}"))

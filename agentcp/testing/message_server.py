@@ -217,6 +217,8 @@ class MessageServer:
         self._seq = itertools.count(1)
         self._refuse = False
         self._no_pongs = False
+        #: How invites reach the invitee: "auto" (UDP if heartbeat-online, else WebSocket), "udp" or "ws".
+        self.invite_via = "auto"
         #: Counters for tests.
         self.counters: Dict[str, int] = {
             "handshakes": 0, "rejected": 0, "refused": 0, "connections": 0, "frames_in": 0, "messages": 0,
@@ -492,7 +494,7 @@ class MessageServer:
             return
         delivered = False
         online = getattr(self.server, "is_online", None)
-        if online is not None and online(acceptor):
+        if self.invite_via != "ws" and online is not None and online(acceptor):
             try:
                 self.server.send_invite(acceptor, conn.agent_id, session_id, invite_code=code, message_server=self.url)
                 delivered = True
@@ -500,7 +502,7 @@ class MessageServer:
                     self.counters["invites_udp"] += 1
             except (LookupError, OSError, RuntimeError):
                 delivered = False
-        if not delivered and target is not None:
+        if not delivered and target is not None and self.invite_via != "udp":
             target.send_json("invite_agent_req", {"session_id": session_id, "inviter_id": conn.agent_id,
                                                   "invite_code": code, "acceptor_id": acceptor,
                                                   "message_server": self.url})
