@@ -279,3 +279,17 @@ def test_stop_fails_pending_sends_and_joins_threads(make_client, msg_server):
     assert ticket.status is SendStatus.FAILED and "stopped" in ticket.error
     assert _threads() <= before
     c.stop_websocket_client()  # idempotent
+
+
+def test_a_server_that_never_acks_stops_costing_an_ack_wait_per_send(make_client, msg_server):
+    from agentcp.msg.session_manager import Session
+
+    a, b = make_client("ann", ack_timeout=0.05), make_client("bob")
+    assert a.start_websocket_client() and b.start_websocket_client()
+    sid, _ = _session(a, b, msg_server)
+    msg_server._message = lambda conn, data: None  # an old server: relays nothing, acks nothing
+    session = Session(a.agent_id, a)
+    session.session_id = sid
+    results = [session.send_msg([{"type": "content", "content": str(i)}], b.agent_id) for i in range(5)]
+    assert [r.status.value for r in results] == ["sent"] * 5
+    assert a.stats()["ack_timeouts"] == a.ACK_PROBES and not a.acks_expected

@@ -283,7 +283,7 @@ class MessageClient(IClient):
         self._driver: Optional[threading.Thread] = None
         self._readers: List[threading.Thread] = []
         self._logged_once: set = set()
-        self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0}
+        self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0, "ack_timeouts": 0}
         self._lost_at: Optional[float] = None
         #: Seconds from each lost connection to the next successful handshake (the last 32).
         self.resume_times: List[float] = []
@@ -409,6 +409,24 @@ class MessageClient(IClient):
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Block until connected (True) or ``timeout`` passes (False)."""
         return self._connected_event.wait(timeout)
+
+    #: After this many ack waits that timed out without the server ever acking, stop waiting (a server that
+    #: does not ack must not make every send block for ``ack_timeout``).
+    ACK_PROBES: int = 3
+
+    @property
+    def acks_expected(self) -> bool:
+        """False once the server has let ``ACK_PROBES`` waits time out without ever acking a message."""
+        return self._machine.counters.acked > 0 or self._extra.get("ack_timeouts", 0) < self.ACK_PROBES
+
+    def note_ack_timeout(self) -> None:
+        """A sender waited ``ack_timeout`` for an ack in vain (counted; see :attr:`acks_expected`)."""
+        with self._lock:
+            self._extra["ack_timeouts"] = self._extra.get("ack_timeouts", 0) + 1
+            never = self._machine.counters.acked == 0 and self._extra["ack_timeouts"] == self.ACK_PROBES
+        if never:
+            log.warning("message server %s does not acknowledge messages; sends no longer wait for acks "
+                        "(results say 'sent')", self.server_url)
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:

@@ -204,9 +204,11 @@ class Session:
         }
         ticket = self.message_client.send({"cmd": "session_message", "data": data}, ack_key=message_id,
                                           message_id=message_id, session_id=self.session_id)
-        wait = self.message_client.config.ack_timeout if wait_ack is None else wait_ack
-        if ticket.status is SendStatus.SENT and wait > 0:
-            ticket.wait(wait)
+        client = self.message_client
+        wait = client.config.ack_timeout if wait_ack is None else wait_ack
+        if ticket.status is SendStatus.SENT and wait > 0 and client.acks_expected:
+            if not ticket.wait(wait) and ticket.status is SendStatus.SENT:
+                client.note_ack_timeout()
         return ticket.result()
 
     def on_open(self, ws: Any = None) -> None:
