@@ -39,6 +39,7 @@ from agentcp.ca.identity_store import (
     hash_seed_password,
     public_key_pem,
 )
+from agentcp.base.reporting import publish
 from agentcp.context import ErrorContext, exceptions
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
@@ -615,10 +616,7 @@ class AgentID:
             _log.debug("%s: %s -> %s", self.id, old, phase)
 
     def _publish(self, err: SDKError) -> None:
-        try:
-            ErrorContext.publish(err)
-        except Exception:
-            _log.debug("ErrorContext.publish failed", exc_info=True)
+        publish(err, self.id)
 
     def _run(self) -> None:
         stop = self._stop

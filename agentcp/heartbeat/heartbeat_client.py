@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
-from agentcp.context import ErrorContext
+from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
 from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
 from agentcp.heartbeat.reactor import HeartbeatReactor
@@ -163,7 +163,7 @@ class HeartbeatClient:
         self._callback_thread: Optional[threading.Thread] = None
         self._extra = {"malformed": 0, "foreign": 0, "unknown_type": 0, "invites": 0, "callback_errors": 0,
                        "internal_errors": 0}
-        self._logged_once: set = set()
+        self._report = FaultReporter(log, agent_id, HeartbeatError)
 
     # ------------------------------------------------------------------------------------------------------------
     # 0.1.99 API
@@ -178,7 +178,7 @@ class HeartbeatClient:
             self._do_sign_in()
             return True
         except AuthError as exc:
-            self._note_error("sign_in", f"heartbeat sign-in to {self.server_url} failed: {exc}", exc)
+            self._report.note("sign_in", f"heartbeat sign-in to {self.server_url} failed: {exc}", exc)
             return False
 
     def sign_out(self) -> None:
@@ -254,7 +254,7 @@ class HeartbeatClient:
         try:
             reply = self.auth_client.post_json("/query_online_state", {"agents": aids})
         except SDKError as exc:
-            self._note_error("online_status", f"query_online_state failed: {exc}", exc)
+            self._report.note("online_status", f"query_online_state failed: {exc}", exc)
             return []
         data = reply.get("data") if isinstance(reply, dict) else None
         return data if isinstance(data, list) else []
@@ -381,7 +381,7 @@ class HeartbeatClient:
             self._install_socket(self._make_socket(self._server_addr))
         except OSError as exc:
             self._machine.rebuild_failed(now, str(exc))
-            self._note_error("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
+            self._report.note("rebuild", f"cannot open a heartbeat socket for {self.agent_id}: {exc}", exc)
             return
         self._machine.socket_rebuilt(now)
 
@@ -394,11 +394,11 @@ class HeartbeatClient:
         if not self._reactor.in_reactor_thread():  # e.g. an invite reply from the callback thread
             self._reactor.call(lambda: self._reactor.set_timer(self, self._reactor_timer(self._clock())))
         if unreachable:
-            self._log_once("unreachable", logging.WARNING,
+            self._report.log_once("unreachable", logging.WARNING,
                            "heartbeat server %s:%s of %s is unreachable; signing in again",
                            self.server_ip, self.port, self.agent_id)
         else:
-            self._note_error("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket",
+            self._report.note("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket",
                              exc)
 
     def _handle_datagram(self, data: bytes, addr: Tuple[str, int], sock: socket.socket) -> None:
@@ -407,7 +407,7 @@ class HeartbeatClient:
         if expected is None or (addr[0], addr[1]) != expected:
             with self._lock:
                 self._extra["foreign"] += 1
-            self._log_once("foreign", logging.WARNING, "dropping datagram from %s:%s (not the heartbeat server)",
+            self._report.log_once("foreign", logging.WARNING, "dropping datagram from %s:%s (not the heartbeat server)",
                            addr[0], addr[1])
             return
         try:
@@ -433,7 +433,7 @@ class HeartbeatClient:
         except MalformedDatagram as exc:
             with self._lock:
                 self._extra["malformed"] += 1
-            self._log_once("malformed", logging.WARNING, "dropping malformed heartbeat datagram (%d bytes): %s "
+            self._report.log_once("malformed", logging.WARNING, "dropping malformed heartbeat datagram (%d bytes): %s "
                            "(further ones are only counted)", len(data), exc)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -498,7 +498,7 @@ class HeartbeatClient:
         """Any thread: somebody closed our socket under us. Heal on the reactor thread, at once."""
         if self._stop.is_set():
             return
-        self._log_once("foreign_close", logging.WARNING,
+        self._report.log_once("foreign_close", logging.WARNING,
                        "heartbeat socket of %s was closed by someone else; rebuilding", self.agent_id)
 
         def heal() -> None:
@@ -555,7 +555,7 @@ class HeartbeatClient:
                 )
             self._flush_state_changes()
         if error is not None:
-            self._note_error("reconnect", f"heartbeat sign-in for {self.agent_id} failed (will retry): {error}",
+            self._report.note("reconnect", f"heartbeat sign-in for {self.agent_id} failed (will retry): {error}",
                              error)
         self._reactor.set_timer(self, self._reactor_timer(now))
 
@@ -618,7 +618,7 @@ class HeartbeatClient:
             except Exception as exc:  # a user callback's bug must not kill the callback thread
                 with self._lock:
                     self._extra["callback_errors"] += 1
-                self._note_error("callback", f"heartbeat callback {getattr(fn, '__name__', fn)!r} raised: {exc!r}",
+                self._report.note("callback", f"heartbeat callback {getattr(fn, '__name__', fn)!r} raised: {exc!r}",
                                  exc, exc_info=True)
 
     def _stop_callback_thread(self, current: threading.Thread) -> None:
@@ -667,29 +667,6 @@ class HeartbeatClient:
         if self.on_event is not None:
             for event in events:
                 self._dispatch(self.on_event, event)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Reporting
-    # ------------------------------------------------------------------------------------------------------------
-    def _log_once(self, key: str, level: int, msg: str, *args: Any) -> None:
-        if key in self._logged_once:
-            log.debug(msg, *args)
-            return
-        self._logged_once.add(key)
-        log.log(level, msg, *args)
-
-    def _note_error(self, key: str, message: str, exc: BaseException, exc_info: bool = False) -> None:
-        """Log a fault once at WARNING (then at DEBUG) and publish it through ErrorContext."""
-        if key in self._logged_once:
-            log.debug("%s", message)
-        else:
-            self._logged_once.add(key)
-            log.warning("%s", message, exc_info=exc_info)
-        err = exc if isinstance(exc, SDKError) else HeartbeatError(message)
-        try:
-            ErrorContext.publish(err)
-        except Exception:  # publishing is best effort by contract; never raise into the I/O thread
-            log.debug("ErrorContext.publish failed", exc_info=True)
 
     def __repr__(self) -> str:
         return f"HeartbeatClient({self.agent_id!r}, state={self.state})"

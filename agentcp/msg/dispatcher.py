@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Set
 
-from agentcp.context import ErrorContext
+from agentcp.base.reporting import publish
 from agentcp.context.exceptions import SDKError
 
 log = logging.getLogger("agentcp.msg")
@@ -244,9 +244,4 @@ class Dispatcher:
             log.warning("%s (further errors of this handler are logged at DEBUG)", text, exc_info=exc)
         else:
             log.debug("%s", text, exc_info=exc)
-        err = HandlerError(text)
-        err.agent_id = self.agent_id
-        try:
-            ErrorContext.publish(err)
-        except Exception:  # publishing is best effort
-            log.debug("ErrorContext.publish failed", exc_info=True)
+        publish(HandlerError(text), self.agent_id)

@@ -37,7 +37,7 @@ from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.client import IClient
 from agentcp.base.http import resolve_verify
-from agentcp.context import ErrorContext
+from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
 
@@ -282,7 +282,8 @@ class MessageClient(IClient):
         self._gen = 0
         self._driver: Optional[threading.Thread] = None
         self._readers: List[threading.Thread] = []
-        self._logged_once: set = set()
+        self._report = FaultReporter(log, agent_id, MessageChannelError,
+                                     redact=lambda text: redact(text, self.auth_client.signature))
         self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0, "ack_timeouts": 0}
         self._lost_at: Optional[float] = None
         #: Seconds from each lost connection to the next successful handshake (the last 32).
@@ -301,7 +302,7 @@ class MessageClient(IClient):
             self.auth_client.sign_in_once()
             return True
         except AuthError as exc:
-            self._note_error("sign_in", f"message server sign-in of {self.agent_id} to {self.server_url} "
+            self._report.note("sign_in", f"message server sign-in of {self.agent_id} to {self.server_url} "
                                         f"failed: {exc}", exc)
             return False
 
@@ -513,7 +514,7 @@ class MessageClient(IClient):
                 with self._lock:
                     self._extra["internal_errors"] = self._extra.get("internal_errors", 0) + 1
                     conn = self._conn
-                self._note_error("internal", f"unexpected error in the message driver of {self.agent_id}: "
+                self._report.note("internal", f"unexpected error in the message driver of {self.agent_id}: "
                                              f"{exc!r}; recovering", exc, exc_info=True)
                 if conn is not None:
                     self._connection_lost(conn, "internal error")
@@ -553,7 +554,7 @@ class MessageClient(IClient):
             with self._lock:
                 self._machine.sign_in_failed(self._clock(), str(exc), permanent=exc.permanent,
                                              retry_after=float(getattr(exc, "retry_after", 0.0) or 0.0))
-            self._note_error("sign_in", f"message server sign-in of {self.agent_id} failed (will retry): {exc}", exc)
+            self._report.note("sign_in", f"message server sign-in of {self.agent_id} failed (will retry): {exc}", exc)
             return
         with self._lock:
             self._machine.signed_in(self._clock())
@@ -576,7 +577,7 @@ class MessageClient(IClient):
                 self._machine.connect_failed(self._clock(), f"handshake rejected: HTTP {status}",
                                              auth_rejected=rejected)
             what = "token rejected; signing in again" if rejected else "retrying"
-            self._note_error(f"handshake_{status}", f"message server {self._redacted_url()} answered the "
+            self._report.note(f"handshake_{status}", f"message server {self._redacted_url()} answered the "
                                                     f"WebSocket handshake with HTTP {status} ({what})",
                              MessageChannelError(f"handshake rejected with HTTP {status}"))
             return
@@ -584,7 +585,7 @@ class MessageClient(IClient):
             text = redact(f"{type(exc).__name__}: {exc}", token)
             with self._lock:
                 self._machine.connect_failed(self._clock(), text)
-            self._note_error("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
+            self._report.note("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
                                         "retrying", MessageChannelError(f"connect failed: {text}"))
             return
         try:
@@ -611,8 +612,7 @@ class MessageClient(IClient):
             conn.reader.start()
             self._flush_state_changes()
         # A new outage deserves a new warning: forget the once-only keys of the connection faults.
-        self._logged_once = {k for k in self._logged_once if not k.startswith(("connect", "handshake", "sign_in",
-                                                                               "lost"))}
+        self._report.forget("connect", "handshake", "sign_in", "lost")
         log.info("message channel %s connected to %s", self.agent_id, self._redacted_url())
         handler = self.message_handler
         on_open = getattr(handler, "on_open", None)
@@ -623,7 +623,7 @@ class MessageClient(IClient):
                 self._connection_lost(conn, f"send failed: {type(exc).__name__}")
                 return
             except Exception as exc:  # a handler bug must not stop the channel
-                self._note_error("on_open", f"on_open of the message handler raised: {exc!r}", exc, exc_info=True)
+                self._report.note("on_open", f"on_open of the message handler raised: {exc!r}", exc, exc_info=True)
         with self._lock:
             if self._conn is conn:
                 self._machine.opened()
@@ -679,7 +679,7 @@ class MessageClient(IClient):
         conn.abort()
         if current and not self._stop.is_set():
             key = "lost_dead" if reason == "dead" else "lost"
-            self._note_error(key, f"message channel of {self.agent_id} lost its connection ({reason}); "
+            self._report.note(key, f"message channel of {self.agent_id} lost its connection ({reason}); "
                                   "reconnecting", MessageChannelError(f"connection lost: {reason}"))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -711,7 +711,7 @@ class MessageClient(IClient):
                     text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
                     self._on_text(conn, text)
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
-                    self._log_once("binary", logging.DEBUG, "message channel %s: binary frame ignored", self.agent_id)
+                    self._report.log_once("binary", logging.DEBUG, "message channel %s: binary frame ignored", self.agent_id)
         finally:
             self._connection_lost(conn, reason)
             try:
@@ -727,7 +727,7 @@ class MessageClient(IClient):
         if not isinstance(frame, dict) or "cmd" not in frame or not isinstance(frame.get("data"), dict):
             with self._lock:
                 self._extra["malformed"] += 1
-            self._log_once("malformed", logging.WARNING, "message channel %s: dropping a frame without cmd/data "
+            self._report.log_once("malformed", logging.WARNING, "message channel %s: dropping a frame without cmd/data "
                                                          "(further ones are only counted)", self.agent_id)
             return
         cmd, data = frame["cmd"], frame["data"]
@@ -756,7 +756,7 @@ class MessageClient(IClient):
         except Exception as exc:  # a handler bug must not kill the reader
             with self._lock:
                 self._extra["handler_errors"] += 1
-            self._note_error("handler", f"message handler of {self.agent_id} raised: {exc!r}", exc, exc_info=True)
+            self._report.note("handler", f"message handler of {self.agent_id} raised: {exc!r}", exc, exc_info=True)
 
     def _on_ack(self, data: Dict[str, Any]) -> None:
         key = data.get("message_id") or data.get("request_id")
@@ -789,28 +789,3 @@ class MessageClient(IClient):
             ticket._finish(SendStatus.FAILED, f"the message server refused the message: {code} "
                                               f"{data.get('message', '')}".strip())
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Internals: reporting
-    # ------------------------------------------------------------------------------------------------------------
-    def _log_once(self, key: str, level: int, msg: str, *args: Any) -> None:
-        if key in self._logged_once:
-            log.debug(msg, *args)
-            return
-        self._logged_once.add(key)
-        log.log(level, msg, *args)
-
-    def _note_error(self, key: str, message: str, exc: BaseException, exc_info: bool = False) -> None:
-        """Log a fault once at WARNING (then at DEBUG) and publish it through ErrorContext."""
-        message = redact(message, self.auth_client.signature)
-        if key in self._logged_once:
-            log.debug("%s", message)
-        else:
-            self._logged_once.add(key)
-            log.warning("%s", message, exc_info=exc_info)
-        err = exc if isinstance(exc, SDKError) else MessageChannelError(message)
-        if not getattr(err, "agent_id", ""):
-            err.agent_id = self.agent_id
-        try:
-            ErrorContext.publish(err)
-        except Exception:  # publishing is best effort by contract
-            log.debug("ErrorContext.publish failed", exc_info=True)
