@@ -43,6 +43,7 @@ from agentcp.base.reporting import publish
 from agentcp.context import ErrorContext, exceptions
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+from agentcp.history import HistoryMixin
 from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
 from agentcp.msg.dispatcher import Dispatcher, call_arity, is_coroutine_handler
 from agentcp.msg.message_client import MessageClientConfig, SendResult, SendStatus
@@ -372,7 +373,7 @@ class AgentCP(_AgentCP):
 # ==================================================================================================================
 
 
-class AgentID:
+class AgentID(HistoryMixin):
     """One agent identity. Obtained from ``AgentCP.load_aid``/``create_aid``/``get_guest_aid``."""
 
     #: How long ``online()`` waits for the first connection attempt before returning (seconds).
