@@ -445,6 +445,12 @@ class AgentID(HistoryMixin):
         self._dispatcher: Optional[Dispatcher] = None
         self._msg_counters: Dict[str, int] = {"history_errors": 0, "send_failures": 0, "received": 0}
         self._msg_logged: set = set()
+        # Sessions of the last SessionManager, re-joined by the next online() (offline() keeps them here).
+        self._remembered_sessions: Dict[str, Any] = {}
+        self._forgotten_sessions: set = set()
+        # Notified on every phase change and heartbeat state change: wait_online() sleeps on it (no polling).
+        # Innermost lock: it is taken with self._lock held, and never the other way round.
+        self._state_cond = threading.Condition(threading.Lock())
 
     def __str__(self) -> str:
         return self.id
@@ -526,13 +532,14 @@ class AgentID(HistoryMixin):
                 self._stop.set()
                 self._wake.set()
                 thread = self._conn_thread
+            self._attempted.set()  # an online() waiting for the first attempt returns now
             if thread is not None and thread is not threading.current_thread():
-                thread.join(self.JOIN_TIMEOUT)
-                if thread.is_alive():
-                    _log.warning("connect thread of %s still busy after %.0f s; it will exit on its own",
-                                 self.id, self.JOIN_TIMEOUT)
+                # The connect loop wakes on the stop at every wait; an HTTP call in flight ends within its timeout.
+                thread.join()
             with self._lock:
                 sm, self.session_manager = self.session_manager, None
+                if sm is not None:
+                    self._remember_sessions(sm)
                 dispatcher, self._dispatcher = self._dispatcher, None
                 hb, self.heartbeat_client = self.heartbeat_client, None
                 ap, self.ap_client = self.ap_client, None
@@ -595,32 +602,47 @@ class AgentID(HistoryMixin):
         return self.status()["state"]
 
     def wait_online(self, timeout: Optional[float] = None) -> bool:
-        """Block until the heartbeat is online (True) or ``timeout`` passes (False)."""
+        """Block until the heartbeat is online (True), ``timeout`` passes or ``offline()`` is called (False).
+
+        Before the first ``online()`` it waits for one (from another thread). Woken by phase and heartbeat state
+        changes, not by polling.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            hb = self.heartbeat_client
-            if hb is not None and self._phase == "started":
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if hb.wait_online(left if left is None else min(left, 0.5)):
-                    return True
-            elif self._stop.is_set() and self._phase == "offline":
-                return False
-            else:
-                self._stop.wait(0.05)
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+        with self._state_cond:
+            while True:
+                hb = self.heartbeat_client
+                if hb is not None and self._phase == "started":
+                    if hb.wait_online(0):  # the heartbeat sets its event before it reports the state change
+                        return True
+                elif self._stop.is_set() and self._phase == "offline":
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._state_cond.wait(left)
+
+    def _notify_state(self) -> None:
+        with self._state_cond:
+            self._state_cond.notify_all()
 
     # --- connect loop -------------------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
         old, self._phase = self._phase, phase
         if old != phase:
             _log.debug("%s: %s -> %s", self.id, old, phase)
+        self._notify_state()
 
     def _publish(self, err: SDKError) -> None:
         publish(err, self.id)
 
     def _run(self) -> None:
-        stop = self._stop
+        try:
+            self._connect_loop(self._stop)
+        finally:
+            self._attempted.set()  # also when stopped in a backoff wait: online() must not wait for a dead loop
+            self._notify_state()
+
+    def _connect_loop(self, stop: threading.Event) -> None:
         failures = 0
         while not stop.is_set():
             try:
@@ -702,6 +724,7 @@ class AgentID(HistoryMixin):
 
     def _on_heartbeat_state(self, old: str, new: str) -> None:
         _log.debug("%s heartbeat %s -> %s", self.id, old, new)
+        self._notify_state()
         callback = self.on_state_change
         if callback is not None:
             try:
@@ -952,21 +975,31 @@ class AgentID(HistoryMixin):
         if old is not None and old.server_url == message_server.rstrip("/"):
             return
         config = self.message_config or self.MESSAGE_CONFIG or MessageClientConfig()
-        sm = SessionManager(self.id, message_server, certs, self.seed_password, self.db_manager, config=config)
+        # The history restores ownership of sessions on demand (after a restart), so open it now.
+        sm = SessionManager(self.id, message_server, certs, self.seed_password, self._db(), config=config)
         sm.set_on_message_receive(self._on_incoming)
         sm.set_on_session_message_ack(self._on_message_ack)
         sm.set_on_invite_ack(self._on_invite_ack)
         sm.on_invite = self._on_ws_invite_joined
         if old is not None:  # a new message server (config changed): carry the sessions over
-            for sid, session in list(old.sessions.items()):
-                session.message_client = sm.message_client
-                sm.init_his_session(sid, session)
+            self._remember_sessions(old)
             old.stop()
+        # Sessions of the previous online() (or the old server) are re-joined when the new connection opens.
+        sm.forgotten.update(self._forgotten_sessions)
+        remembered, self._remembered_sessions = self._remembered_sessions, {}
+        if remembered:
+            sm.adopt_sessions(remembered.values())
         if self._dispatcher is None or self._dispatcher.stopped:
             self._dispatcher = Dispatcher(f"agentcp-handlers-{self.id}", self.HANDLER_WORKERS, self.HANDLER_TIMEOUT,
                                           agent_id=self.id)
         self.session_manager = sm
         sm.start()
+
+    def _remember_sessions(self, sm: SessionManager) -> None:
+        """Lock held: keep ``sm``'s sessions (and the ones it forgot) for the next SessionManager."""
+        with sm.lock:
+            self._remembered_sessions.update(sm.sessions)
+            self._forgotten_sessions = set(sm.forgotten)
 
     def _session_manager(self) -> Optional[SessionManager]:
         sm = self.session_manager
@@ -1183,9 +1216,15 @@ class AgentID(HistoryMixin):
             return []
 
     def close_session(self, session_id):
-        """Leave ``session_id`` and forget it (as 0.1.99); False if unknown."""
+        """Leave ``session_id`` and forget it (as 0.1.99); False if unknown. While offline it is only forgotten
+        (it is not re-joined at the next online())."""
         sm = self.session_manager
-        if sm is None or not sm.close_session(session_id):
+        if sm is None:
+            with self._lock:
+                known = self._remembered_sessions.pop(session_id, None) is not None
+                self._forgotten_sessions.add(session_id)
+            return None if known else False
+        if not sm.close_session(session_id):
             return False
         return None
 

@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from agentcp.msg.message_client import (
     MessageClient,
@@ -288,6 +288,9 @@ class SessionManager:
         self._last_id = 0
         self._id_lock = threading.Lock()
         self._stopped = False
+        #: Sessions this agent left, closed or saw dismissed: never restored from the history on demand. AgentID
+        #: hands the set on to the next SessionManager (offline/online).
+        self.forgotten: Set[str] = set()
 
     # -- clients ------------------------------------------------------------------------------------------------
     def _client(self, server_url: Optional[str] = None) -> MessageClient:
@@ -394,6 +397,68 @@ class SessionManager:
         with self.lock:
             self.sessions[session_id] = session
 
+    def adopt_sessions(self, sessions: Iterable[Session]) -> int:
+        """Take over sessions of a stopped SessionManager (offline then online, or a new message server).
+
+        Each is bound to this manager's client for its server and re-joined when that client connects (or at once,
+        if it already is); returns how many were adopted.
+        """
+        count = 0
+        # Held throughout: the client's on_open (which re-joins) needs this lock, so it sees every adopted session
+        # whether it connects before or after they are registered.
+        with self.lock:
+            for session in sessions:
+                if not session.session_id or session.session_id in self.sessions:
+                    continue
+                old_url = getattr(session.message_client, "server_url", "") or None
+                client = self._client(old_url)
+                session.message_client = client
+                session.manager = self
+                session.joined = False
+                self.sessions[session.session_id] = session
+                if client.wait_connected(0):
+                    session.on_open()  # on_open for this connection has run already: join through the client
+                count += 1
+        if count:
+            log.debug("%s carried %d session(s) over", self.agent_id, count)
+        return count
+
+    def restore_session(self, session_id: str) -> Optional[Session]:
+        """The session ``session_id``: the known one, else restored from the history (after a restart).
+
+        A session this agent created is stored with its ``identifying_code``; it comes back owned and is re-joined
+        with that code (so it can invite, eject and dismiss again, and receives in it). None if unknown, stored
+        without a code (a joined session cannot be re-joined without its invite), or left/closed earlier.
+        (0.1.99 stubbed the history, so ownership was lost on restart.)
+        """
+        session = self.get(session_id)
+        if session is not None or not session_id:
+            return session
+        db = self.db_mananger
+        if db is None or session_id in self.forgotten or not hasattr(db, "load_session_history"):
+            return None
+        try:
+            rows = db.load_session_history(session_id)
+        except Exception as exc:  # noqa: BLE001 - the history must never break messaging
+            log.warning("%s: cannot read the history of session %s: %s", self.agent_id, session_id, exc)
+            return None
+        row = next((r for r in rows or [] if r.get("identifying_code")), None)
+        if row is None:
+            return None
+        session = Session(self.agent_id, self.message_client)
+        session.session_id = session_id
+        session.identifying_code = str(row["identifying_code"])
+        session.name = str(row.get("name") or "")
+        session.type = str(row.get("type") or "public")
+        session.members = [self.agent_id]
+        session.manager = self
+        with self.lock:
+            known = self.sessions.setdefault(session_id, session)
+        if known is session:  # this thread restored it: join once
+            session.on_open()
+            log.info("%s restored its session %s from the history (owner)", self.agent_id, session_id)
+        return known
+
     def join_session(self, req: Any) -> Session:
         """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join."""
         client = self._client(getattr(req, "MessageServer", "") or None)
@@ -403,6 +468,7 @@ class SessionManager:
         inviter = str(getattr(req, "InviterAgentId", ""))
         session.members = [a for a in (inviter, self.agent_id) if a]
         with self.lock:
+            self.forgotten.discard(session.session_id)  # invited again
             old = self.sessions.get(session.session_id)
             if old is not None:
                 session.last_msg_id = old.last_msg_id
@@ -419,13 +485,16 @@ class SessionManager:
     def leave_session(self, session_id: str) -> None:
         with self.lock:
             session = self.sessions.pop(session_id, None)
+            self.forgotten.add(session_id)
         if session is not None:
             session.leave()
 
     def close_session(self, session_id: str) -> bool:
         """0.1.99: ``leave_session_req`` and forget the session; False if unknown."""
+        self.restore_session(session_id)
         with self.lock:
             session = self.sessions.pop(session_id, None)
+            self.forgotten.add(session_id)
         if session is None:
             return False
         session.leave()
@@ -433,11 +502,13 @@ class SessionManager:
 
     def dismiss_session(self, session_id: str) -> bool:
         """The owner closes the session for everyone (``close_session_req``); False if unknown or not owner."""
+        self.restore_session(session_id)
         with self.lock:
             session = self.sessions.get(session_id)
             if session is None or not session.identifying_code:
                 return False
             self.sessions.pop(session_id, None)
+            self.forgotten.add(session_id)
         session.close_session()
         return True
 
@@ -445,6 +516,7 @@ class SessionManager:
         with self.lock:
             sessions = list(self.sessions.values())
             self.sessions.clear()
+            self.forgotten.update(s.session_id for s in sessions)
         for session in sessions:
             try:
                 session.leave()
@@ -452,7 +524,7 @@ class SessionManager:
                 log.warning("leaving %s failed: %s", session.session_id, exc)
 
     def invite_member(self, session_id: str, acceptor_aid: str) -> bool:
-        session = self.get(session_id)
+        session = self.restore_session(session_id)
         if session is None:
             log.error("invite_member: unknown session %s", session_id)
             return False
@@ -489,8 +561,9 @@ class SessionManager:
 
     def send_msg(self, session_id: str, msg: list, receiver: str, ref_msg_id: str = "", message_id: str = "",
                  agent_cmd_block: Any = None) -> Optional[SendResult]:
-        """Send into ``session_id`` (an unknown id is used as is, without joining, as 0.1.99 did)."""
-        session = self.get(session_id)
+        """Send into ``session_id``. An unknown id is restored from the history if this agent owns it, else
+        used as is, without joining, as 0.1.99 did."""
+        session = self.restore_session(session_id)
         if session is None:
             session = Session(self.agent_id, self.message_client)
             session.session_id = session_id
@@ -635,6 +708,7 @@ class SessionManager:
         if data.get("event_type") == "Session dismissed" and session_id:
             with self.lock:
                 session = self.sessions.pop(session_id, None)
+                self.forgotten.add(session_id)
             if session is not None:
                 log.info("session %s was dismissed by its owner", session_id)
         self._call(self.on_system_message, data)
