@@ -385,7 +385,8 @@ class AgentID(HistoryMixin):
     PERMANENT_BACKOFF: Backoff = PERMANENT_ERROR_BACKOFF
     #: How often a connected agent checks whether its certificate is due for renewal (seconds).
     RENEWAL_CHECK_INTERVAL: float = 600.0
-    #: ``offline()`` waits at most this long for the connect thread (it is bounded by HTTP timeouts).
+    #: ``offline()`` waits at most this long for running handlers to finish (the connect thread is always joined:
+    #: it wakes on the stop, and an HTTP call in flight ends within its timeout).
     JOIN_TIMEOUT: float = 30.0
     #: How long ``online()`` additionally waits for the message-server connection (seconds).
     MESSAGE_WAIT: float = 3.0
