@@ -236,22 +236,33 @@ class Session:
             return None, "session is not managed"
         return await manager.create_stream(self.session_id, to_aid_list, content_type, ref_msg_id)
 
-    def send_chunk_to_stream(self, stream_url: str, chunk: Any, type: str = "text/event-stream") -> bool:
+    def send_chunk_to_stream(self, stream_url: str, chunk: Any, type: str = "text/event-stream") -> Any:
+        """Queue one text chunk on the stream pushed at ``stream_url``: a ``SendResult``; False if unknown."""
         client = self.stream_client_map.get(stream_url)
         if client is None:
             return False
-        return bool(client.send_chunk_to_stream(chunk, type))
+        return client.send_chunk_to_stream(chunk, type)
 
-    def send_file_chunk_to_stream(self, stream_url: str, offset: int, chunk: bytes) -> bool:
+    def send_file_chunk_to_stream(self, stream_url: str, offset: int, chunk: bytes) -> Any:
+        """Queue one file chunk (waits while the window is full): a ``SendResult``; False if the URL is unknown."""
         client = self.stream_client_map.get(stream_url)
         if client is None:
             return False
-        return bool(client.send_chunk_to_file_stream(offset, chunk))
+        return client.send_chunk_to_file_stream(offset, chunk)
 
-    def close_stream(self, stream_url: str) -> None:
+    def close_stream(self, stream_url: str) -> bool:
+        """Close the stream and join its threads: True if the server confirmed every chunk; False if unknown."""
         client = self.stream_client_map.pop(stream_url, None)
-        if client is not None:
-            client.close_stream(stream_url)
+        if client is None:
+            return False
+        return bool(client.close_stream(stream_url))
+
+    def stop_streams(self) -> None:
+        """Stop every open stream at once (pending chunks are reported as failed) and join its threads."""
+        clients = list(self.stream_client_map.values())
+        self.stream_client_map.clear()
+        for client in clients:
+            client.stop_websocket_client()
 
 
 class SessionManager:
@@ -265,6 +276,8 @@ class SessionManager:
     CREATE_TIMEOUT: float = 10.0
     MEMBER_LIST_TIMEOUT: float = 5.0
     STREAM_TIMEOUT: float = 5.0
+    #: Settings of the stream push sockets (None: defaults).
+    stream_config: Any = None
 
     def __init__(self, agent_id: str, server_url: str, aid_path: str, seed_password: str, db_mananger: Any = None,
                  *, config: Optional[MessageClientConfig] = None) -> None:
@@ -322,6 +335,10 @@ class SessionManager:
             clients = list(self.message_client_map.values())
             waiters = list(self._waiters.values())
             self._waiters.clear()
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.stop_streams()
         for client in clients:
             client.stop_websocket_client()
         for waiter in waiters:
@@ -597,29 +614,45 @@ class SessionManager:
         push, pull = data.get("push_url"), data.get("pull_url")
         if not push or not pull or not data.get("message_id"):
             return None, str(data.get("error") or data.get("message") or "stream creation refused")
-        try:
-            from agentcp.msg.stream_client import StreamClient
-        except ImportError:
-            return str(push), str(pull)
-        client = StreamClient(self.agent_id, session_id, str(push), session.message_client.auth_client.signature)
+        from agentcp.msg.stream_client import StreamClient, StreamClientConfig
+
+        auth = session.message_client.auth_client
+        config = dataclasses.replace(self.stream_config) if self.stream_config is not None else StreamClientConfig()
+        if config.verify is None:
+            config.verify = getattr(auth, "verify", None)
+        client = StreamClient(self.agent_id, session_id, str(push), auth.signature, config=config,
+                              signature_provider=lambda: auth.signature)
         if not await loop.run_in_executor(None, client.start_websocket_client):
-            return None, "cannot connect to the stream push URL"
-        session.stream_client_map[str(push)] = client
+            # 0.1.99 retried once after 1 s; the client has been retrying with backoff meanwhile: give it that.
+            if client.failed is None:
+                await asyncio.sleep(1.0)
+            if not client.connected:
+                await loop.run_in_executor(None, client.stop_websocket_client)
+                return None, "cannot connect to the stream push URL"
+        with self.lock:
+            if self._stopped:
+                stopped = True
+            else:
+                stopped = False
+                session.stream_client_map[str(push)] = client
+        if stopped:
+            await loop.run_in_executor(None, client.stop_websocket_client)
+            return None, "the session manager was stopped (agent offline)"
         return str(push), str(pull)
 
     def close_stream(self, session_id: str, stream_url: str) -> bool:
+        """Close a stream: True if the server confirmed all of it; False for an unknown session or stream."""
         session = self.get(session_id)
         if session is None:
             return False
-        session.close_stream(stream_url)
-        return True
+        return session.close_stream(stream_url)
 
     def send_chunk_to_stream(self, session_id: str, stream_url: str, chunk: Any,
-                             type: str = "text/event-stream") -> bool:
+                             type: str = "text/event-stream") -> Any:
         session = self.get(session_id)
         return False if session is None else session.send_chunk_to_stream(stream_url, chunk, type)
 
-    def send_chunk_to_file_stream(self, session_id: str, stream_url: str, offset: int, chunk: bytes) -> bool:
+    def send_chunk_to_file_stream(self, session_id: str, stream_url: str, offset: int, chunk: bytes) -> Any:
         session = self.get(session_id)
         return False if session is None else session.send_file_chunk_to_stream(stream_url, offset, chunk)
 

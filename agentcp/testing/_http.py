@@ -15,7 +15,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from ._loop import IOLoop
 
@@ -77,6 +77,9 @@ class HttpResponse:
     body: Any = None
     headers: Dict[str, str] = field(default_factory=dict)
     content_type: Optional[str] = None
+    #: An iterable of ``bytes`` sent piece by piece as they come (no Content-Length; the connection closes at the
+    #: end, as HTTP/1.0 allows). Used for server-sent events. ``body`` is ignored when this is set.
+    stream: Optional[Iterable[bytes]] = None
 
     def encode(self) -> Tuple[bytes, str]:
         """Return ``(payload, content_type)``."""
@@ -137,6 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
     def _write(self, response: HttpResponse) -> None:
+        if response.stream is not None:
+            self._write_stream(response)
+            return
         payload, content_type = response.encode()
         self.send_response(response.status)
         self.send_header("Content-Type", content_type)
@@ -145,6 +151,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+    def _write_stream(self, response: HttpResponse) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type or "application/octet-stream")
+        self.send_header("Cache-Control", "no-cache")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            # Each piece must leave at once (an event stream is read as it is written).
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        pieces = iter(response.stream)  # type: ignore[arg-type]
+        try:
+            for piece in pieces:
+                self.wfile.write(piece)
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()  # a generator's cleanup runs even when the client went away
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
         logger.debug("http %s %s", self.address_string(), format % args)

@@ -16,8 +16,8 @@ It relays between connected agents: ``create_session_req`` (-> ``create_session_
 ``leave_session_req``, ``close_session_req`` (-> ``system_message`` "Session dismissed" to the others),
 ``eject_agent_req``, ``get_member_list`` (-> ``get_member_list_ack`` with ``member_list``), ``session_message``
 (-> delivered to every other member, then ``session_message_ack`` to the sender with ``message_id``), and
-``session_create_stream_req`` (-> ``session_create_stream_ack`` with push/pull URLs; the stream endpoints themselves
-are not served).
+``session_create_stream_req`` (-> ``session_create_stream_ack`` with push/pull URLs, served by
+:class:`~agentcp.testing.stream_server.StreamServer` as ``msg.streams``).
 
 Delivery guarantees (a model of a server that keeps session history): every session keeps a log of its messages.
 A member gets messages pushed only on a connection where it joined (or created) the session; when it joins again, ``last_msg_id`` (the last message id it
@@ -227,6 +227,10 @@ class MessageServer:
         }
         #: Every command received, as ``(agent_id, cmd, data)`` (most recent 10000).
         self.received: Deque[Tuple[str, str, Dict[str, Any]]] = deque(maxlen=10000)
+        from .stream_server import StreamServer
+
+        #: The stream endpoints (push WebSocket, text and file pull), mounted by :meth:`install`.
+        self.streams = StreamServer(self)
 
     # ------------------------------------------------------------------------------------------------ setup
     @property
@@ -239,6 +243,7 @@ class MessageServer:
         self.server.add_route("POST", f"{self.prefix}/sign_in", self._auth.handle_sign_in)
         self.server.add_route("POST", f"{self.prefix}/sign_out", self._auth.handle_sign_out)
         self.server._http.add_upgrade(f"{self.prefix}/session", self._handle_upgrade)
+        self.streams.install()
         return self
 
     # ------------------------------------------------------------------------------------------------ fault controls
@@ -664,10 +669,11 @@ class MessageServer:
                                                          "error": "no such session"})
             return
         message_id = str(next(self._seq))
-        base = self.server.heartbeat_url.replace("http", "ws", 1) + self.prefix
+        receivers = [a for a in str(data.get("receiver", "")).replace(";", ",").split(",") if a]
+        self.streams.register(session_id, message_id, conn.agent_id, receivers,
+                              str(data.get("content_type", "") or "text/event-stream"))
         conn.send_json("session_create_stream_ack", {
             "request_id": request_id, "session_id": session_id, "message_id": message_id,
-            "push_url": f"{base}/stream/push?session_id={session_id}&message_id={message_id}",
-            "pull_url": (f"{self.server.heartbeat_url}{self.prefix}/stream/pull?session_id={session_id}"
-                         f"&message_id={message_id}"),
+            "push_url": self.streams.push_url(session_id, message_id),
+            "pull_url": self.streams.pull_url(session_id, message_id),
         })

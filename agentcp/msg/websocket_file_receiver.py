@@ -1,0 +1,116 @@
+"""Receiving a file stream over WebSocket (messaging.md §4.5 "File pull"; 0.1.99 name, working).
+
+``download_file_via_websocket(wss_url, save_path)`` connects to the pull URL of a ``file/binary`` stream, writes
+every file chunk (binary frame, msg_type 5 / content_type 5) **at its offset** (so a chunk sent twice after a
+reconnect is harmless) and returns when the server sends ``close_file_stream_req``. 0.1.99's version wrote nothing
+(a local-variable error in its callback) and had no timeout. The file appears at ``save_path`` only when complete
+(it is written to ``save_path + ".part"`` and renamed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import time
+from typing import Any, Optional
+
+import websocket
+
+from agentcp.base.http import resolve_verify
+from agentcp.msg.wss_binary_message import (
+    CONTENT_TYPE_FILE,
+    MSG_TYPE_FILE,
+    MalformedFrame,
+    decode_wss_binary_buffer,
+    decode_wss_binary_message,
+)
+
+log = logging.getLogger("agentcp.msg")
+
+__all__ = ["download_file_via_websocket"]
+
+
+def download_file_via_websocket(wss_url: str, save_path: str, *, timeout: float = 600.0,
+                                idle_timeout: float = 30.0, verify: Any = None) -> bool:
+    """Download the file stream at ``wss_url`` into ``save_path``; True when the server closed the stream.
+
+    ``timeout`` bounds the whole download, ``idle_timeout`` the wait for each frame. On failure nothing is left at
+    ``save_path`` and False is returned (the reason is logged).
+    """
+    from agentcp.msg.stream_client import stream_ws_url
+
+    url = stream_ws_url(wss_url)
+    shown = url.split("?", 1)[0]
+    part = save_path + ".part"
+    deadline = time.monotonic() + timeout
+    sslopt = {}
+    checked = resolve_verify(verify)
+    if checked is False:
+        sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
+    elif isinstance(checked, str):
+        sslopt = {"ca_certs": checked}
+    ws: Optional[websocket.WebSocket] = None
+    done = False
+    received = 0
+    try:
+        ws = websocket.create_connection(url, timeout=min(idle_timeout, timeout), sslopt=sslopt,
+                                         suppress_origin=True)
+        with open(part, "wb") as fh:
+            while not done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"file stream not finished within {timeout:.0f} s")
+                ws.settimeout(min(idle_timeout, left))
+                opcode, data = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+                if opcode == websocket.ABNF.OPCODE_BINARY:
+                    try:
+                        frame = decode_wss_binary_buffer(data)
+                    except MalformedFrame as exc:
+                        log.warning("file stream %s: malformed binary frame ignored: %s", shown, exc)
+                        continue
+                    if frame.msg_type == MSG_TYPE_FILE and frame.content_type == CONTENT_TYPE_FILE:
+                        fh.seek(frame.reserved)
+                        fh.write(frame.payload)
+                        received += len(frame.payload)
+                        continue
+                    try:
+                        text = decode_wss_binary_message(data)
+                    except MalformedFrame:
+                        continue
+                elif opcode == websocket.ABNF.OPCODE_TEXT:
+                    text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
+                else:
+                    continue
+                done = _is_close(text)
+    except (websocket.WebSocketException, OSError, TimeoutError, ValueError) as exc:
+        log.warning("file stream %s into %s failed after %d bytes: %s: %s", shown, save_path, received,
+                    type(exc).__name__, exc)
+    finally:
+        if ws is not None:
+            try:
+                ws.close(timeout=1)
+            except (websocket.WebSocketException, OSError):
+                pass
+    if not done:
+        _remove(part)
+        return False
+    os.replace(part, save_path)
+    return True
+
+
+def _is_close(text: str) -> bool:
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(frame, dict) and frame.get("cmd") in ("close_file_stream_req", "close_stream_req")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
