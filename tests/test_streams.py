@@ -197,6 +197,25 @@ def test_drops_while_pushing_lose_nothing_and_keep_order(pair, network):
     assert stats["losses"] >= 1 and stats["failed"] == 0
 
 
+def test_half_open_push_socket_is_detected_and_its_chunks_resent(pair, network):
+    a, b, sid = pair
+    a.stream_config = stream_config(ping_interval=0.2, pong_timeout=0.2)
+    streams = network.messages.streams
+    push, _pull = asyncio.run(a.create_stream(sid, [b.id]))
+    client = a._stream_client(sid, push)
+    streams.stop_pongs(True)
+    started = time.monotonic()
+    for i in range(20):
+        assert a.send_chunk_to_stream(sid, push, f"c{i}")
+    _until(lambda: client.stats()["dead"] >= 1, what="dead connection detected")
+    assert time.monotonic() - started < 1.0  # a ping right after the writes, unanswered for pong_timeout
+    assert client.stats()["resent"] >= 20  # nothing was confirmed, so all of it goes out again
+    streams.stop_pongs(False)
+    assert a.close_stream(sid, push) is True
+    got = streams.streams()[-1].text_chunks()
+    assert list(dict.fromkeys(got)) == [f"c{i}" for i in range(20)]
+
+
 def test_unreachable_stream_server_fails_truthfully(pair, network):
     a, b, sid = pair
     a.stream_config = stream_config(give_up_after=1.0, close_timeout=5.0)

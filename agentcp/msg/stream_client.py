@@ -191,6 +191,7 @@ class StreamClient:
         self._started = False
         self._stop = False  # hard stop: the driver exits
         self._closing = False  # close_stream_req queued: finish once everything is confirmed
+        self._close_written = False  # close_stream_req written at least once (a later 410 then means "got it")
         self._finished = threading.Event()
         self._connected = threading.Event()
         self._failed_reason: Optional[str] = None
@@ -432,6 +433,17 @@ class StreamClient:
         self._finished.set()
         self._cond.notify_all()
 
+    def _confirm_all(self) -> None:
+        """Lock held: the server is known to have every pending frame; the stream ends cleanly."""
+        frames = list(self._inflight) + list(self._outbox)
+        self._inflight.clear()
+        self._outbox.clear()
+        for frame in frames:
+            self._release(frame)
+        self.counters["confirmed"] += len(frames)
+        self._finished.set()
+        self._cond.notify_all()
+
     def _closing_done(self) -> bool:
         return self._closing and not self._outbox and not self._inflight
 
@@ -539,7 +551,12 @@ class StreamClient:
             if status in (404, 410):
                 with self._cond:
                     self.counters["connect_failures"] += 1
-                    self._fail_pending(f"the stream server refused the stream (HTTP {status})")
+                    if status == 410 and self._close_written:
+                        # Gone after our close request went out: the server processed it, and frames are processed
+                        # in order, so everything before it arrived too (only the pong was lost with the socket).
+                        self._confirm_all()
+                    else:
+                        self._fail_pending(f"the stream server refused the stream (HTTP {status})")
                 return
             self._connect_failed(f"handshake rejected with HTTP {status}")
             return
@@ -603,6 +620,8 @@ class StreamClient:
             self.counters["written"] += 1
             self.counters["bytes_written"] += frame.size
             self._last_io = self._clock()
+            if frame.kind == "close":
+                self._close_written = True
 
     def _do_ping(self, conn: _Conn, seq: int) -> None:
         try:

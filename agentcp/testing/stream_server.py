@@ -14,7 +14,8 @@ it allocates (``session_create_stream_req``):
   ``{"cmd":"close_file_stream_req","data":{...}}`` for file streams (``{"cmd":"close_stream_req"}`` for text).
 
 A ``signature`` on a pull is checked when present. Fault controls: :meth:`StreamServer.drop_all` (cut every push
-socket) and :meth:`StreamServer.refuse` (answer new push handshakes with 503).
+socket), :meth:`StreamServer.refuse` (answer new push handshakes with 503) and :meth:`StreamServer.stop_pongs`
+(ignore pings: half-open push sockets).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class StreamServer:
         self._streams: "OrderedDict[Tuple[str, str], FakeStream]" = OrderedDict()
         self._push_socks: Set[socket.socket] = set()
         self._refuse = False
+        self._no_pongs = False
         self.counters: Dict[str, int] = {"streams": 0, "pushes": 0, "push_rejected": 0, "chunks": 0,
                                          "file_chunks": 0, "pulls": 0, "pull_rejected": 0, "closed": 0, "drops": 0}
 
@@ -136,6 +138,11 @@ class StreamServer:
             except OSError:
                 pass
         return len(socks)
+
+    def stop_pongs(self, stop: bool = True) -> None:
+        """``True``: ignore pings on push sockets (they look half-open: chunks arrive, nothing comes back)."""
+        with self._cond:
+            self._no_pongs = bool(stop)
 
     def refuse(self, refuse: bool = True) -> None:
         """``True``: answer new push handshakes with 503 (open ones stay)."""
@@ -231,7 +238,10 @@ class StreamServer:
                 except (_Closed, OSError, ValueError):
                     return
                 if opcode == OP_PING:
-                    send(OP_PONG, payload)  # in order: every frame before this ping is stored
+                    with self._cond:
+                        withhold = self._no_pongs
+                    if not withhold:
+                        send(OP_PONG, payload)  # in order: every frame before this ping is stored
                     continue
                 if opcode == OP_PONG:
                     continue
