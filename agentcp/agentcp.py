@@ -1516,8 +1516,11 @@ class AgentID(HistoryMixin):
             error = f"{type(exc).__name__}: {exc}"
         if done:
             return "".join(parts)
-        text = f"{self.id}: pulling the stream {shown} failed after {len(parts)} chunk(s): {error}"
-        _log.warning("%s", text.replace(auth.signature, "***") if auth is not None and auth.signature else text)
+        from agentcp.msg.message_client import redact
+
+        text = redact(f"{self.id}: pulling the stream {shown} failed after {len(parts)} chunk(s): {error}",
+                      auth.signature if auth is not None else None)
+        _log.warning("%s", text)
         err = StreamError(text)
         err.agent_id = self.id
         self._publish(err)

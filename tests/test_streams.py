@@ -297,3 +297,26 @@ def test_pull_parser_rules():
 def test_signed_push_url():
     assert signed_url("ws://h/p?x=1", "a.b.c", "s/g=") == "ws://h/p?x=1&agent_id=a.b.c&signature=s%2Fg%3D"
     assert signed_url("ws://h/p", "a.b.c", None) == "ws://h/p?agent_id=a.b.c"
+
+
+def test_offline_aborts_a_pull_in_progress_and_joins_the_handler(pair, network):
+    a, b, sid = pair
+    results = []
+    b.add_message_handler(lambda msg: results.append(b.fetch_stream_message(msg)))
+    push, pull = asyncio.run(a.create_stream(sid, [b.id]))
+    assert a.send_message(sid, [b.id], [{"type": "text/event-stream", "status": "loading", "timestamp": 1,
+                                         "content": pull}])
+    assert a.send_chunk_to_stream(sid, push, "partial")
+    network.messages.streams.wait_for(lambda: network.messages.streams.counters["pulls"] == 1)
+    started = time.monotonic()
+    b.offline()  # the stream never ends: offline must not wait for it
+    assert time.monotonic() - started < 3.0
+    assert results == [""]  # an unfinished stream is not passed off as complete
+    assert not [t for t in _stream_threads() if t.name.endswith(b.id)]
+
+
+def test_fetch_of_a_non_stream_or_unknown_stream_is_empty(pair, network):
+    a, b, sid = pair
+    assert b.fetch_stream_message({"message": json.dumps([{"type": "content", "content": "hi"}])}) == ""
+    unknown = network.messages.streams.pull_url(sid, "no-such-stream")
+    assert b.fetch_stream_message({"message": json.dumps([{"type": "text/event-stream", "content": unknown}])}) == ""

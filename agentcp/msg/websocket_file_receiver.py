@@ -18,6 +18,7 @@ from typing import Any, Optional
 import websocket
 
 from agentcp.base.http import resolve_verify
+from agentcp.msg.message_client import redact
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
     MSG_TYPE_FILE,
@@ -87,7 +88,7 @@ def download_file_via_websocket(wss_url: str, save_path: str, *, timeout: float 
                 done = _is_close(text)
     except (websocket.WebSocketException, OSError, TimeoutError, ValueError) as exc:
         log.warning("file stream %s into %s failed after %d bytes: %s: %s", shown, save_path, received,
-                    type(exc).__name__, exc)
+                    type(exc).__name__, redact(str(exc), None))
     finally:
         if ws is not None:
             try:

@@ -344,6 +344,7 @@ class StreamServer:
         assert stream is not None
         with self._cond:
             self.counters["pulls"] += 1
+            self._cond.notify_all()
 
         def events() -> Iterator[bytes]:
             for item in self._frames(stream):
@@ -370,6 +371,7 @@ class StreamServer:
             return
         with self._cond:
             self.counters["pulls"] += 1
+            self._cond.notify_all()
         try:
             for item in self._frames(stream):
                 if item is None:
