@@ -283,7 +283,7 @@ def test_offline_stops_open_streams_and_joins_their_threads(pair, network):
 
 
 def test_pull_parser_rules():
-    from agentcp.agentcp import _sse_line
+    from agentcp.agent_streams import _sse_line
 
     parts = []
     lines = [": keep-alive", "", "data: " + urllib.parse.quote_plus(json.dumps(_chunk("a b"))),

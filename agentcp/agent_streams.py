@@ -1,0 +1,397 @@
+"""AgentID's streams (api.md §3.6, messaging.md §4): ``send_stream_message`` and the stream calls it needs.
+
+A mixin of :class:`agentcp.agentcp.AgentID`, over :class:`agentcp.msg.stream_client.StreamClient`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, List
+
+from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
+from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
+from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
+from agentcp.msg.dispatcher import Dispatcher
+
+
+_log = logging.getLogger("agentcp.agent")
+
+
+class StreamsMixin:
+    """Stream methods of :class:`~agentcp.agentcp.AgentID`."""
+
+    # --- streams (messaging.md §4) ------------------------------------------------------------------------------
+    #: Settings of the stream push sockets (``StreamClientConfig``; None: defaults).
+    stream_config: Any = None
+    #: ``fetch_stream_message``: connect timeout, longest wait between two lines, overall deadline (seconds).
+    STREAM_PULL_TIMEOUTS = (5.0, 30.0, 600.0)
+
+    def _stream_work(self) -> "_StreamWork":
+        with self._lock:
+            work = self.__dict__.get("_stream_work_state")
+            if work is None:
+                work = self.__dict__["_stream_work_state"] = _StreamWork()
+        return work
+    def _stream_client(self, session_id: str, push_url: str):
+        sm = self.session_manager
+        session = sm.get(session_id) if sm is not None else None
+        return session.stream_client_map.get(push_url) if session is not None else None
+    async def create_stream(self, session_id, to_aid_list, content_type: str = "text/event-stream",
+                            ref_msg_id: str = ""):
+        """Allocate a stream and connect its push socket: ``(push_url, pull_url)`` or ``(None, reason)``.
+
+        Waits (without blocking the event loop) up to 5 s for the server's answer and up to 5 s for the socket.
+        """
+        sm = self._session_manager()
+        if sm is None:
+            return None, f"{self.id} is not online"
+        if self.stream_config is not None:
+            sm.stream_config = self.stream_config
+        try:
+            return await sm.create_stream(session_id, [str(a) for a in (to_aid_list or [])], content_type,
+                                          ref_msg_id or "")
+        except RuntimeError as exc:  # the session manager was stopped meanwhile (offline)
+            return None, str(exc)
+    def send_chunk_to_stream(self, session_id, stream_url, chunk, type="text/event-stream"):
+        """Queue one text chunk on an open stream: a ``SendResult`` (``queued`` or ``failed``); False if the
+        session or stream is unknown."""
+        sm = self.session_manager
+        if sm is None:
+            return False
+        return sm.send_chunk_to_stream(session_id, stream_url, chunk, type)
+    def send_chunk_to_file_stream(self, session_id, push_url, offset: int, chunk: bytes):
+        """Queue one file chunk (waits, bounded, while too much is unconfirmed): a ``SendResult``; a failed one
+        was NOT sent. False if the session or stream is unknown."""
+        sm = self.session_manager
+        if sm is None:
+            return False
+        return sm.send_chunk_to_file_stream(session_id, push_url, offset, chunk)
+    def close_stream(self, session_id, stream_url):
+        """Send ``close_stream_req`` after the queued chunks, wait (bounded) for the server to confirm, close the
+        socket and join its threads. True if every chunk was confirmed; False otherwise or if unknown."""
+        sm = self.session_manager
+        if sm is None:
+            return False
+        return sm.close_stream(session_id, stream_url)
+    def check_stream_url_exists(self, push_url):
+        """True if a stream pushed at ``push_url`` is open (0.1.99 looked in the wrong map: always False)."""
+        sm = self.session_manager
+        return bool(sm is not None and sm.check_stream_url_exists(push_url))
+    async def send_stream_message(self, session_id: str, to_aid_list: list, response, type="text/event-stream",
+                                  file_path: str = "", ref_msg_id: str = ""):
+        """Stream ``response`` (or the file ``file_path`` when ``type == "file/binary"``) to ``to_aid_list``.
+
+        Creates a stream, announces its pull URL in a ``session_message`` (block ``{"type": type, "status":
+        "loading", "content": pull_url}``, ``"extra"``: file info for files), pushes the chunks, closes the stream.
+        ``response``: an OpenAI-style stream, any iterable or async iterable of chunks (objects are sent as their
+        JSON, e.g. with ``.choices[0].delta.content``; strings as they are). Never blocks the event loop.
+
+        Returns True when the server confirmed every chunk; False if the announce could not be sent or chunks were
+        not confirmed (logged and published); None if the stream could not be created (the receivers then get an
+        ``error`` block with the reason); ``(False, "文件不存在")`` for a missing file. An exception raised by
+        ``response`` propagates after the stream was closed.
+        """
+        import functools
+
+        receivers = [str(a) for a in (to_aid_list or [])]
+        is_file = type == "file/binary"
+        if is_file and (not file_path or not os.path.isfile(file_path)):
+            return False, "文件不存在"
+        loop = asyncio.get_running_loop()
+        push_url, pull_url = await self.create_stream(session_id, receivers, type, ref_msg_id)
+        if push_url is None:
+            reason = str(pull_url or "stream creation failed")
+            _log.warning("%s: cannot create a stream in %s: %s", self.id, session_id, reason)
+            block = {"type": "error", "status": "success", "timestamp": int(time.time() * 1000), "content": reason}
+            await loop.run_in_executor(None, functools.partial(self.send_message, session_id, receivers, [block],
+                                                               ref_msg_id or ""))
+            return None
+        block = {"type": type, "status": "loading", "timestamp": int(time.time() * 1000), "content": pull_url}
+        if is_file:
+            block["extra"] = _file_info(file_path)
+        # ref_msg_id is carried on the announce too (0.1.99 dropped it), so the stream answers the right message.
+        announce = await loop.run_in_executor(None, functools.partial(self.send_message, session_id, receivers,
+                                                                      [block], ref_msg_id or ""))
+        if not announce:
+            await loop.run_in_executor(None, self.close_stream, session_id, push_url)
+            return False
+        pushed = False
+        try:
+            if is_file:
+                pushed = await loop.run_in_executor(None, self._push_file, session_id, push_url, file_path)
+            else:
+                pushed = await self._push_text(session_id, push_url, response)
+        finally:
+            closed = await loop.run_in_executor(None, self.close_stream, session_id, push_url)
+        return bool(pushed and closed)
+    async def _push_text(self, session_id: str, push_url: str, response) -> bool:
+        """Push every chunk of ``response``; False as soon as one is refused (the rest is not consumed)."""
+        if response is None:
+            return True
+
+        def push(chunk) -> bool:
+            if isinstance(chunk, (bytes, bytearray)):
+                chunk = bytes(chunk).decode("utf-8", "replace")
+            result = self.send_chunk_to_stream(session_id, push_url, chunk)
+            if not result:
+                _log.warning("%s: stream chunk refused (%s); not consuming the rest of the response", self.id,
+                             getattr(result, "error", "unknown stream"))
+                return False
+            return True
+
+        if isinstance(response, (str, bytes, bytearray)):
+            return push(response)
+        if hasattr(response, "__aiter__"):
+            async for chunk in response:
+                if not push(chunk):
+                    return False
+            return True
+        if isinstance(response, (list, tuple)):
+            return all(push(chunk) for chunk in response)
+        # A blocking iterator (an OpenAI Stream reads the network): each next() runs off the event loop.
+        loop = asyncio.get_running_loop()
+        iterator = iter(response)
+        end = object()
+        while True:
+            chunk = await loop.run_in_executor(None, next, iterator, end)
+            if chunk is end:
+                return True
+            if not push(chunk):
+                return False
+    def _push_file(self, session_id: str, push_url: str, file_path: str) -> bool:
+        """Worker thread: push the file in 16 KiB chunks, waiting for the window; False if the stream failed."""
+        from agentcp.msg.stream_client import FILE_CHUNK_SIZE
+
+        offset = 0
+        with open(file_path, "rb") as fh:
+            while True:
+                data = fh.read(FILE_CHUNK_SIZE)
+                if not data:
+                    return True
+                while True:
+                    result = self.send_chunk_to_file_stream(session_id, push_url, offset, data)
+                    if result:
+                        break
+                    client = self._stream_client(session_id, push_url)
+                    # No room yet (the server is slow or away): try again while the stream is alive.
+                    if client is None or client.failed is not None or not client.ws_is_running:
+                        _log.warning("%s: file stream of %s stopped at byte %d: %s", self.id, file_path, offset,
+                                     getattr(result, "error", "unknown stream"))
+                        return False
+                offset += len(data)
+    def fetch_stream_message(self, message_data: dict) -> str:
+        """Pull the text stream a ``text/event-stream`` announce points to: the concatenated
+        ``choices[0].delta.content`` of its chunks (raw text for chunks that are not such JSON).
+
+        Blocks until the stream ends (``event: done``), with an overall deadline (``STREAM_PULL_TIMEOUTS``).
+        Returns ``""`` for a message that is not a stream announce, and on errors (logged and published), and
+        when the agent goes offline meanwhile.
+        """
+        import requests
+
+        from agentcp.base.http import resolve_verify
+        from agentcp.msg.stream_client import StreamError, signed_url
+
+        if not isinstance(message_data, dict):
+            return ""
+        blocks = self.get_content_array_from_message(message_data)
+        first = blocks[0] if blocks and isinstance(blocks[0], dict) else {}
+        pull_url = first.get("content")
+        if first.get("type") != "text/event-stream" or not isinstance(pull_url, str) or not pull_url:
+            return ""
+        sm = self.session_manager
+        client = sm.message_client_map.get(sm.server_url) if sm is not None else None
+        auth = client.auth_client if client is not None else None
+        url = signed_url(pull_url, self.id, auth.signature if auth is not None else None)
+        shown = pull_url.split("?", 1)[0]
+        connect, between, overall = self.STREAM_PULL_TIMEOUTS
+        deadline = time.monotonic() + overall
+        work = self._stream_work()
+        parts: List[str] = []
+        done = False
+        error = ""
+        try:
+            with requests.get(url, stream=True, timeout=(connect, between), headers={"Accept": "text/event-stream"},
+                              verify=resolve_verify(auth.verify if auth is not None else None)) as resp:
+                with work.lock:
+                    work.responses.add(resp)
+                try:
+                    if resp.status_code != 200:
+                        error = f"HTTP {resp.status_code}"
+                    else:
+                        for raw in resp.iter_lines():
+                            if work.closing or time.monotonic() > deadline:
+                                error = "agent went offline" if work.closing else f"no end within {overall:.0f} s"
+                                break
+                            if _sse_line(raw.decode("utf-8", "replace"), parts):
+                                done = True
+                                break
+                        else:
+                            error = "the stream ended without 'event: done'"
+                finally:
+                    with work.lock:
+                        work.responses.discard(resp)
+        except (requests.RequestException, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if done:
+            return "".join(parts)
+        from agentcp.msg.message_client import redact
+
+        text = redact(f"{self.id}: pulling the stream {shown} failed after {len(parts)} chunk(s): {error}",
+                      auth.signature if auth is not None else None)
+        _log.warning("%s", text)
+        err = StreamError(text)
+        err.agent_id = self.id
+        self._publish(err)
+        return ""
+    def _on_stream_announce(self, data: dict, block: dict) -> None:
+        """Dispatcher worker: a stream announce runs its handlers on a thread of its own, as in 0.1.99 (they block
+        while pulling the stream), with a private event loop, tracked and joined by ``offline()``."""
+        if not block.get("content"):
+            _log.warning("%s: stream announce %s without a pull URL dropped", self.id, data.get("message_id"))
+            return
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.stopped:
+            return
+        calls = self._handler_calls(data)
+        if not calls:
+            return
+        work = self._stream_work()
+
+        def run() -> None:
+            try:
+                if not dispatcher.stopped:
+                    _run_stream_handlers(dispatcher, calls, self.HANDLER_TIMEOUT)
+            finally:
+                with work.lock:
+                    work.threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name=f"agentcp-stream-handler-{self.id}", daemon=True)
+        with work.lock:
+            work.threads.add(thread)
+        thread.start()
+    def _stop_stream_work(self, timeout: float) -> None:
+        """``offline()``: abort stream pulls in progress and join the stream handler threads (bounded)."""
+        work = self.__dict__.get("_stream_work_state")
+        if work is None:
+            return
+        with work.lock:
+            work.closing = True
+            responses = list(work.responses)
+            threads = list(work.threads)
+        for resp in responses:
+            _abort_response(resp)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    _log.warning("%s: a stream handler is still running after %.0f s", self.id, timeout)
+        with work.lock:
+            work.closing = False
+
+
+class _StreamWork:
+    """Stream handler threads and pulls in progress of one agent (so ``offline()`` can end and join them)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads: set = set()
+        self.responses: set = set()
+        self.closing = False
+def _sse_line(line: str, parts: List[str]) -> bool:
+    """Apply one line of a text pull (messaging.md §4.4) to ``parts``; True at ``event: done``."""
+    line = line.rstrip("\r")
+    if not line or line.startswith(":"):
+        return False
+    if line.startswith("event:"):
+        return line[len("event:"):].strip() == "done"
+    value = line[len("data:"):] if line.startswith("data:") else line
+    if value.startswith(" "):
+        value = value[1:]
+    import urllib.parse
+
+    text = urllib.parse.unquote_plus(value)
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        parts.append(text)
+        return False
+    if isinstance(obj, dict):
+        choices = obj.get("choices")
+        if isinstance(choices, list) and choices:
+            first = choices[0] if isinstance(choices[0], dict) else {}
+            delta = first.get("delta") if isinstance(first.get("delta"), dict) else {}
+            content = delta.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+        return False
+    parts.append(text)  # JSON but not an object: kept as written, quotes included (0.1.99)
+    return False
+def _run_stream_handlers(dispatcher: Dispatcher, calls: list, timeout: float) -> None:
+    """Run the handlers of a stream announce on this thread: sync ones directly, coroutines together on a
+    private event loop (bounded by ``timeout``); errors are reported like any handler error."""
+    coros = []
+    for handler, args in calls:
+        try:
+            result = handler(*args)
+        except Exception as exc:  # a handler's bug is reported, never retried
+            dispatcher._report(handler, exc)
+            continue
+        if asyncio.iscoroutine(result) or hasattr(result, "__await__"):
+            coros.append((handler, result))
+    if not coros:
+        return
+    loop = asyncio.new_event_loop()
+    try:
+        async def together():
+            return await asyncio.gather(*(c for _h, c in coros), return_exceptions=True)
+
+        try:
+            results = loop.run_until_complete(asyncio.wait_for(together(), timeout))
+        except asyncio.TimeoutError:
+            _log.warning("stream handler still running after %.0f s; cancelled", timeout)
+            return
+        for (handler, _coro), result in zip(coros, results):
+            if isinstance(result, Exception):
+                dispatcher._report(handler, result)
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+def _abort_response(resp) -> None:
+    """Wake a thread blocked reading ``resp`` (shutdown of its socket; closing alone would not wake it)."""
+    import socket as _socket
+
+    raw = getattr(resp, "raw", None)
+    for path in (("_connection", "sock"), ("_fp", "fp", "raw", "_sock")):
+        obj = raw
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "shutdown"):
+            try:
+                obj.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+def _file_info(path: str) -> Dict[str, Any]:
+    """``{"file_name", "file_size", "file_type", "exists", "error"}`` of ``path`` (never raises)."""
+    kinds = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".gif": "gif", ".pdf": "pdf", ".zip": "zip",
+             ".txt": "txt"}
+    info: Dict[str, Any] = {"file_name": os.path.basename(path), "file_size": 0, "file_type": "unknown",
+                            "exists": False, "error": ""}
+    try:
+        info["file_size"] = os.path.getsize(path)
+        info["exists"] = True
+        ext = os.path.splitext(path)[1].lower()
+        info["file_type"] = kinds.get(ext, "binary" if ext else "unknown")
+    except OSError as exc:
+        info["error"] = str(exc)
+    return info
