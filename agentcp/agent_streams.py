@@ -219,6 +219,9 @@ class StreamsMixin:
                               verify=resolve_verify(auth.verify if auth is not None else None)) as resp:
                 with work.lock:
                     work.responses.add(resp)
+                    closing = work.closing
+                if closing:  # offline() began while the request was in flight: it could not abort this one
+                    _abort_response(resp)
                 try:
                     if resp.status_code != 200:
                         error = f"HTTP {resp.status_code}"
