@@ -107,9 +107,7 @@ def run_fault(
     inject()
     healed_at = t0
     if heal is not None:
-        end = t0 + heal_after
-        while time.monotonic() < end:
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        time.sleep(max(0.0, t0 + heal_after - time.monotonic()))
         heal()
         healed_at = time.monotonic()
         result.extra["healed_at"] = healed_at - t0
