@@ -139,6 +139,7 @@ class MessagingMixin:
         config = self.message_config or self.MESSAGE_CONFIG or MessageClientConfig()
         # The history restores ownership of sessions on demand (after a restart), so open it now.
         sm = SessionManager(self.id, message_server, certs, self.seed_password, self._db(), config=config)
+        sm.confirm_handled = True  # a message dropped by offline() before its handler ran is asked for again
         sm.set_on_message_receive(self._on_incoming)
         sm.set_on_session_message_ack(self._on_message_ack)
         sm.set_on_invite_ack(self._on_invite_ack)
@@ -177,8 +178,20 @@ class MessagingMixin:
         """Reader thread: queue the message for its session (history, ping reply, handlers run there)."""
         with self._lock:
             self._msg_counters["received"] += 1
-        self._submit(str(data.get("session_id") or ""), lambda: self._handle_incoming(data))
-    def _handle_incoming(self, data: dict) -> None:
+        session_id = str(data.get("session_id") or "")
+        sm = self.session_manager
+        session = sm.get(session_id) if sm is not None else None
+        dispatcher = self._dispatcher
+        if dispatcher is None or not dispatcher.submit(session_id, lambda: self._handle_incoming(data, sm, session)):
+            # offline() is under way: not handled, so not confirmed; the next online()'s re-join asks for it again
+            with self._lock:
+                self._msg_counters["not_handled"] = self._msg_counters.get("not_handled", 0) + 1
+            _log.debug("%s: message %s in %s arrived while going offline; left for the re-join", self.id,
+                       data.get("message_id"), session_id)
+    def _handle_incoming(self, data: dict, sm=None, session=None) -> None:
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.stopped:
+            return  # dropped by offline(): not confirmed (see _on_incoming)
         self._history("save_message", dict(data))
         try:
             blocks = self.get_content_array_from_message(data)
@@ -188,18 +201,21 @@ class MessagingMixin:
         if first.get("type") == "ping":
             self.reply_message(data, {"type": "content", "status": "success", "timestamp": int(time.time() * 1000),
                                       "content": "ping_result"})
-            return
-        if first.get("type") == "text/event-stream":
+        elif first.get("type") == "text/event-stream":
             self._on_stream_announce(data, first)  # its handlers pull the stream: a thread of their own
+        elif not self._dispatch(data):
             return
-        self._dispatch(data)
-    def _dispatch(self, data: dict) -> None:
-        """0.1.99's first-match rule: session handler, else router handler, else every global handler."""
+        if sm is not None:
+            sm.handled(session, data)
+    def _dispatch(self, data: dict) -> bool:
+        """0.1.99's first-match rule: session handler, else router handler, else every global handler.
+        False if the dispatcher was stopped (nothing was called)."""
         dispatcher = self._dispatcher
         if dispatcher is None or dispatcher.stopped:
-            return
+            return False
         calls = self._handler_calls(data)
         self._dispatch_calls(dispatcher, calls, [(h, a) for h, a in calls if is_coroutine_handler(h)])
+        return True
     def _handler_calls(self, data: dict) -> list:
         """The handlers ``data`` goes to (first-match rule) with their arguments, by parameter count."""
         session_handler = self.message_handlers_session_map.get(str(data.get("session_id") or ""))

@@ -330,3 +330,29 @@ def test_offline_receiver_gives_a_synthetic_error_message(agents, network):
     block = json.loads(got[0]["message"])[0]
     assert block["type"] == "error" and "ghost.example.com" in block["content"]
     assert "message_id" not in got[0]
+
+
+def test_messages_received_but_not_handled_at_offline_come_again_after_online(agents, network):
+    """offline() drops queued handler work; those messages must not be lost: the re-join after the next online()
+    asks the server for everything after the last message actually handled."""
+    a, b, sid = _pair(agents, network)
+    handled = []
+    release = threading.Event()
+    first = threading.Event()
+
+    def slow(msg):
+        first.set()
+        release.wait(5)
+        handled.append(b.get_content_from_message(msg))
+
+    b.add_message_handler(slow)
+    for i in range(6):
+        assert a.send_message_content(sid, [b.id], str(i))
+    assert first.wait(5)
+    _until(lambda: b.status()["messaging"]["received"] == 6, what="all six read from the socket")
+    threading.Timer(0.2, release.set).start()
+    b.offline()
+    assert handled == ["0"]  # the other five were queued behind it and dropped by offline()
+    b.online()
+    _until(lambda: len(handled) == 6, what="the unhandled five after online()")
+    assert handled == [str(i) for i in range(6)]

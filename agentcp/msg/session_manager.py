@@ -101,7 +101,9 @@ class Session:
         self.name = ""
         self.subject = ""
         self.type = "public"
-        #: The last message id received in this session (sent as ``last_msg_id`` when re-joining).
+        #: The last message id received in this session (sent as ``last_msg_id`` when re-joining). With
+        #: ``SessionManager.confirm_handled`` it is the last one *handled*, so a re-join asks the server again for
+        #: messages that were read from the socket but never reached a handler (e.g. dropped by ``offline()``).
         self.last_msg_id = "0"
         #: Members this agent knows of (invited, seen sending, or from the last member list).
         self.members: List[str] = []
@@ -278,6 +280,9 @@ class SessionManager:
     STREAM_TIMEOUT: float = 5.0
     #: Settings of the stream push sockets (None: defaults).
     stream_config: Any = None
+    #: True: ``Session.last_msg_id`` advances only through :meth:`handled` (the consumer confirms each message it
+    #: handled), not when a message is read from the socket. AgentID sets it.
+    confirm_handled: bool = False
 
     def __init__(self, agent_id: str, server_url: str, aid_path: str, seed_password: str, db_mananger: Any = None,
                  *, config: Optional[MessageClientConfig] = None) -> None:
@@ -729,12 +734,17 @@ class SessionManager:
         with self.lock:
             session = self.sessions.get(session_id)
         if session is not None:
-            if data.get("message_id"):
+            if data.get("message_id") and not self.confirm_handled:
                 session.last_msg_id = str(data["message_id"])
             sender = data.get("sender")
             if isinstance(sender, str) and sender and sender not in session.members:
                 session.members.append(sender)
         self._call(self.on_message_receive, data)
+
+    def handled(self, session: Optional[Session], data: Dict[str, Any]) -> None:
+        """The consumer handled ``data`` (``confirm_handled``): the next re-join of ``session`` starts after it."""
+        if session is not None and data.get("message_id"):
+            session.last_msg_id = str(data["message_id"])
 
     def _on_system_message(self, data: Dict[str, Any]) -> None:
         session_id = str(data.get("session_id") or "")
