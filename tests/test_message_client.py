@@ -293,3 +293,23 @@ def test_a_server_that_never_acks_stops_costing_an_ack_wait_per_send(make_client
     results = [session.send_msg([{"type": "content", "content": str(i)}], b.agent_id) for i in range(5)]
     assert [r.status.value for r in results] == ["sent"] * 5
     assert a.stats()["ack_timeouts"] == a.ACK_PROBES and not a.acks_expected
+
+
+def test_a_frame_without_ack_whose_direct_write_fails_goes_out_after_the_reconnect(make_client, msg_server):
+    """A command (no ack expected) written straight to a connection that fails under it is queued again, not lost
+    with its ticket still saying 'queued'."""
+    c = make_client("ann")
+    assert c.start_websocket_client()
+    conn = c._conn
+    real_send = conn.send
+
+    def failing(text):
+        conn.send = real_send
+        raise OSError("broken pipe")
+
+    conn.send = failing
+    ticket = c.send({"cmd": "create_session_req", "data": {"request_id": "r1", "type": "public",
+                                                           "group_name": "g", "subject": "", "timestamp": "1"}})
+    assert ticket.status is not SendStatus.FAILED
+    c.recorder.wait(lambda: c.recorder.cmds("create_session_ack"))
+    assert ticket.status is SendStatus.SENT

@@ -468,9 +468,22 @@ class MessageClient(IClient):
                 if not ticket.done:
                     ticket.status = SendStatus.SENT
             except (websocket.WebSocketException, OSError) as exc:
-                # The item is in flight: the loss handling puts it back at the head of the outbox.
+                # An item expecting an ack is in flight: the loss handling puts it back at the head of the outbox.
+                self._requeue_unsent(item)
                 self._connection_lost(conn, f"send failed: {type(exc).__name__}")
         return ticket
+
+    def _requeue_unsent(self, item: OutItem) -> None:
+        """Writing ``item`` failed: one without an ack goes back to the head of the outbox (it is not in flight)."""
+        with self._lock:
+            if item.ack_key is not None:
+                return
+            if not self._machine.stopped:
+                self._machine.requeue_front(item)
+                return
+        ticket = item.token
+        if isinstance(ticket, Ticket) and not ticket.done:
+            ticket._finish(SendStatus.FAILED, "message client stopped before it was sent")
 
     # ------------------------------------------------------------------------------------------------------------
     # Internals: URLs and sockets
@@ -653,9 +666,7 @@ class MessageClient(IClient):
                 try:
                     conn.send(item.text)
                 except (websocket.WebSocketException, OSError) as exc:
-                    with self._lock:
-                        if item.ack_key is None:
-                            self._machine.requeue_front(item)
+                    self._requeue_unsent(item)
                     self._connection_lost(conn, f"send failed: {type(exc).__name__}")
                     return
                 ticket = item.token
