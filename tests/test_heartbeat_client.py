@@ -153,6 +153,29 @@ def test_offline_joins_every_thread_then_closes(server, client):
     client.offline()  # idempotent
 
 
+def test_offline_during_a_slow_sign_in_returns_at_once(server, tmp_path):
+    """offline() joined a sign-in worker blocked in HTTP until the server answered (15 s measured with a slow
+    server): the in-flight request must be aborted so that offline() stays fast and still joins every thread."""
+    c = make_client(server, tmp_path)
+    server.set_sign_in("slow", delay=20)
+    try:
+        c.online()
+        assert wait_until(lambda: any(t.name.startswith("agentcp-hb-signin") for t in threading.enumerate()))
+        time.sleep(0.3)  # the challenge request is now waiting for the server's answer
+    finally:
+        t0 = time.monotonic()
+        c.offline()
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"offline() took {elapsed:.1f} s"
+    assert hb_threads() == []
+    server.set_sign_in("ok")
+    c.online()  # the aborted client is still usable
+    try:
+        assert c.wait_online(5), c.stats()
+    finally:
+        c.offline()
+
+
 def test_online_again_after_offline(server, client):
     go_online(client)
     client.offline()

@@ -30,6 +30,7 @@ from .backoff import AUTH_BACKOFF, Backoff, Retrier
 from .credentials import AgentCredentials
 from .http import (
     DEFAULT_TIMEOUT,
+    AbortableSession,
     TLS_VERIFY_ENV,
     Timeout,
     VerifySetting,
@@ -113,7 +114,8 @@ class AuthClient:
         self._sleep = sleep
         self._rand = rand if rand is not None else random.random
         self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        self._abortable: Optional[AbortableSession] = AbortableSession() if session is None else None
+        self._session = session if session is not None else self._abortable.session  # type: ignore[union-attr]
         # Single-flight sign-in: one exchange at a time; a waiter may reuse a success that finished meanwhile.
         self._sign_in_lock = threading.Lock()
         self._generation = 0
@@ -157,6 +159,12 @@ class AuthClient:
 
     def _fetch_issuer(self, url: str) -> bytes:
         return fetch_issuer_http(url, timeout=self.timeout, verify=self.verify, session=self._session)
+
+    def abort(self) -> None:
+        """Make a request of this client that another thread is blocked in fail at once (e.g. a slow sign-in
+        during shutdown). Only for a session the client created; the client stays usable."""
+        if self._abortable is not None:
+            self._abortable.abort()
 
     def close(self) -> None:
         """Close the HTTP session if this client created it."""

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+import threading
 import time
+import weakref
 from email.utils import parsedate_to_datetime
 from typing import Any, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
@@ -24,6 +27,7 @@ __all__ = [
     "no_proxy_for",
     "user_agent",
     "read_limited",
+    "AbortableSession",
 ]
 
 #: (connect, read) seconds used for every request unless the caller configures otherwise.
@@ -145,3 +149,67 @@ def read_limited(response: Any, limit: int) -> bytes:
             raise ValueError(f"response body larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class AbortableSession:
+    """A :class:`requests.Session` whose requests in flight another thread can abort at once.
+
+    A thread blocked in ``session.post(...)`` waits up to the read timeout for the server; closing the session does
+    not wake it. :meth:`abort` shuts down the sockets of this session's connections, so a blocked request fails at
+    once with a connection error (a connection still being opened fails as soon as it is open). Idle pooled
+    connections are shut down too; later requests simply open new ones.
+    """
+
+    def __init__(self) -> None:
+        import requests
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        self._lock = threading.Lock()
+        self._conns: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._epoch = 0
+        owner = self
+
+        def tracked(base: Any) -> Any:
+            class Tracked(base):  # type: ignore[misc, valid-type]
+                def connect(self) -> None:
+                    epoch = owner._epoch
+                    super().connect()
+                    with owner._lock:
+                        owner._conns.add(self)
+                        aborted = owner._epoch != epoch
+                    if aborted:  # abort() ran while this connection was being opened
+                        owner._shutdown(self)
+
+            Tracked.__name__ = f"Abortable{base.__name__}"
+            return Tracked
+
+        class Pool(HTTPConnectionPool):
+            ConnectionCls = tracked(HTTPConnection)
+
+        class TLSPool(HTTPSConnectionPool):
+            ConnectionCls = tracked(HTTPSConnection)
+
+        self.session = requests.Session()
+        for prefix in ("http://", "https://"):
+            adapter = self.session.get_adapter(prefix)
+            manager = getattr(adapter, "poolmanager", None)
+            if manager is not None:
+                manager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+    @staticmethod
+    def _shutdown(conn: Any) -> None:
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass  # already closed or never connected: nothing is blocked on it
+
+    def abort(self) -> None:
+        """Make every request of this session that is in flight now fail at once."""
+        with self._lock:
+            self._epoch += 1
+            conns = list(self._conns)
+        for conn in conns:
+            self._shutdown(conn)

@@ -238,7 +238,11 @@ class HeartbeatClient:
         with self._lock:
             worker = self._worker
         if worker is not None and worker is not current:
-            worker.join()  # a sign-in in flight ends within the HTTP timeouts, and then changes nothing
+            if worker.is_alive():
+                abort = getattr(self.auth_client, "abort", None)
+                if abort is not None:
+                    abort()  # wake a sign-in blocked on a slow server; it then sees the stop flag and changes nothing
+            worker.join()
         self._stop_callback_thread(current)
         with self._lock:
             sock, self.udp_socket = self.udp_socket, None
