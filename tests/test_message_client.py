@@ -313,3 +313,18 @@ def test_a_frame_without_ack_whose_direct_write_fails_goes_out_after_the_reconne
     assert ticket.status is not SendStatus.FAILED
     c.recorder.wait(lambda: c.recorder.cmds("create_session_ack"))
     assert ticket.status is SendStatus.SENT
+
+
+def test_a_message_read_from_a_superseded_socket_is_not_marked_seen(make_client, msg_server):
+    """A frame the reader had in hand when its connection was dropped is not delivered; it must not count as seen
+    either, or the server's replay after the re-join would be dropped as a duplicate (lost silently)."""
+    c = make_client("ann")
+    assert c.start_websocket_client()
+    text = json.dumps({"cmd": "session_message", "data": {
+        "message_id": "m1", "session_id": "s1", "ref_msg_id": "", "sender": "bob.example.com",
+        "receiver": c.agent_id, "message": "%5B%5D", "timestamp": "1"}})
+    stale = object()  # a connection that is no longer the current one
+    c._on_text(stale, text)
+    assert c.recorder.cmds("session_message") == []
+    c._on_text(c._conn, text)  # the replay on the new connection
+    assert [d["message_id"] for d in c.recorder.cmds("session_message")] == ["m1"]

@@ -744,24 +744,25 @@ class MessageClient(IClient):
         cmd, data = frame["cmd"], frame["data"]
         if cmd == "session_message_ack":
             self._on_ack(data)
-        elif cmd == "session_message":
-            session_id, message_id = str(data.get("session_id") or ""), str(data.get("message_id") or "")
-            if message_id:
-                # Keyed with the sender too: 0.1.99 ids are millisecond stamps, so two senders can collide.
-                key = (session_id, str(data.get("sender") or ""), message_id)
-                with self._lock:
-                    duplicate = self._machine.seen(key)
-                if duplicate:
-                    log.debug("message channel %s: duplicate message %s in %s dropped", self.agent_id, message_id,
-                              session_id)
-                    return
         handler = self.message_handler
         on_message = getattr(handler, "on_message", None)
         if on_message is None:
             return
         with self._lock:
             if self._stop.is_set() or self._conn is not conn:
-                return  # stopped (or a superseded socket): no handler call starts after stop
+                # Stopped (no handler call starts after stop) or a superseded socket: not delivered, so not
+                # remembered as seen either (the server's replay after the re-join must get through).
+                return
+            duplicate = False
+            message_id = str(data.get("message_id") or "") if cmd == "session_message" else ""
+            if message_id:
+                # Keyed with the sender too: 0.1.99 ids are millisecond stamps, so two senders can collide.
+                duplicate = self._machine.seen((str(data.get("session_id") or ""), str(data.get("sender") or ""),
+                                                message_id))
+        if duplicate:
+            log.debug("message channel %s: duplicate message %s in %s dropped", self.agent_id, message_id,
+                      data.get("session_id"))
+            return
         try:
             on_message(conn, text)
         except Exception as exc:  # a handler bug must not kill the reader
