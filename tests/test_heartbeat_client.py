@@ -176,6 +176,56 @@ def test_offline_during_a_slow_sign_in_returns_at_once(server, tmp_path):
         c.offline()
 
 
+def test_offline_waits_for_the_reactor_thread_to_leave(server, client, monkeypatch):
+    """offline() of the last client returned while the reactor thread was still on its way out (it only joined
+    the thread if that had already exited), so a thread outlived offline() whenever the scheduler was slow."""
+    from agentcp.heartbeat.reactor import HeartbeatReactor
+
+    original = HeartbeatReactor._exit_if_idle
+
+    def slow_exit(self):
+        if not self.clients:
+            time.sleep(0.2)  # the reactor thread is descheduled between its last command and its exit
+        return original(self)
+
+    monkeypatch.setattr(HeartbeatReactor, "_exit_if_idle", slow_exit)
+    go_online(client)
+    client.offline()
+    assert hb_threads() == []
+
+
+def test_a_client_started_while_the_reactor_exits_keeps_its_timer(server, tmp_path):
+    """The exiting reactor thread cleared the timer table after a new thread had started: a client brought online
+    by another thread at that moment lost its first timer and never signed in or beat."""
+    from agentcp.heartbeat.reactor import HeartbeatReactor
+
+    class SlowClear(dict):
+        def clear(self):
+            time.sleep(0.3)
+            super().clear()
+
+    reactor = HeartbeatReactor(name="agentcp-hb-test-reactor")
+    reactor._timers = SlowClear()
+    a = make_client(server, tmp_path, reactor=reactor)
+    b = make_client(server, tmp_path, aid="bob.example.com", reactor=reactor)
+    try:
+        a.initialize()
+        b.initialize()
+        a.online()
+        assert a.wait_online(5)
+        stopping = threading.Thread(target=a.offline)
+        stopping.start()
+        assert wait_until(lambda: not reactor.running or not stopping.is_alive(), timeout=3)
+        b.online()
+        stopping.join(5)
+        assert b.wait_online(3), b.stats()
+        n = len(valid_beats(server, "bob.example.com"))
+        assert wait_until(lambda: len(valid_beats(server, "bob.example.com")) >= n + 2, timeout=3), b.stats()
+    finally:
+        a.offline()
+        b.offline()
+
+
 def test_online_again_after_offline(server, client):
     go_online(client)
     client.offline()

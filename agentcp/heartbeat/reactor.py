@@ -55,6 +55,8 @@ class HeartbeatReactor:
         self._clock = clock
         self._name = name
         self._lock = threading.Lock()
+        #: Notified when the thread leaves, a command is queued or a client is added (see :meth:`join_stopped`).
+        self._changed = threading.Condition(self._lock)
         self._commands: Deque[Tuple[Callable[[], Any], Optional[threading.Event], list]] = deque()
         self._thread: Optional[threading.Thread] = None
         self._stopped_threads: list = []
@@ -81,6 +83,7 @@ class HeartbeatReactor:
         box: list = []
         with self._lock:
             self._commands.append((fn, done, box))
+            self._changed.notify_all()
             if self._thread is None:
                 self._start_locked()
             else:
@@ -93,10 +96,17 @@ class HeartbeatReactor:
         return box[0] if box else None
 
     def join_stopped(self) -> None:
-        """Join reactor threads that have exited (the last client left): leaves no thread behind."""
-        with self._lock:
-            threads, self._stopped_threads = self._stopped_threads, []
+        """Join the reactor thread if no client is left: it leaves no thread behind.
+
+        The thread leaves right after running its last client's removal, so this waits for that unless another
+        client or command keeps it busy (then it is not idle and stays).
+        """
         current = threading.current_thread()
+        with self._lock:
+            while (self._thread is not None and self._thread is not current
+                   and not self.clients and not self._commands):
+                self._changed.wait()
+            threads, self._stopped_threads = self._stopped_threads, []
         for thread in threads:
             if thread is not current:
                 thread.join()
@@ -144,7 +154,9 @@ class HeartbeatReactor:
             self._timers[client] = at
 
     def add_client(self, client: Any) -> None:
-        self.clients.add(client)
+        with self._lock:
+            self.clients.add(client)
+            self._changed.notify_all()
 
     def remove_client(self, client: Any) -> None:
         self.clients.discard(client)
@@ -175,16 +187,18 @@ class HeartbeatReactor:
             if self.clients or self._commands:
                 return False
             # Last client gone: release everything; the next call() starts a fresh thread.
+            # Cleared under the lock: once it is released a new thread may start and set timers of its own.
+            self._timers.clear()
             self._stopped_threads.append(self._thread)
             self._thread = None
             selector, wake_r, wake_w = self._selector, self._wake_r, self._wake_w
             self._selector = self._wake_r = self._wake_w = None
+            self._changed.notify_all()
         if selector is not None:
             selector.close()
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
-        self._timers.clear()
         return True
 
     def _drain_wake(self) -> None:
