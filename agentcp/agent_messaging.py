@@ -164,6 +164,10 @@ class MessagingMixin:
             self._forgotten_sessions = set(sm.forgotten)
     def _session_manager(self) -> Optional[SessionManager]:
         sm = self.session_manager
+        if sm is None:
+            retiring = getattr(self, "_retiring_sm", None)
+            if retiring is not None:
+                return retiring  # offline() lets running handlers finish: their replies still go out
         if sm is None and not self._stop.is_set() and not self.is_online_success and self._phase == "offline":
             self.online()  # 0.1.99 went online on demand
             sm = self.session_manager

@@ -446,6 +446,8 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         self._msg_logged: set = set()
         # Sessions of the last SessionManager, re-joined by the next online() (offline() keeps them here).
         self._remembered_sessions: Dict[str, Any] = {}
+        #: The SessionManager offline() is stopping (running handlers may still reply through it).
+        self._retiring_sm: Any = None
         self._forgotten_sessions: set = set()
         # Notified on every phase change and heartbeat state change: wait_online() sleeps on it (no polling).
         # Innermost lock: it is taken with self._lock held, and never the other way round.
@@ -539,6 +541,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 sm, self.session_manager = self.session_manager, None
                 if sm is not None:
                     self._remember_sessions(sm)
+                self._retiring_sm = sm  # sends of handlers still running go out through it until it stops
                 dispatcher, self._dispatcher = self._dispatcher, None
                 hb, self.heartbeat_client = self.heartbeat_client, None
                 ap, self.ap_client = self.ap_client, None
@@ -552,6 +555,9 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             self._stop_stream_work(self.JOIN_TIMEOUT)  # stream handlers and pulls (their own threads)
             if sm is not None:
                 sm.stop()
+            with self._lock:
+                if self._retiring_sm is sm:
+                    self._retiring_sm = None
             if hb is not None:
                 hb.offline()
                 hb.sign_out()

@@ -356,3 +356,24 @@ def test_messages_received_but_not_handled_at_offline_come_again_after_online(ag
     b.online()
     _until(lambda: len(handled) == 6, what="the unhandled five after online()")
     assert handled == [str(i) for i in range(6)]
+
+
+def test_a_handler_running_when_offline_starts_can_still_reply(agents, network):
+    """offline() lets running handlers finish before it closes the connection: their replies go out."""
+    a, b, sid = _pair(agents, network)
+    replies, results = [], []
+    started = threading.Event()
+
+    def slow_echo(msg):
+        started.set()
+        time.sleep(0.3)
+        results.append(b.reply_message(msg, "late answer"))
+
+    b.add_message_handler(slow_echo)
+    a.add_message_handler(replies.append)
+    assert a.send_message_content(sid, [b.id], "question")
+    assert started.wait(5)
+    b.offline()
+    assert results and results[0], results
+    _until(lambda: replies, what="the reply")
+    assert a.get_content_from_message(replies[0]) == "late answer"
