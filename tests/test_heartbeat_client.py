@@ -248,6 +248,36 @@ def test_offline_from_a_callback(server, client):
     assert wait_until(lambda: hb_threads() == [], timeout=2)
 
 
+def test_offline_then_online_from_a_callback_keeps_delivering_callbacks(server, client):
+    """offline() from a callback left the stopping callback thread registered: the callbacks of the next online()
+    went to its queue behind the stop marker and were lost (no state change, no invite handled or answered)."""
+    changes = []
+    restarted = threading.Event()
+
+    def on_change(old, new):
+        changes.append(new)
+        if new == "online" and not restarted.is_set():
+            restarted.set()
+            client.offline()
+            client.online()
+
+    client.on_state_change = on_change
+    go_online(client)
+    assert restarted.wait(5)
+    assert wait_until(lambda: changes.count("online") >= 2, timeout=5), changes
+    assert changes.count("connecting") == 2, changes  # the restart's first transition is not lost
+    client.offline()
+    assert hb_threads() == []
+
+
+def test_rebuild_socket_while_offline_leaves_no_thread(server, client):
+    """_rebuild_socket() on an offline client started the reactor thread and left it unjoined."""
+    client.initialize()
+    client._rebuild_socket()
+    assert client.udp_socket is not None
+    assert hb_threads() == []
+
+
 def test_sign_in_down_then_back(server, tmp_path):
     """0.1.99 (D-S7, D-H2): one failed retry and the client was silently 'online' towards 127.0.0.1:0 forever."""
     server.set_sign_in("503")

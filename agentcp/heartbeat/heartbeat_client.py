@@ -161,6 +161,7 @@ class HeartbeatClient:
         self._worker: Optional[threading.Thread] = None
         self._callbacks: "queue.Queue[object]" = queue.Queue()
         self._callback_thread: Optional[threading.Thread] = None
+        self._retired_callback_threads: List[threading.Thread] = []
         self._extra = {"malformed": 0, "foreign": 0, "unknown_type": 0, "invites": 0, "callback_errors": 0,
                        "internal_errors": 0}
         self._report = FaultReporter(log, agent_id, HeartbeatError)
@@ -294,6 +295,7 @@ class HeartbeatClient:
     def _rebuild_socket(self) -> None:
         """Close the current socket and bind a fresh one aimed at the current server address."""
         self._reactor.call(lambda: self._install_socket(self._make_socket(self._server_addr)), wait=True)
+        self._reactor.join_stopped()  # called while offline, the call started a reactor thread that leaves at once
 
     # ------------------------------------------------------------------------------------------------------------
     # Reactor thread: everything below until "Sign-in worker" runs there
@@ -628,14 +630,19 @@ class HeartbeatClient:
     def _stop_callback_thread(self, current: threading.Thread) -> None:
         with self._lock:
             thread, q = self._callback_thread, self._callbacks
-        if thread is None:
-            return
-        q.put(_STOP)
-        if thread is not current:
-            thread.join()
-            with self._lock:
-                if self._callback_thread is thread:
-                    self._callback_thread = None
+            # Detached at once: if offline() runs in a callback that then calls online(), the new callbacks go to a
+            # new thread instead of behind the stop marker of this one.
+            self._callback_thread = None
+            retired, self._retired_callback_threads = self._retired_callback_threads, []
+        if thread is not None:
+            q.put(_STOP)
+            retired.append(thread)
+        for old in retired:
+            if old is current:
+                with self._lock:  # it ends when the callback that called offline() returns; joined next time
+                    self._retired_callback_threads.append(old)
+            else:
+                old.join()
 
     def _handle_invite(self, invite: InviteMessageReq) -> None:
         listener = self.on_recv_invite
