@@ -553,11 +553,13 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             if dispatcher is not None:
                 dispatcher.stop(self.JOIN_TIMEOUT)
             self._stop_stream_work(self.JOIN_TIMEOUT)  # stream handlers and pulls (their own threads)
-            if sm is not None:
-                sm.stop()
-            with self._lock:
-                if self._retiring_sm is sm:
-                    self._retiring_sm = None
+            try:
+                if sm is not None:
+                    sm.stop()
+            finally:
+                with self._lock:
+                    if self._retiring_sm is sm:
+                        self._retiring_sm = None
             if hb is not None:
                 hb.offline()
                 hb.sign_out()
