@@ -746,7 +746,11 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             _log.warning("%s: invite to session %s arrived while messaging is not running; ignored", self.id,
                          getattr(invite, "SessionId", "?"))
             return
-        session = sm.join_session(invite)
+        try:
+            session = sm.join_session(invite)
+        except RuntimeError as exc:  # offline() stopped the session manager while the invite was on its way
+            _log.info("%s: invite to session %s ignored: %s", self.id, getattr(invite, "SessionId", "?"), exc)
+            return
         self._history("create_session", self.id, session.session_id, "", "", "public")
 
     # --- access point -------------------------------------------------------------------------------------------
