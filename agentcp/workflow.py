@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 from collections import defaultdict
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from .mermaid import Mermaid, _split_inline
 

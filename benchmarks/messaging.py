@@ -172,7 +172,7 @@ def bench_round_trip(pair: Pair, table: Table, count: int) -> None:
             try:
                 _, got = pair.replies.get(timeout=5)
             except queue.Empty:
-                raise SystemExit(f"no echo for {text!r} within 5 s")
+                raise SystemExit(f"no echo for {text!r} within 5 s") from None
             if got == text:
                 break
         if i >= 20:  # warm-up excluded

@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Type, TypeVar
+from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ import re
 import sqlite3
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = ["DBManager", "DB_FILE_NAME", "SCHEMA_SQL"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Tuple, Type, TypeVar
+from typing import Tuple
 
 __all__ = [
     "MalformedDatagram",
@@ -38,9 +38,6 @@ NEXT_BEAT_REAUTH = 401
 
 _MAX_VARINT_BYTES = 10  # a uint64 never needs more than 10 LEB128 groups
 _U64_MAX = (1 << 64) - 1
-
-T = TypeVar("T")
-
 
 class MalformedDatagram(ValueError):
     """A datagram could not be decoded (too short, bad varint, bad UTF-8, out-of-range value)."""
