@@ -7,12 +7,13 @@ material or passwords.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import logging
 import os
 import re
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentcp.context.exceptions import CredentialError
 
-__all__ = ["hash_seed", "AgentCredentials", "split_pem_certificates"]
+__all__ = ["hash_seed", "AgentCredentials", "split_pem_certificates", "load_private_key_pem", "cert_validity"]
 
 _log = logging.getLogger("agentcp.auth")
 
@@ -32,6 +33,41 @@ _CERT_BLOCK = re.compile(
 def hash_seed(seed: str) -> str:
     """Lowercase hex SHA-256 of the UTF-8 ``seed``: the key password derivation of 0.1.99 (``""`` → e3b0…b855)."""
     return hashlib.sha256((seed or "").encode("utf-8")).hexdigest()
+
+
+def load_private_key_pem(data: Union[str, bytes], passwords: Sequence[str], what: str = "the private key"):
+    """Load a PEM private key: encrypted PKCS#8 tried with each of ``passwords``, or (as a fallback that 0.1.99
+    never wrote, e.g. an imported identity) unencrypted.
+
+    Raises :class:`CredentialError` saying what to do; the message never contains a password or key material.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if b"ENCRYPTED" in raw:
+        for password in passwords:
+            try:
+                return serialization.load_pem_private_key(raw, password=password.encode("utf-8"))
+            except (ValueError, TypeError):
+                continue
+        raise CredentialError(
+            f"wrong seed password: {what} could not be decrypted with the seed password; the seed_password "
+            "given to AgentCP must be the one the identity was created with"
+        )
+    try:
+        return serialization.load_pem_private_key(raw, password=None)
+    except (ValueError, TypeError):
+        raise CredentialError(f"{what} is not a PEM private key; restore the identity's key file") from None
+
+
+def cert_validity(cert: x509.Certificate) -> Tuple[_dt.datetime, _dt.datetime]:
+    """``(not_before, not_after)`` of ``cert`` as aware UTC datetimes, on old and new ``cryptography``."""
+
+    def utc(value: _dt.datetime) -> _dt.datetime:
+        return value if value.tzinfo is not None else value.replace(tzinfo=_dt.timezone.utc)
+
+    # not_valid_*_utc exists from cryptography 42; older versions only have the naive UTC attributes.
+    before = getattr(cert, "not_valid_before_utc", None) or utc(cert.not_valid_before)
+    after = getattr(cert, "not_valid_after_utc", None) or utc(cert.not_valid_after)
+    return before, after
 
 
 def split_pem_certificates(data: "str | bytes") -> List[bytes]:
@@ -92,32 +128,12 @@ class AgentCredentials:
         except OSError as exc:
             raise CredentialError(f"cannot read the private key at {path}: {exc.strerror or exc}") from None
 
-        key = None
-        if b"ENCRYPTED" in data:
-            # The 0.1.99 contract hands over the hashed seed; a raw seed is accepted too, as a courtesy.
-            candidates = [self.seed_password]
-            hashed = hash_seed(self.seed_password)
-            if hashed != self.seed_password:
-                candidates.append(hashed)
-            for candidate in candidates:
-                try:
-                    key = serialization.load_pem_private_key(data, password=candidate.encode("utf-8"))
-                    break
-                except (ValueError, TypeError):
-                    continue
-            if key is None:
-                raise CredentialError(
-                    f"the private key at {path} could not be decrypted with the seed password; the seed_password "
-                    f"given to AgentCP must be the one the identity {self.agent_id} was created with"
-                )
-        else:
-            # An unencrypted PKCS#8 key (e.g. a hand-made test identity) is accepted as a fallback.
-            try:
-                key = serialization.load_pem_private_key(data, password=None)
-            except (ValueError, TypeError):
-                raise CredentialError(
-                    f"the file at {path} is not a PEM private key; restore the identity's key file"
-                ) from None
+        # The 0.1.99 contract hands over the hashed seed; a raw seed is accepted too, as a courtesy.
+        candidates = [self.seed_password]
+        hashed = hash_seed(self.seed_password)
+        if hashed != self.seed_password:
+            candidates.append(hashed)
+        key = load_private_key_pem(data, candidates, what=f"the private key at {path}")
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CredentialError(f"the private key at {path} is not an EC key; agent identities use ECDSA keys")
         _log.debug("loaded private key of %s from %s", self.agent_id, path)

@@ -30,7 +30,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 
 from agentcp.context.exceptions import ServerAuthError
 
-from .credentials import split_pem_certificates
+from .credentials import cert_validity, split_pem_certificates
 from .http import DEFAULT_TIMEOUT, no_proxy_for, read_limited, resolve_verify
 
 __all__ = [
@@ -236,13 +236,6 @@ def _utc(value: _dt.datetime) -> _dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=_dt.timezone.utc)
 
 
-def _validity(cert: x509.Certificate) -> Tuple[_dt.datetime, _dt.datetime]:
-    # not_valid_*_utc exists from cryptography 42; older versions return naive UTC datetimes.
-    before = getattr(cert, "not_valid_before_utc", None) or _utc(cert.not_valid_before)
-    after = getattr(cert, "not_valid_after_utc", None) or _utc(cert.not_valid_after)
-    return before, after
-
-
 def _name(cert: x509.Certificate) -> str:
     try:
         return cert.subject.rfc4514_string() or "<empty subject>"
@@ -322,7 +315,7 @@ def _fail(message: str) -> ServerAuthError:
 
 
 def _check_dates(cert: x509.Certificate, now: _dt.datetime, role: str) -> None:
-    before, after = _validity(cert)
+    before, after = cert_validity(cert)
     if now < before:
         raise _fail(f"{role} certificate {_name(cert)} is not valid before {before.isoformat()}")
     if now > after:

@@ -14,7 +14,6 @@ and nothing here ever deletes an identity directory.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import os
 import tempfile
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agentcp.base.credentials import cert_validity, hash_seed, load_private_key_pem
 from agentcp.context.exceptions import CredentialError
 
 _log = logging.getLogger("agentcp.ca")
@@ -46,9 +46,8 @@ __all__ = [
 ]
 
 
-def hash_seed_password(seed_password: Optional[str]) -> str:
-    """The key password of 0.1.99: lowercase hex SHA-256 of the UTF-8 seed (``None`` counts as ``""``)."""
-    return hashlib.sha256((seed_password or "").encode("utf-8")).hexdigest()
+#: The key password of 0.1.99: lowercase hex SHA-256 of the UTF-8 seed (``None`` counts as ``""``).
+hash_seed_password = hash_seed
 
 
 # --- files --------------------------------------------------------------------------------------------------------
@@ -121,30 +120,15 @@ def decrypt_private_key(pem: Union[str, bytes], password_hex: str, *, aid: str =
 
     Raises :class:`CredentialError` with a message that names the wrong seed password when decryption fails.
     """
-    if isinstance(pem, str):
-        pem = pem.encode("utf-8")
-    where = f" ({path})" if path else ""
     who = f" of {aid}" if aid else ""
-    try:
-        return serialization.load_pem_private_key(pem, password=password_hex.encode("ascii"))
-    except TypeError:
-        # The key is stored unencrypted (0.1.99 never wrote one, but an imported identity might be).
-        try:
-            return serialization.load_pem_private_key(pem, password=None)
-        except Exception as exc:  # noqa: BLE001 - reported as a credential problem below
-            raise CredentialError(f"the private key{who}{where} is not a valid PEM key: {exc}") from None
-    except ValueError:
-        if b"ENCRYPTED" in pem:
-            raise CredentialError(
-                f"wrong seed password: the private key{who}{where} cannot be decrypted with the seed password "
-                "given to AgentCP (check seed_password)"
-            ) from None
-        raise CredentialError(f"the private key{who}{where} is not a valid PEM private key") from None
+    where = f" ({path})" if path else ""
+    return load_private_key_pem(pem, [password_hex], what=f"the private key{who}{where}")
 
 
-def build_csr(aid: str, key) -> x509.CertificateSigningRequest:
-    """CSR as 0.1.99 builds it: C=CN, ST=SomeState, L=SomeCity, O=SomeOrganization, CN=<aid>; CA:FALSE critical."""
-    subject = x509.Name(
+def acp_subject(aid: str) -> x509.Name:
+    """The subject 0.1.99 puts in CSRs (and ACP CAs in certificates): C=CN, ST=SomeState, L=SomeCity,
+    O=SomeOrganization, CN=<aid>."""
+    return x509.Name(
         [
             x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
             x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "SomeState"),
@@ -153,9 +137,13 @@ def build_csr(aid: str, key) -> x509.CertificateSigningRequest:
             x509.NameAttribute(NameOID.COMMON_NAME, aid),
         ]
     )
+
+
+def build_csr(aid: str, key) -> x509.CertificateSigningRequest:
+    """CSR as 0.1.99 builds it: C=CN, ST=SomeState, L=SomeCity, O=SomeOrganization, CN=<aid>; CA:FALSE critical."""
     return (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
+        .subject_name(acp_subject(aid))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -166,15 +154,6 @@ def load_certificate(pem: Union[str, bytes]) -> x509.Certificate:
     if isinstance(pem, str):
         pem = pem.encode("utf-8")
     return x509.load_pem_x509_certificate(pem)
-
-
-def cert_validity(cert: x509.Certificate) -> Tuple[_dt.datetime, _dt.datetime]:
-    """(not_before, not_after) as aware UTC datetimes, on any ``cryptography`` version."""
-    try:
-        return cert.not_valid_before_utc, cert.not_valid_after_utc
-    except AttributeError:  # cryptography < 42
-        utc = _dt.timezone.utc
-        return cert.not_valid_before.replace(tzinfo=utc), cert.not_valid_after.replace(tzinfo=utc)
 
 
 def _now(now: Optional[_dt.datetime]) -> _dt.datetime:

@@ -1,7 +1,9 @@
 """Certificate authority of the fake server: root CA, agent CA, server and TLS certificates, agent identities.
 
-Independent of the client code in :mod:`agentcp.base` on purpose: the fake server is the reference the client is
-tested against, so it implements its half of the protocol (liveness.md §2, §5) directly with ``cryptography``.
+Independent of the client's protocol code on purpose: the fake server is the reference the client is tested
+against, so it implements its half of the protocol (liveness.md §2, §5: key password derivation, subject layout,
+signatures) directly with ``cryptography``. Only generic helpers (atomic file writes, reading certificate dates)
+are shared with the client.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import tempfile
 from typing import List, Optional, Tuple
 
 from cryptography import x509
@@ -19,9 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agentcp.base.credentials import cert_validity
+from agentcp.ca.identity_store import atomic_write
+
 logger = logging.getLogger("agentcp.testing")
 
-__all__ = ["FakePKI", "seed_to_password", "write_file_atomic", "cert_not_before", "cert_not_after"]
+__all__ = ["FakePKI", "seed_to_password", "atomic_write"]
 
 _ONE_DAY = datetime.timedelta(days=1)
 
@@ -33,43 +37,6 @@ def _now() -> datetime.datetime:
 def seed_to_password(seed_password: str) -> bytes:
     """Return the key-file password for a seed: ASCII bytes of the lowercase SHA-256 hex of its UTF-8 (§5.1)."""
     return hashlib.sha256(seed_password.encode("utf-8")).hexdigest().encode("ascii")
-
-
-def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
-    """Start of validity as an aware UTC datetime (works on old and new ``cryptography``)."""
-    value = getattr(cert, "not_valid_before_utc", None)
-    if value is None:  # cryptography < 42 only has the naive-UTC attribute
-        value = cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
-    return value
-
-
-def cert_not_after(cert: x509.Certificate) -> datetime.datetime:
-    """End of validity as an aware UTC datetime (works on old and new ``cryptography``)."""
-    value = getattr(cert, "not_valid_after_utc", None)
-    if value is None:
-        value = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-    return value
-
-
-def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, then ``os.replace``)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        # mkstemp creates the file 0600, so a key is never readable by others, not even briefly.
-        if hasattr(os, "fchmod"):  # not on Windows, where the mode bits mean little anyway
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _name(common_name: str, organization: str = "FakeACP") -> x509.Name:
@@ -237,9 +204,10 @@ class FakePKI:
         except Exception as exc:  # unsupported algorithm and the like: still "not ours"
             return f"certificate signature not verifiable: {exc}"
         now = now or _now()
-        if now < cert_not_before(cert):
+        not_before, not_after = cert_validity(cert)
+        if now < not_before:
             return "certificate not yet valid"
-        if now > cert_not_after(cert):
+        if now > not_after:
             return "certificate expired"
         return None
 
@@ -292,7 +260,7 @@ class FakePKI:
         key_path = os.path.join(certs_dir, f"{aid}.key")
         cert_path = os.path.join(certs_dir, f"{aid}.crt")
         # Certificate first, key last: a reader that finds the key can rely on the certificate being there.
-        write_file_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        write_file_atomic(key_path, key_pem, 0o600)
+        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        atomic_write(key_path, key_pem, 0o600)
         logger.debug("issued identity %s in %s (expired=%s)", aid, certs_dir, expired)
         return key_path, cert_path

@@ -41,6 +41,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agentcp.base.credentials import cert_validity
+
 from ._http import HttpError, HttpRequest, HttpResponse
 
 logger = logging.getLogger("agentcp.testing")
@@ -416,11 +418,7 @@ def _date_problem(cert: x509.Certificate) -> Optional[str]:
     import datetime
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    try:
-        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
-    except AttributeError:  # cryptography < 42
-        nb = cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
-        na = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    nb, na = cert_validity(cert)
     if now < nb:
         return "certificate not yet valid"
     if now > na:

@@ -51,7 +51,7 @@ from agentcp.msg.message_serialize import (
 
 from ._http import HttpError, HttpFrontend, HttpRequest, HttpResponse, RouteHandler
 from ._loop import IOLoop
-from ._pki import FakePKI, write_file_atomic
+from ._pki import FakePKI, atomic_write
 
 logger = logging.getLogger("agentcp.testing")
 
@@ -887,11 +887,11 @@ class FakeACPServer:
         self._tmpdir = tempfile.mkdtemp(prefix="fakeacp-")
         cert_path = os.path.join(self._tmpdir, "server.crt")
         key_path = os.path.join(self._tmpdir, "server.key")
-        write_file_atomic(cert_path, self._pki.tls_cert_pem.encode("ascii"), 0o644)
+        atomic_write(cert_path, self._pki.tls_cert_pem.encode("ascii"), 0o644)
         key_pem = self._pki.tls_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        write_file_atomic(key_path, key_pem, 0o600)
+        atomic_write(key_path, key_pem, 0o600)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_path, key_path)
         self._tls_cert_path = cert_path
