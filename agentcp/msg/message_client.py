@@ -23,8 +23,6 @@ import enum
 import json
 import logging
 import re
-import socket
-import ssl
 import threading
 import time
 import urllib.parse
@@ -36,10 +34,10 @@ import websocket
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.client import IClient
-from agentcp.base.http import resolve_verify
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
+from agentcp.msg.ws import WsConnection as _Conn, sslopt
 
 log = logging.getLogger("agentcp.msg")
 
@@ -218,31 +216,6 @@ def redact(text: str, secret: Optional[str]) -> str:
     if secret:
         text = text.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
     return _SIGNATURE_QUERY.sub("signature=***", text)
-
-
-class _Conn:
-    """One WebSocket connection and its reader thread. Only the reader closes the socket (one owner)."""
-
-    def __init__(self, ws: websocket.WebSocket, gen: int) -> None:
-        self.ws = ws
-        self.gen = gen
-        self.reader: Optional[threading.Thread] = None
-        self.opened_at = time.monotonic()
-
-    def send(self, text: str) -> None:
-        self.ws.send(text)
-
-    def ping(self, payload: bytes = b"") -> None:
-        self.ws.ping(payload)
-
-    def abort(self) -> None:
-        """Wake the reader (shutdown, not close: closing under a blocked recv() would race for the descriptor)."""
-        sock = getattr(self.ws, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
 
 
 class MessageClient(IClient):
@@ -496,12 +469,7 @@ class MessageClient(IClient):
         return f"{ws_base_url(self.server_url)}/session?agent_id={self.agent_id}&signature=***"
 
     def _sslopt(self) -> Dict[str, Any]:
-        verify = resolve_verify(self.config.verify if self.config.verify is not None else self.auth_client.verify)
-        if verify is False:
-            return {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
-        if isinstance(verify, str):
-            return {"ca_certs": verify}
-        return {}
+        return sslopt(self.config.verify if self.config.verify is not None else self.auth_client.verify)
 
     # ------------------------------------------------------------------------------------------------------------
     # Internals: the driver thread

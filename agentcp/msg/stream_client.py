@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 import urllib.parse
@@ -41,10 +40,10 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 import websocket
 
 from agentcp.base.backoff import RECONNECT_BACKOFF, Backoff
-from agentcp.base.http import resolve_verify
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import SDKError
 from agentcp.msg.message_client import SendResult, SendStatus, redact
+from agentcp.msg.ws import WsConnection as _Conn, sslopt
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
     MSG_TYPE_FILE,
@@ -143,22 +142,6 @@ class _Frame:
         self.size = len(payload)
         self.after_ping = 0  # pings sent before this frame was written: a pong for a later ping confirms it
         self.kind = kind  # "text" | "file" | "close" | "raw"
-
-
-class _Conn:
-    def __init__(self, ws: websocket.WebSocket, gen: int) -> None:
-        self.ws = ws
-        self.gen = gen
-        self.reader: Optional[threading.Thread] = None
-
-    def abort(self) -> None:
-        """Wake the reader (shutdown, not close, so no other thread races for the descriptor)."""
-        sock = getattr(self.ws, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
 
 
 class StreamClient:
@@ -733,12 +716,7 @@ class StreamClient:
                 self._report.note("handler", f"stream message handler of {self.agent_id} raised: {exc!r}", exc)
 
     def _sslopt(self) -> Dict[str, Any]:
-        verify = resolve_verify(self.config.verify)
-        if verify is False:
-            return {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
-        if isinstance(verify, str):
-            return {"ca_certs": verify}
-        return {}
+        return sslopt(self.config.verify)
 
 
 def _plain(obj: Any) -> Any:

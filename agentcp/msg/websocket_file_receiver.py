@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ssl
 import time
 from typing import Any, Optional
 
 import websocket
 
-from agentcp.base.http import resolve_verify
+from agentcp.msg.ws import sslopt
 from agentcp.msg.message_client import redact
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
@@ -45,17 +44,11 @@ def download_file_via_websocket(wss_url: str, save_path: str, *, timeout: float 
     shown = url.split("?", 1)[0]
     part = save_path + ".part"
     deadline = time.monotonic() + timeout
-    sslopt = {}
-    checked = resolve_verify(verify)
-    if checked is False:
-        sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
-    elif isinstance(checked, str):
-        sslopt = {"ca_certs": checked}
     ws: Optional[websocket.WebSocket] = None
     done = False
     received = 0
     try:
-        ws = websocket.create_connection(url, timeout=min(idle_timeout, timeout), sslopt=sslopt,
+        ws = websocket.create_connection(url, timeout=min(idle_timeout, timeout), sslopt=sslopt(verify),
                                          suppress_origin=True)
         with open(part, "wb") as fh:
             while not done:
