@@ -11,19 +11,8 @@ import pytest
 from agentcp import AgentCP, AgentID
 from agentcp.base.backoff import Backoff
 from agentcp.context import ErrorContext
-from agentcp.testing.access_point import AccessPoint
 
-FAST = Backoff(base=0.05, cap=0.3)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv("AGENTCP_AP_URL", raising=False)
-
-
-@pytest.fixture
-def network(acp_server):
-    return AccessPoint(acp_server).install()
+from conftest import FAST
 
 
 def _agent_threads():

@@ -20,7 +20,6 @@ from typing import Any, Dict, Optional, Tuple
 import pytest
 import requests
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 

@@ -20,11 +20,6 @@ BOB = "bob.example.com"
 NOWHERE = "http://127.0.0.1:9"  # a valid stored certificate loads without the network
 
 
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv("AGENTCP_AP_URL", raising=False)
-
-
 @pytest.fixture
 def acp(tmp_path):
     return AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=NOWHERE)

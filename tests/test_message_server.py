@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import struct
-import time
 
 import pytest
 import requests

@@ -9,41 +9,8 @@ from collections import Counter
 
 import pytest
 
-from agentcp import AgentCP
-from agentcp.base.backoff import Backoff
 from agentcp.context import ErrorContext
-from agentcp.msg.message_client import MessageClientConfig
-from agentcp.testing.access_point import AccessPoint
 
-FAST = Backoff(base=0.05, cap=0.3)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv("AGENTCP_AP_URL", raising=False)
-
-
-@pytest.fixture
-def network(acp_server):
-    return AccessPoint(acp_server).install()
-
-
-@pytest.fixture
-def agents(tmp_path, network):
-    acp = AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=network.url)
-    made = []
-
-    def make(name: str):
-        aid = acp.create_aid("example.com", name)
-        aid.RECONNECT_BACKOFF = FAST
-        aid.message_config = MessageClientConfig(ping_interval=0.5, reconnect_backoff=FAST,
-                                                 immediate_reconnect_gap=0.0)
-        made.append(aid)
-        return aid
-
-    yield make
-    for aid in made:
-        aid.offline()
 
 
 def _until(pred, timeout: float = 5.0, what: str = "condition"):

@@ -6,7 +6,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 from agentcp.context import ErrorContext, exceptions
 from agentcp.context.context import AtomicErrorContext

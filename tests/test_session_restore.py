@@ -9,20 +9,8 @@ import pytest
 
 from agentcp import AgentCP
 from agentcp.base.backoff import Backoff
-from agentcp.msg.message_client import MessageClientConfig
-from agentcp.testing.access_point import AccessPoint
 
-FAST = Backoff(base=0.05, cap=0.3)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv("AGENTCP_AP_URL", raising=False)
-
-
-@pytest.fixture
-def network(acp_server):
-    return AccessPoint(acp_server).install()
+from conftest import fast_messaging
 
 
 @pytest.fixture
@@ -38,9 +26,7 @@ def made():
 def _load(tmp_path, network, made, name: str):
     """An AgentCP over ``tmp_path`` (a new one per call: a "process"), and the agent ``name`` in it."""
     acp = AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=network.url)
-    aid = acp.create_aid("example.com", name)
-    aid.RECONNECT_BACKOFF = FAST
-    aid.message_config = MessageClientConfig(ping_interval=0.5, reconnect_backoff=FAST, immediate_reconnect_gap=0.0)
+    aid = fast_messaging(acp.create_aid("example.com", name))
     made.append(aid)
     return aid
 

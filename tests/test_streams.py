@@ -11,14 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from agentcp import AgentCP
-from agentcp.base.backoff import Backoff
-from agentcp.msg.message_client import MessageClientConfig
 from agentcp.msg.stream_client import StreamClientConfig, signed_url
 from agentcp.msg.websocket_file_receiver import download_file_via_websocket
-from agentcp.testing.access_point import AccessPoint
 
-FAST = Backoff(base=0.05, cap=0.3)
+from conftest import FAST
 
 
 def stream_config(**changes):
@@ -28,33 +24,14 @@ def stream_config(**changes):
     return StreamClientConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv("AGENTCP_AP_URL", raising=False)
-
-
 @pytest.fixture
-def network(acp_server):
-    return AccessPoint(acp_server).install()
-
-
-@pytest.fixture
-def agents(tmp_path, network):
-    acp = AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=network.url)
-    made = []
-
+def agents(agents):
     def make(name: str):
-        aid = acp.create_aid("example.com", name)
-        aid.RECONNECT_BACKOFF = FAST
-        aid.message_config = MessageClientConfig(ping_interval=0.5, reconnect_backoff=FAST,
-                                                 immediate_reconnect_gap=0.0)
+        aid = agents(name)
         aid.stream_config = stream_config()
-        made.append(aid)
         return aid
 
-    yield make
-    for aid in made:
-        aid.offline()
+    return make
 
 
 def _until(pred, timeout: float = 5.0, what: str = "condition"):

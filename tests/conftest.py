@@ -1,0 +1,49 @@
+"""Fixtures shared by the tests that run agents on the fake network (FakeACPServer + AccessPoint)."""
+from __future__ import annotations
+
+import pytest
+
+from agentcp.base.backoff import Backoff
+from agentcp.msg.message_client import MessageClientConfig
+
+#: Short reconnect waits, so tests of healing run in well under a second per fault.
+FAST = Backoff(base=0.05, cap=0.3)
+
+
+def fast_messaging(aid):
+    """Speed up an agent's reconnects and message channel (before it goes online); returns it."""
+    aid.RECONNECT_BACKOFF = FAST
+    aid.message_config = MessageClientConfig(ping_interval=0.5, reconnect_backoff=FAST, immediate_reconnect_gap=0.0)
+    return aid
+
+
+@pytest.fixture(autouse=True)
+def _no_env_override(monkeypatch):
+    """A developer's exported AGENTCP_AP_URL must not redirect the agents of a test."""
+    monkeypatch.delenv("AGENTCP_AP_URL", raising=False)
+
+
+@pytest.fixture
+def network(acp_server):
+    """The local network: ``acp_server`` with its access point, CA and message server mounted."""
+    from agentcp.testing.access_point import AccessPoint
+
+    return AccessPoint(acp_server).install()
+
+
+@pytest.fixture
+def agents(tmp_path, network):
+    """``make(name)``: a new agent ``<name>.example.com`` on the network (fast settings); all go offline after."""
+    from agentcp import AgentCP
+
+    acp = AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=network.url)
+    made = []
+
+    def make(name: str):
+        aid = fast_messaging(acp.create_aid("example.com", name))
+        made.append(aid)
+        return aid
+
+    yield make
+    for aid in made:
+        aid.offline()
