@@ -94,6 +94,8 @@ def parse_retry_after(value: Optional[str], *, now: Optional[float] = None) -> f
             return 0.0
         if when is None:
             return 0.0
+        # An HTTP-date names a wall-clock instant, so only the wall clock can turn it into a wait; the wait
+        # itself is then timed on the monotonic clock by the caller.
         current = time.time() if now is None else now
         try:
             seconds = when.timestamp() - current
