@@ -124,3 +124,12 @@ def test_limits_are_validated_and_replaceable():
             Limits(announce_workers=bad)
     err = LimitExceeded("ws_message_max", 16, source="message channel", got=17)
     assert "ws_message_max" in str(err) and "dataclasses.replace" in str(err)
+
+
+def test_an_agent_reports_its_trust_domain_and_counts_refusals(agents):
+    aid = agents("alice")
+    assert aid.status()["trust"] == {"refused": {}, "limits_crossed": {}}
+    assert aid._check_trusted(aid._entry_url() + "/x", "test")
+    assert not aid._check_trusted("https://relay.evil.example/x?signature=t", "invite")
+    aid._limit_crossed(LimitExceeded("ws_message_max", 16, source="message channel"))
+    assert aid.status()["trust"] == {"refused": {"invite": 1}, "limits_crossed": {"ws_message_max": 1}}
