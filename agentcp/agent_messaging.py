@@ -287,13 +287,21 @@ class MessagingMixin:
         raise TypeError(f"unsupported message type {type(message).__name__}: pass a str, a block (dict or "
                         "AssistantMessageBlock) or a list of blocks")
     def _failed(self, error: str, message_id: str = "") -> SendResult:
+        self._note_send_failure(error)
+        return SendResult(SendStatus.FAILED, message_id, error)
+
+    def _note_send_failure(self, error: str) -> None:
         with self._lock:
             self._msg_counters["send_failures"] += 1
         _log.warning("%s: send failed: %s", self.id, error)
         err = exceptions.SendMsgError(error)
         err.agent_id = self.id
         self._publish(err)
-        return SendResult(SendStatus.FAILED, message_id, error)
+
+    def _watch_result(self, result: SendResult) -> SendResult:
+        """Count and report ``result`` if it fails, now or when it settles (sends return before the ack)."""
+        result.add_done_callback(lambda r: r.failed and self._note_send_failure(r.error or "send failed"))
+        return result
     # --- messaging: 0.1.99 API --------------------------------------------------------------------------------
     def send_message(self, sessionId: str, to_aid_list: list, message, ref_msg_id: str = "", message_id: str = "",
                      agent_cmd_block: AgentInstructionBlock = None, insert_message: bool = True):
@@ -320,8 +328,9 @@ class MessagingMixin:
             return self._failed(str(exc), message_id)
         if result is None:
             return self._failed(f"empty message to session {sessionId}: nothing sent", message_id)
+        self._watch_result(result)
         if result.status is SendStatus.FAILED:
-            return self._failed(result.error or "send failed", result.message_id)
+            return result
         if insert_message:
             self._history("save_message", {
                 "session_id": sessionId, "message_id": result.message_id, "sender": self.id,

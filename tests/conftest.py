@@ -47,3 +47,8 @@ def agents(tmp_path, network):
     yield make
     for aid in made:
         aid.offline()
+
+
+def delivered(result, timeout: float = 5.0) -> bool:
+    """True if a live ``SendResult`` settles as delivered within ``timeout`` (sends return before the ack)."""
+    return result.wait(timeout) and result.status == "delivered"
