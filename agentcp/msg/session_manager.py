@@ -665,21 +665,21 @@ class SessionManager:
         with self.lock:
             return any(stream_url in s.stream_client_map for s in self.sessions.values())
 
-    # -- setters (0.1.99) ---------------------------------------------------------------------------------------
-    def set_on_message_receive(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_message_receive = fn
+    # -- setters (0.1.99 parameter names; on_message_recive sic) ------------------------------------------------------
+    def set_on_message_receive(self, on_message_recive: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_message_receive = on_message_recive
 
-    def set_on_invite_ack(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_invite_ack = fn
+    def set_on_invite_ack(self, on_invite_ack: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_invite_ack = on_invite_ack
 
-    def set_on_session_message_ack(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_session_message_ack = fn
+    def set_on_session_message_ack(self, on_session_message_ack: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_session_message_ack = on_session_message_ack
 
-    def set_on_system_message(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_system_message = fn
+    def set_on_system_message(self, on_system_message: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_system_message = on_system_message
 
-    def set_on_member_list_receive(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_member_list_receive = fn
+    def set_on_member_list_receive(self, on_member_list_receive: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_member_list_receive = on_member_list_receive
 
     # -- message client callbacks (reader / driver threads: quick, no waits) --------------------------------------
     def on_open(self, ws: Any) -> None:
