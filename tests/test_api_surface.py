@@ -82,18 +82,16 @@ def _expected(entry: Entry) -> Optional[List[str]]:
 
 
 def _member_function(cls: type, member: str):
-    """The plain function behind a class member (self/cls included, as the list records them)."""
-    for klass in inspect.getmro(cls):
-        if member in vars(klass):
-            raw = vars(klass)[member]
-            break
-    else:
-        raise AttributeError(f"{cls.__qualname__} has no member {member!r}")
-    if isinstance(raw, (staticmethod, classmethod)):
-        return raw.__func__
+    """What ``Class.member`` gives, as a function with the parameters the list records (self/cls included)."""
+    try:
+        raw = inspect.getattr_static(cls, member)
+    except AttributeError:
+        raise AttributeError(f"{cls.__qualname__} has no member {member!r}") from None
+    if isinstance(raw, classmethod):
+        return raw.__func__  # the list records cls
     if isinstance(raw, property):
         raise TypeError(f"{cls.__qualname__}.{member} is a property, 0.1.99 had a method")
-    return raw
+    return getattr(cls, member)  # plain and static functions; descriptors as the class sees them
 
 
 def _signature_problem(where: str, func, expected: List[str]) -> Optional[str]:

@@ -280,6 +280,9 @@ class SessionManager:
     STREAM_TIMEOUT: float = 5.0
     #: Settings of the stream push sockets (None: defaults).
     stream_config: Any = None
+    #: The class of the sessions this manager creates (the 0.1.99 ``Group``/legacy ``Session`` adapters subclass
+    #: :class:`Session`).
+    session_class: type = Session
     #: True: ``Session.last_msg_id`` advances only through :meth:`handled` (the consumer confirms each message it
     #: handled), not when a message is read from the socket. AgentID sets it.
     confirm_handled: bool = False
@@ -404,7 +407,7 @@ class SessionManager:
         session_id, code = self.create_session_id(name, client, subject, session_type=session_type)
         if session_id is None:
             return None
-        session = Session(self.agent_id, client)
+        session = self.session_class(self.agent_id, client)
         session.session_id, session.identifying_code = session_id, code or ""
         session.name, session.subject, session.type = name, subject, session_type
         session.members = [self.agent_id]
@@ -467,7 +470,7 @@ class SessionManager:
         row = next((r for r in rows or [] if r.get("identifying_code")), None)
         if row is None:
             return None
-        session = Session(self.agent_id, self.message_client)
+        session = self.session_class(self.agent_id, self.message_client)
         session.session_id = session_id
         session.identifying_code = str(row["identifying_code"])
         session.name = str(row.get("name") or "")
@@ -484,7 +487,7 @@ class SessionManager:
     def join_session(self, req: Any) -> Session:
         """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join."""
         client = self._client(getattr(req, "MessageServer", "") or None)
-        session = Session(self.agent_id, client)
+        session = self.session_class(self.agent_id, client)
         session.session_id = str(getattr(req, "SessionId", ""))
         session.manager = self
         inviter = str(getattr(req, "InviterAgentId", ""))
@@ -587,7 +590,7 @@ class SessionManager:
         used as is, without joining, as 0.1.99 did."""
         session = self.restore_session(session_id)
         if session is None:
-            session = Session(self.agent_id, self.message_client)
+            session = self.session_class(self.agent_id, self.message_client)
             session.session_id = session_id
             session.manager = self
             with self.lock:
