@@ -4,17 +4,9 @@ from __future__ import annotations
 import json
 import time
 
+from conftest import until
+
 from agentcp.message import AgentFormItemResultBlock, AgentInstructionBlock
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _online(agents, *names):
@@ -66,12 +58,12 @@ def test_send_instruction_message_really_sends_the_instruction(agents, network):
     block = AgentInstructionBlock(cmd="calc", params={"x": 1, "y": 2}, description="add x and y")
     result = a.send_instruction_message(sid, b.id, block)
     assert result and result.status == "delivered"
-    msg = _until(lambda: routed, what="instruction")[0]
+    msg = until(lambda: routed, what="instruction")[0]
     assert msg["instruction"] == {"cmd": "calc", "params": {"x": 1, "y": 2}, "description": "add x and y",
                                   "model": ""}
     assert b.get_content_from_message(msg) == "add x and y"
     assert a.send_instruction_message(sid, [b.id], {"cmd": "calc"}, ref_msg_id=msg["message_id"])
-    assert _until(lambda: len(routed) == 2) and routed[1]["ref_msg_id"] == msg["message_id"]
+    assert until(lambda: len(routed) == 2) and routed[1]["ref_msg_id"] == msg["message_id"]
     assert b.get_content_from_message(routed[1]) == "calc"
     assert others == []
     assert a.send_instruction_message("", b.id, block) is None  # 0.1.99: None for an empty session
@@ -89,11 +81,11 @@ def test_send_form_message_answers_a_form(agents, network):
          "params": [{"type": "text", "id": "yes", "content": "Yes"}, {"type": "text", "id": "no", "content": "No"}],
          "result": ""}]}
     assert b.send_message(sid, [a.id], [form])
-    asked = _until(lambda: forms, what="form")[0]
+    asked = until(lambda: forms, what="form")[0]
     answer = [AgentFormItemResultBlock(id="q1", result="yes"), {"id": "q2", "result": "later"}]
     result = a.send_form_message(sid, [b.id], answer, asked["message_id"])
     assert result and result.status == "delivered"
-    got = _until(lambda: results, what="form result")[0]
+    got = until(lambda: results, what="form result")[0]
     block = json.loads(got["message"])[0]
     assert block["type"] == "form_result"
     assert block["content"] == {"result": [{"id": "q1", "result": "yes"}, {"id": "q2", "result": "later"}]}

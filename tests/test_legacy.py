@@ -161,13 +161,19 @@ def _contents(items):
     return [json.loads(d["message"])[0]["content"] for d in items]
 
 
-def test_group_manager_create_invite_talk_members_and_dismiss(managers, msg_server):
-    from agentcp.group_manager import Group, GroupManager
-
-    alice, bob = managers(GroupManager, "alice"), managers(GroupManager, "bob")
+def _two(managers, msg_server, cls):
+    """alice and bob with managers of ``cls``, bob connected; bob's joined sessions arrive in the returned Inbox."""
+    alice, bob = managers(cls, "alice"), managers(cls, "bob")
     msg_server.wait_connected(bob.agent_id)
     joined = Inbox()
     bob.on_invite = joined
+    return alice, bob, joined
+
+
+def test_group_manager_create_invite_talk_members_and_dismiss(managers, msg_server):
+    from agentcp.group_manager import Group, GroupManager
+
+    alice, bob, joined = _two(managers, msg_server, GroupManager)
     group = alice.create_group("team", "planning")
     assert isinstance(group, Group) and group.identifying_code and alice.get(group.session_id) is group
     alice_inbox, acks, member_lists = Inbox(), Inbox(), Inbox()
@@ -234,10 +240,7 @@ def test_group_on_a_bare_message_client_creates_and_receives(identity, msg_serve
 def test_legacy_session_manager_and_session_callbacks(managers, msg_server):
     from agentcp.session_manager import Session, SessionManager
 
-    alice, bob = managers(SessionManager, "alice"), managers(SessionManager, "bob")
-    msg_server.wait_connected(bob.agent_id)
-    joined = Inbox()
-    bob.on_invite = joined
+    alice, bob, joined = _two(managers, msg_server, SessionManager)
     session = alice.create_session("s", "")
     assert isinstance(session, Session)
     acks = Inbox()
