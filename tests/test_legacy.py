@@ -9,7 +9,6 @@ import importlib
 import logging
 import os
 import threading
-import time
 
 import pytest
 
