@@ -230,6 +230,8 @@ def test_group_on_a_bare_message_client_creates_and_receives(identity, msg_serve
         msg_server.wait_for(lambda: msg_server.is_connected(aid) and aid in msg_server.members(session_id))
         assert bob_group.send_msg(_blocks("after the drop"), aid)
         assert _contents(inbox.wait(2))[-1] == "after the drop"
+        second = Group(aid, client)  # a second group on the same client shares its manager
+        assert second.initialize("two", "") and second.manager is group.manager
         group.leave_group()
         msg_server.wait_for(lambda: aid not in msg_server.members(session_id))
     finally:

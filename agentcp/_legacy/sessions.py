@@ -112,6 +112,8 @@ class _OwnCallbacks(_current.Session):
         """A session built on a bare client (0.1.99 style): a manager over that client receives its frames and
         re-joins after reconnects."""
         client = self.message_client
+        if isinstance(client.message_handler, _RoutingManager):
+            return client.message_handler  # another session on this client made one already
         if client.message_handler not in (None, self):
             raise RuntimeError("this message client already has another message handler; create sessions with "
                                "GroupManager / SessionManager instead")
