@@ -50,7 +50,11 @@ def _frame(message: Union[str, bytes, Dict[str, Any]]) -> Optional[Dict[str, Any
 
 
 class _OwnCallbacks(_current.Session):
-    """A session with its own callbacks (0.1.99's per-session ``set_on_*``)."""
+    """A session with its own callbacks (0.1.99's per-session ``set_on_*``).
+
+    They run on the message client's reader thread, as in 0.1.99: return quickly (hand long work to a thread). One
+    that raises is counted and reported by the client; the frame's usual handling has happened before.
+    """
 
     def __init__(self, agent_id: str, message_client: MessageClient) -> None:
         super().__init__(agent_id, message_client)
