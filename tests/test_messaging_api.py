@@ -10,18 +10,8 @@ from collections import Counter
 import pytest
 
 from agentcp.context import ErrorContext
-from conftest import delivered
+from conftest import delivered, until as _until
 
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _threads():

@@ -12,17 +12,7 @@ import time
 
 import websocket
 
-from conftest import delivered
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
+from conftest import delivered, until as _until
 
 
 def _pair(agents, network):
