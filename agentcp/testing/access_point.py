@@ -104,6 +104,9 @@ class AccessPoint:
         #: The :class:`~agentcp.testing.message_server.MessageServer` that :meth:`install` mounts at
         #: :attr:`message_server` (None if an external ``message_server`` was given).
         self.messages: Any = None
+        #: The file server (:class:`~agentcp.testing.oss_server.OssServer`) that :meth:`install` mounts at
+        #: ``<base>/api/oss``.
+        self.oss: Any = None
 
     # --- setup ----------------------------------------------------------------------------------------------------
     @property
@@ -143,6 +146,11 @@ class AccessPoint:
 
             self.messages = MessageServer(self.server, accept_any_issuer=self.accept_any_issuer,
                                           server_auth=self.server_auth).install()
+        if self.oss is None:
+            from .oss_server import OssServer
+
+            self.oss = OssServer(self.server, accept_any_issuer=self.accept_any_issuer,
+                                 server_auth=self.server_auth).install()
         self._installed = True
         return self
 
