@@ -24,7 +24,7 @@ import os
 from collections import OrderedDict
 from typing import Optional, Tuple
 
-from agentcp.file.file_client import OSS_URL_ENV, FileClient, file_server_url
+from agentcp.file.file_client import OSS_URL_ENV, TRANSFER_TIMEOUT, FileClient, file_server_url
 
 _log = logging.getLogger("agentcp.file")
 
@@ -36,6 +36,8 @@ class FilesMixin:
 
     #: File servers an agent keeps a signed-in client for at once (the least recently used one is closed).
     FILE_CLIENTS_MAX: int = 8
+    #: (connect, read) seconds of file transfers: the read timeout bounds a stall, not the whole transfer.
+    FILE_TIMEOUT: Tuple[float, float] = TRANSFER_TIMEOUT
 
     # --- which file server -----------------------------------------------------------------------------------
     def _upload_server(self) -> str:
@@ -59,7 +61,7 @@ class FilesMixin:
             evicted = None
             if client is None:
                 client = FileClient(self._certs_dir(), self.seed_password, self.id, self.ap, server_url=server_url,
-                                    check_trusted=self._check_trusted, on_limit=self._limit_crossed)
+                                    timeout=self.FILE_TIMEOUT, check_trusted=self._check_trusted, on_limit=self._limit_crossed)
                 clients[server_url] = client
                 if len(clients) > self.FILE_CLIENTS_MAX:
                     _, evicted = clients.popitem(last=False)

@@ -13,7 +13,7 @@ Both directions stream: an upload goes from the socket to a file in :attr:`OssSe
 a download from that file to the socket, so a 1 GB transfer costs the server no more memory than a small one.
 
 Fault controls: :meth:`OssServer.drop_after` (cut the next transfer after N body bytes), :meth:`OssServer.stall_after`
-(stop sending/reading after N bytes until released), :meth:`OssServer.expire_tokens` (the next request gets 401),
+(pause the next transfer after N bytes until :meth:`OssServer.release`), :meth:`OssServer.expire_tokens` (the next request gets 401),
 :meth:`OssServer.set_available` (503).
 """
 from __future__ import annotations
@@ -96,8 +96,10 @@ class _Body:
         if fault is not None:
             n = min(n, max(0, fault.after - self.read_bytes))
             if n == 0:
-                self._owner._apply(fault, self._sock)
-                raise _Cut()
+                if self._owner._apply(fault, self._sock):
+                    raise _Cut()
+                self._fault = None
+                n = min(CHUNK, self.remaining)
         data = self._rfile.read1(n) if hasattr(self._rfile, "read1") else self._rfile.read(n)
         if not data:
             raise HttpError(400, "the request body ended before its Content-Length")
@@ -199,7 +201,7 @@ class OssServer:
         self._release = threading.Event()
         #: Counters for tests.
         self.counters: Dict[str, int] = {"uploads": 0, "downloads": 0, "bytes_in": 0, "bytes_out": 0,
-                                         "unauthorised": 0, "cut": 0, "refused": 0, "bad_requests": 0}
+                                         "unauthorised": 0, "cut": 0, "stalls": 0, "refused": 0, "bad_requests": 0}
         #: Every request seen, as ``(method, path, agent_id)`` (never the token).
         self.requests: List[Tuple[str, str, str]] = []
 
@@ -231,12 +233,12 @@ class OssServer:
         self._set_fault(None if nbytes is None else _Fault("drop", direction, int(nbytes)))
 
     def stall_after(self, nbytes: Optional[int], direction: str = "any") -> None:
-        """Stop moving bytes of the next transfer after ``nbytes`` until :meth:`release` (then cut it)."""
+        """Pause the next transfer after ``nbytes`` body bytes until :meth:`release` (at most 60 s), then go on."""
         self._release.clear()
         self._set_fault(None if nbytes is None else _Fault("stall", direction, int(nbytes)))
 
     def release(self) -> None:
-        """End every stall (the stalled connections are cut)."""
+        """End every stall: the paused transfers go on (if their client is still there)."""
         self._release.set()
 
     def _set_fault(self, fault: Optional[_Fault]) -> None:
@@ -253,15 +255,20 @@ class OssServer:
                 return fault
         return None
 
-    def _apply(self, fault: _Fault, sock: socket.socket) -> None:
+    def _apply(self, fault: _Fault, sock: socket.socket) -> bool:
+        """Apply ``fault`` to a transfer on ``sock``; True if the connection was cut (a drop)."""
         if fault.kind == "stall":
+            with self._lock:
+                self.counters["stalls"] += 1
             self._release.wait(60.0)
+            return False
         with self._lock:
             self.counters["cut"] += 1
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        return True
 
     def expire_tokens(self) -> None:
         """Forget every file-server session: the next upload or download gets 401."""
@@ -439,15 +446,16 @@ class OssServer:
         sock = handler.connection
 
         def chunks() -> Iterator[bytes]:
-            sent = 0
+            pending, sent = fault, 0
             try:
                 while True:
                     want = CHUNK
-                    if fault is not None:
-                        want = min(want, fault.after - sent)
+                    if pending is not None:
+                        want = min(want, pending.after - sent)
                         if want <= 0:
-                            self._apply(fault, sock)
-                            return
+                            if self._apply(pending, sock):
+                                return
+                            pending, want = None, CHUNK
                     data = fh.read(want)
                     if not data:
                         break
