@@ -364,3 +364,31 @@ def test_get_file_info(tmp_path):
     assert get_file_info(str(named))["file_type"] == "jpg"
     missing = get_file_info(str(tmp_path / "missing.pdf"))
     assert missing["exists"] is False and missing["error"] and missing["file_type"] == "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ the example
+
+def test_file_transfer_example_runs_unmodified_against_the_dev_network(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from agentcp.testing.devserver import start_dev_network
+
+    server, access_point = start_dev_network(port=0)
+    try:
+        src = tmp_path / "doc.bin"
+        _write(src, 300_000)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTCP_")}
+        env["AGENTCP_AP_URL"] = access_point.url
+        script = Path(__file__).resolve().parent.parent / "examples" / "file_transfer.py"
+        assert "agentcp.testing" not in script.read_text(encoding="utf-8")
+        proc = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "data"), "--file", str(src),
+                               "--out", "copy.bin"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "uploaded: " + access_point.oss.url in proc.stdout and "identical" in proc.stdout
+        assert _digest(tmp_path / "copy.bin") == _digest(src)
+    finally:
+        access_point.oss.close()
+        server.stop()

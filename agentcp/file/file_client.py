@@ -395,7 +395,7 @@ class FileClient:
                                               stream=True, **self._request_kwargs(endpoint))
             except errors as exc:
                 raise FileTransferError(
-                    f"upload of {name} to {endpoint} failed after {body.sent} of {body.file_size} bytes: "
+                    f"upload of {name} to {endpoint} failed after sending {body.sent} of {body.file_size} bytes: "
                     f"{_describe(exc)}") from None
             finally:
                 body.close()

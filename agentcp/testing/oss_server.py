@@ -79,11 +79,9 @@ class _Fault:
 class _Body:
     """The request body read from the socket, at most ``length`` bytes, with the transfer fault applied."""
 
-    def __init__(self, owner: "OssServer", rfile: Any, sock: socket.socket, length: int,
-                 fault: Optional[_Fault]) -> None:
+    def __init__(self, owner: "OssServer", rfile: Any, length: int, fault: Optional[_Fault]) -> None:
         self._owner = owner
         self._rfile = rfile
-        self._sock = sock
         self.remaining = length
         self.read_bytes = 0
         self._fault = fault
@@ -96,8 +94,8 @@ class _Body:
         if fault is not None:
             n = min(n, max(0, fault.after - self.read_bytes))
             if n == 0:
-                if self._owner._apply(fault, self._sock):
-                    raise _Cut()
+                if self._owner._apply(fault, None):
+                    raise _Cut()  # the handler cuts the socket once the partial upload is deleted
                 self._fault = None
                 n = min(CHUNK, self.remaining)
         data = self._rfile.read1(n) if hasattr(self._rfile, "read1") else self._rfile.read(n)
@@ -164,6 +162,13 @@ class _MultipartReader:
                 self._buf = self._buf[-keep:]
             if not self._fill():
                 raise HttpError(400, "multipart body ended inside a part")
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
 
 
 def _safe_name(name: str) -> str:
@@ -255,8 +260,9 @@ class OssServer:
                 return fault
         return None
 
-    def _apply(self, fault: _Fault, sock: socket.socket) -> bool:
-        """Apply ``fault`` to a transfer on ``sock``; True if the connection was cut (a drop)."""
+    def _apply(self, fault: _Fault, sock: Optional[socket.socket]) -> bool:
+        """Apply ``fault`` to a transfer on ``sock``; True if the connection is to be cut (a drop; ``sock`` is
+        shut down here when given)."""
         if fault.kind == "stall":
             with self._lock:
                 self.counters["stalls"] += 1
@@ -264,10 +270,8 @@ class OssServer:
             return False
         with self._lock:
             self.counters["cut"] += 1
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if sock is not None:
+            _shutdown(sock)
         return True
 
     def expire_tokens(self) -> None:
@@ -329,6 +333,7 @@ class OssServer:
         try:
             return self._upload(request, handler)
         except _Cut:
+            _shutdown(handler.connection)
             return None
         except HttpError as exc:
             if exc.status == 400:
@@ -356,7 +361,7 @@ class OssServer:
             raise HttpError(400, "bad Content-Length")
         if length > self.max_upload:
             raise HttpError(413, f"upload larger than {self.max_upload} bytes")
-        body = _Body(self, handler.rfile, handler.connection, length, self._take_fault("upload"))
+        body = _Body(self, handler.rfile, length, self._take_fault("upload"))
         fields: Dict[str, str] = {}
         stored: Optional[Tuple[str, str, int, str, str]] = None  # (temp path, filename, size, md5, sha256)
         try:
