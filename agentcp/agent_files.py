@@ -26,9 +26,9 @@ from typing import Optional, Tuple
 
 from agentcp.file.file_client import OSS_URL_ENV, TRANSFER_TIMEOUT, FileClient, file_server_url
 
-_log = logging.getLogger("agentcp.file")
+__all__ = ["FilesMixin", "FileClient"]
 
-__all__ = ["FilesMixin"]
+_log = logging.getLogger("agentcp.file")
 
 
 class FilesMixin:
