@@ -23,6 +23,8 @@ import tempfile
 import time
 from typing import Any, List, Optional, Tuple
 
+from messaging import Table  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+
 MiB = 1024 * 1024
 #: Peak RSS growth allowed during a transfer, client and server (the file itself is 1 GB).
 RSS_GROWTH_TARGET_MB = 64
@@ -68,26 +70,6 @@ def _serve(conn: Any) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-class Table:
-    def __init__(self) -> None:
-        self.rows: List[Tuple[str, str, str, Optional[bool]]] = []
-
-    def add(self, figure: str, measured: str, target: str = "", ok: Optional[bool] = None) -> None:
-        self.rows.append((figure, measured, target, ok))
-        mark = {True: "ok  ", False: "MISS", None: "    "}[ok]
-        print(f"  {mark} {figure:<48} {measured:>16}   {('target ' + target) if target else ''}", flush=True)
-
-    def render(self) -> str:
-        lines = ["| figure | measured | target | |", "|---|---:|---|---|"]
-        for figure, measured, target, ok in self.rows:
-            lines.append(f"| {figure} | {measured} | {target} | {'' if ok is None else ('ok' if ok else 'MISS')} |")
-        return "\n".join(lines)
-
-    @property
-    def missed(self) -> List[str]:
-        return [r[0] for r in self.rows if r[3] is False]
-
-
 def _make_file(path: str, size: int) -> str:
     """Write ``size`` pseudo-random bytes in 1 MiB blocks; their SHA-256."""
     digest = hashlib.sha256()

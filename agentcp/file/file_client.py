@@ -34,7 +34,8 @@ from agentcp.base.auth_client import AuthClient
 from agentcp.base.http import AbortableSession, VerifySetting, no_proxy_for, read_limited, resolve_verify
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded
 from agentcp.base.reporting import publish
-from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError, url_host
+from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError, _is_ip, _is_loopback, url_host
+from agentcp.ca.identity_store import _fsync_dir
 from agentcp.context.exceptions import AuthError, SDKError
 
 __all__ = [
@@ -74,18 +75,6 @@ class FileTransferError(SDKError):
 
 # ------------------------------------------------------------------------------------------------------ pure helpers
 
-def _is_ip_or_localhost(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
 def file_server_url(network_or_url: str) -> str:
     """The file server base for a network domain, an access point URL or a file URL (see the module notes)."""
     text = (network_or_url or "").strip().rstrip("/")
@@ -93,7 +82,7 @@ def file_server_url(network_or_url: str) -> str:
         return f"https://oss.{text}/api/oss"
     scheme, host = url_host(text)
     netloc = urlsplit(text).netloc
-    if _is_ip_or_localhost(host):
+    if _is_ip(host) or _is_loopback(host):  # the devserver: the access point's own origin
         return f"{scheme}://{netloc}/api/oss"
     labels = host.split(".")
     parent = ".".join(labels[1:]) if len(labels) > 2 else host
@@ -182,6 +171,15 @@ class _MultipartFile:
 def _quoted(value: str) -> str:
     # A name cannot end the quoted header value or start a new header line.
     return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _check_status(response: Any, what: str) -> None:
+    """Raise :class:`FileTransferError` for a non-2xx reply, with the server's error text if it sent one."""
+    if 200 <= response.status_code < 300:
+        return
+    detail = _server_error(response)
+    raise FileTransferError(f"{what}: the server answered HTTP {response.status_code}"
+                            f"{f' ({detail})' if detail else ''}", status=response.status_code)
 
 
 def _server_error(response: Any) -> str:
@@ -403,11 +401,7 @@ class FileClient:
                 if response.status_code == 401 and attempt == 0:
                     token = self._fresh_token(token)
                     continue
-                if not 200 <= response.status_code < 300:
-                    detail = _server_error(response)
-                    raise FileTransferError(
-                        f"upload of {name} to {endpoint}: the server answered HTTP {response.status_code}"
-                        f"{f' ({detail})' if detail else ''}", status=response.status_code)
+                _check_status(response, f"upload of {name} to {endpoint}")
                 url = self._uploaded(response, endpoint, name, body.file_size)
             with self._lock:
                 self.counters["uploads"] += 1
@@ -478,12 +472,8 @@ class FileClient:
                 if response.status_code == 401 and attempt == 0:
                     token = self._fresh_token(token)
                     continue
-                if not 200 <= response.status_code < 300:
-                    detail = _server_error(response)
-                    raise _with_url(FileTransferError(
-                        f"download of {_shown(url)}: the server answered HTTP {response.status_code}"
-                        f"{f' ({detail})' if detail else ''}", status=response.status_code), full_url)
                 try:
+                    _check_status(response, f"download of {_shown(url)}")
                     size = self._save(response, url, target)
                 except FileTransferError as exc:
                     raise _with_url(exc, full_url) from None
@@ -595,19 +585,3 @@ def _describe(exc: BaseException) -> str:
         return "the connection dropped"
     text = _SIGNATURE_QUERY.sub(r"\1***", " ".join(str(exc).split()))
     return f"{type(exc).__name__}: {text[:160]}"
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the rename durable (POSIX); best effort elsewhere."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        _log.debug("fsync of %s failed", folder, exc_info=True)
-    finally:
-        os.close(fd)

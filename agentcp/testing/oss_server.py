@@ -283,14 +283,17 @@ class OssServer:
         with self._lock:
             self._available = bool(available)
 
+    def _check_available(self) -> None:
+        with self._lock:
+            available = self._available
+            if not available:
+                self.counters["refused"] += 1
+        if not available:
+            raise HttpError(503, "file server unavailable (OssServer fault control)")
+
     def _guard(self, handler: Any) -> Any:
         def guarded(request: HttpRequest) -> Any:
-            with self._lock:
-                available = self._available
-                if not available:
-                    self.counters["refused"] += 1
-            if not available:
-                return HttpResponse(503, {"error": "file server unavailable (OssServer fault control)"})
+            self._check_available()  # the route table turns the HttpError into the 503 answer
             return handler(request)
 
         return guarded
@@ -344,12 +347,7 @@ class OssServer:
     def _upload(self, request: HttpRequest, handler: Any) -> Optional[HttpResponse]:
         if request.path != f"{self.prefix}/upload_file":
             raise HttpError(404, f"no such endpoint: {request.path}")
-        with self._lock:
-            available = self._available
-        if not available:
-            with self._lock:
-                self.counters["refused"] += 1
-            raise HttpError(503, "file server unavailable (OssServer fault control)")
+        self._check_available()
         match = _BOUNDARY.search(request.header("content-type", "") or "")
         if not (request.header("content-type", "") or "").lower().startswith("multipart/form-data") or not match:
             raise HttpError(400, "expected multipart/form-data with a boundary")
@@ -431,12 +429,7 @@ class OssServer:
     def _download(self, request: HttpRequest, handler: Any) -> HttpResponse:
         agent_id = (request.query.get("agent_id") or [""])[0]
         self._note("GET", request.path, agent_id)
-        with self._lock:
-            available = self._available
-        if not available:
-            with self._lock:
-                self.counters["refused"] += 1
-            raise HttpError(503, "file server unavailable (OssServer fault control)")
+        self._check_available()
         self._owner((request.query.get("signature") or [""])[0], agent_id)
         file_id = request.path[len(self.prefix + "/files/"):].split("/", 1)[0]
         with self._lock:
