@@ -61,7 +61,8 @@ class FilesMixin:
             evicted = None
             if client is None:
                 client = FileClient(self._certs_dir(), self.seed_password, self.id, self.ap, server_url=server_url,
-                                    timeout=self.FILE_TIMEOUT, check_trusted=self._check_trusted, on_limit=self._limit_crossed)
+                                    timeout=self.FILE_TIMEOUT, check_trusted=self._check_trusted,
+                                    on_limit=self._limit_crossed)
                 clients[server_url] = client
                 if len(clients) > self.FILE_CLIENTS_MAX:
                     _, evicted = clients.popitem(last=False)

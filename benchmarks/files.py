@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 from messaging import Table  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 

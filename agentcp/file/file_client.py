@@ -217,8 +217,8 @@ class FileClient:
     :class:`LimitExceeded` of a download that crossed it).
     """
 
-    def __init__(self, aid_path: str, seed_password: str, agent_id: str, agent_network: str, cert: str = None,
-                 key: str = None, *, server_url: Optional[str] = None,
+    def __init__(self, aid_path: str, seed_password: str, agent_id: str, agent_network: str,
+                 cert: Optional[str] = None, key: Optional[str] = None, *, server_url: Optional[str] = None,
                  timeout: Union[float, Tuple[float, float]] = TRANSFER_TIMEOUT,
                  verify: Optional[VerifySetting] = None, trust: Optional[TrustPolicy] = None,
                  check_trusted: Optional[Callable[[str, str], bool]] = None,

@@ -12,9 +12,9 @@ the devserver and of the tests upload and download files locally::
 Both directions stream: an upload goes from the socket to a file in :attr:`OssServer.storage_dir` as it arrives,
 a download from that file to the socket, so a 1 GB transfer costs the server no more memory than a small one.
 
-Fault controls: :meth:`OssServer.drop_after` (cut the next transfer after N body bytes), :meth:`OssServer.stall_after`
-(pause the next transfer after N bytes until :meth:`OssServer.release`), :meth:`OssServer.expire_tokens` (the next request gets 401),
-:meth:`OssServer.set_available` (503).
+Fault controls: :meth:`OssServer.drop_after` (cut the next transfer after N body bytes),
+:meth:`OssServer.stall_after` (pause the next transfer after N bytes until :meth:`OssServer.release`),
+:meth:`OssServer.expire_tokens` (the next request gets 401), :meth:`OssServer.set_available` (503).
 """
 from __future__ import annotations
 
