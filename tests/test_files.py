@@ -94,23 +94,24 @@ def test_upload_file_async_leaves_the_event_loop_free(alice, oss, workdir):
     src = workdir / "async.bin"
     digest = _write(src, 2 * MB)
     oss.stall_after(MB, "upload")  # the upload pauses until a coroutine on the loop releases it
+    alice.FILE_TIMEOUT = (5.0, 5.0)  # a blocking upload fails after this stall instead of waiting for the release
 
     async def main():
-        released = asyncio.Event()
+        uploads_at_release = []
 
         async def releaser():
             while not oss.counters["stalls"]:
                 await asyncio.sleep(0.01)
-            oss.release()  # runs only if the loop is not blocked by the upload
-            released.set()
+            uploads_at_release.append(oss.counters["uploads"])
+            oss.release()  # runs while the upload waits only if the upload does not block the loop
 
         task = asyncio.create_task(releaser())
         url = await asyncio.wait_for(alice.upload_file_async(str(src)), 20)
         await task
-        return url, released.is_set()
+        return url, uploads_at_release
 
-    url, released = asyncio.run(main())
-    assert released and url
+    url, uploads_at_release = asyncio.run(main())
+    assert uploads_at_release == [0] and url
     assert oss.file_for_url(url).sha256 == digest
 
 
