@@ -11,16 +11,7 @@ import pytest
 
 from agentcp.context import ErrorContext
 
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
+from conftest import until as _until
 
 
 def _threads():

@@ -10,7 +10,7 @@ import pytest
 from agentcp import AgentCP
 from agentcp.base.backoff import Backoff
 
-from conftest import fast_messaging
+from conftest import fast_messaging, until as _until
 
 
 @pytest.fixture
@@ -29,16 +29,6 @@ def _load(tmp_path, network, made, name: str):
     aid = fast_messaging(acp.create_aid("example.com", name))
     made.append(aid)
     return aid
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _joins(network, aid, sid):

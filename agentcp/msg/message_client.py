@@ -350,6 +350,60 @@ class MessageClient(IClient):
             raise OutboxFullError(ticket.error)
         return ticket.status is not SendStatus.QUEUED
 
+    # -- 0.1.99's WebSocketApp callbacks. The reader and driver threads handle these events themselves; these entry
+    #    points feed the same events in from outside (a custom transport, a test, code written for 0.1.99). ``ws``
+    #    is the connection (or its socket); an event for a connection that is no longer current is ignored.
+    def _current(self, ws: Any) -> Optional[_Conn]:
+        with self._lock:
+            conn = self._conn
+        if conn is not None and (ws is conn or ws is conn.ws):
+            return conn
+        log.debug("message channel %s: event for a connection that is not current ignored", self.agent_id)
+        return None
+
+    def on_open(self, ws: Any) -> None:
+        """``ws`` is open: the handler's ``on_open`` re-joins the sessions over it (as after every connect)."""
+        conn = self._current(ws)
+        on_open = getattr(self.message_handler, "on_open", None)
+        if conn is not None and on_open is not None:
+            on_open(conn)
+
+    def on_message(self, ws: Any, message: Union[str, bytes]) -> None:
+        """A text frame arrived on ``ws``: an ack completes its send, anything else goes to the handler
+        (duplicates dropped), as for the frames the reader thread reads."""
+        conn = self._current(ws)
+        if conn is None:
+            return
+        with self._lock:
+            self._machine.frame_received(self._clock())
+        text = message.decode("utf-8", "replace") if isinstance(message, (bytes, bytearray)) else str(message)
+        self._on_text(conn, text)
+
+    def on_ping(self, ws: Any, message: Any = None) -> None:
+        """A ping from the server on ``ws``: evidence the connection is alive."""
+        conn = self._current(ws)
+        if conn is not None:
+            with self._lock:
+                self._machine.frame_received(self._clock())
+
+    def on_pong(self, ws: Any, message: Any = None) -> None:
+        """The answer to our ping on ``ws``: evidence the connection is alive."""
+        self.on_ping(ws, message)
+
+    def on_error(self, ws: Any, error: Any) -> None:
+        """An error on ``ws``: reported (once per kind) and the connection is rebuilt."""
+        conn = self._current(ws)
+        text = redact(f"{type(error).__name__}: {error}", self.auth_client.signature)
+        self._report.note("on_error", f"message channel of {self.agent_id}: {text}", MessageChannelError(text))
+        if conn is not None:
+            self._connection_lost(conn, f"error: {type(error).__name__}")
+
+    def on_close(self, ws: Any, close_status_code: Optional[int] = None, close_msg: Any = None) -> None:
+        """``ws`` was closed: the client reconnects (and re-joins) as after any lost connection."""
+        conn = self._current(ws)
+        if conn is not None:
+            self._connection_lost(conn, f"closed ({close_status_code} {close_msg or ''})".replace(" )", ")"))
+
     # ------------------------------------------------------------------------------------------------------------
     # New API
     # ------------------------------------------------------------------------------------------------------------
