@@ -233,6 +233,17 @@ def test_stalled_download_times_out_and_leaves_nothing(alice, oss, workdir):
     assert not (workdir / "s-copy.bin").exists() and _leftovers(workdir) == []
 
 
+def test_stalled_upload_times_out(alice, oss, workdir):
+    alice.FILE_TIMEOUT = (0.5, 0.5)
+    src = workdir / "slow.bin"
+    _write(src, 8 * MB)  # more than the loopback socket buffers hold, so the sender blocks
+    oss.stall_after(MB, "upload")
+    assert alice.upload_file(str(src)) is None
+    assert "stalled" in str(alice.file_client.last_error) or "dropped" in str(alice.file_client.last_error)
+    oss.release()
+    assert oss.files() == []
+
+
 def test_download_cap_is_enforced(alice, oss, workdir):
     src = workdir / "cap.bin"
     _write(src, 3 * MB)
@@ -304,6 +315,19 @@ def test_untrusted_download_host_gets_no_token(alice, oss, workdir, attacker):
     assert client.download_file(evil, "stolen2.bin") is None
     assert seen == [] and client.counters["refused"] == 1
     client.close()
+
+
+def test_file_server_override_outside_the_trust_domain_is_refused(alice, oss, workdir, attacker, monkeypatch):
+    server, seen = attacker
+    monkeypatch.setenv("AGENTCP_OSS_URL", f"http://127.0.0.2:{server.server_address[1]}/api/oss")
+    src = workdir / "o.bin"
+    _write(src, 1000)
+    assert alice.upload_file(str(src)) is None
+    assert seen == []  # no sign-in challenge, no proof, no file
+    assert alice.status()["trust"]["refused"].get("file", 0) >= 1
+    monkeypatch.setenv("AGENTCP_TRUSTED_HOSTS", "127.0.0.2")  # the application says it is its own server
+    alice.upload_file(str(src))
+    assert seen and seen[0] == "/api/oss/sign_in"
 
 
 def test_relative_paths_stay_inside_the_current_folder(alice, oss, workdir, tmp_path):
