@@ -106,6 +106,7 @@ class MessagingMixin:
         except Exception as exc:  # history must never break messaging
             self._count_history_error("open", exc)
             return None
+        db.on_flush_error = lambda exc, rows: self._count_history_error("write", exc)
         self.db_manager = db
         return db
     def _count_history_error(self, what: str, exc: BaseException) -> None:
@@ -128,6 +129,17 @@ class MessagingMixin:
             fn(*args)
         except Exception as exc:  # history must never break messaging
             self._count_history_error(method, exc)
+    def _flush_history(self) -> None:
+        """Write the history rows still buffered (write-behind) now; failures are counted like other writes."""
+        db = self.db_manager
+        if db is not None and hasattr(db, "flush"):
+            try:
+                db.flush()
+            except Exception as exc:  # history must never break messaging
+                self._count_history_error("flush", exc)
+        from agentcp.db.write_behind import FLUSHER
+
+        FLUSHER.stop_if_idle()  # the shared writer thread ends with the last agent that used it
     def _start_messaging(self, message_server: str, certs: str) -> None:
         """Lock held, from the connect thread: open the message-server connection now (not on first send)."""
         if not message_server:
@@ -196,7 +208,7 @@ class MessagingMixin:
         dispatcher = self._dispatcher
         if dispatcher is None or dispatcher.stopped:
             return  # dropped by offline(): not confirmed (see _on_incoming)
-        self._history("save_message", dict(data))
+        self._history("save_message_later", dict(data))
         try:
             blocks = self.get_content_array_from_message(data)
         except AttributeError:
@@ -332,7 +344,7 @@ class MessagingMixin:
         if result.status is SendStatus.FAILED:
             return result
         if insert_message:
-            self._history("save_message", {
+            self._history("save_message_later", {
                 "session_id": sessionId, "message_id": result.message_id, "sender": self.id,
                 "receiver": receivers, "ref_msg_id": ref_msg_id or "", "instruction": instruction,
                 "message": json.dumps(blocks)})

@@ -595,6 +595,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 with self._lock:
                     if self._retiring_sm is sm:
                         self._retiring_sm = None
+            self._flush_history()  # messages sent and received up to now are on disk when offline() returns
             if hb is not None:
                 hb.offline()
                 hb.sign_out()
