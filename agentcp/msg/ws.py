@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import websocket
 
 from agentcp.base.http import VerifySetting, resolve_verify
+from agentcp.msg.mask import MaskKeys
 
 __all__ = ["sslopt", "WsConnection"]
 
@@ -29,6 +30,7 @@ class WsConnection:
 
     def __init__(self, ws: websocket.WebSocket, gen: int) -> None:
         self.ws = ws
+        ws.set_mask_key(MaskKeys())  # fresh random keys without a system call per frame
         self.gen = gen
         self.reader: Optional[threading.Thread] = None
         self.opened_at = time.monotonic()
