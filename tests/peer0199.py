@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import pytest
-
 PUBLISHED = "agentcp==0.1.99"
 REQUIRED_ENV = "AGENTCP_0199_REQUIRED"
 VENV_ENV = "AGENTCP_0199_VENV"
@@ -53,6 +51,8 @@ def run(args: List[str], **kwargs) -> subprocess.CompletedProcess:
 
 def unavailable(reason: str) -> None:
     """Skip the test (or fail it where 0.1.99 is required, as in CI)."""
+    import pytest  # here, not at the top: benchmarks/messaging.py imports this module without pytest
+
     if os.environ.get(REQUIRED_ENV) == "1" or os.environ.get("AGENTCP_UPGRADE_REQUIRED") == "1":
         pytest.fail(f"agentcp 0.1.99 is required but {reason}")
     pytest.skip(reason)
@@ -65,17 +65,27 @@ def make_side_venv(venv: Path) -> Path:
         made = run([sys.executable, "-m", "venv", str(venv)])
         if made.returncode != 0:
             unavailable(f"cannot create a virtual environment: {made.stderr[-500:]}")
-    check = run([str(py), "-c", "import importlib.metadata as m; print(m.version('agentcp'))"])
-    if check.returncode != 0 or check.stdout.strip() != "0.1.99":
+    if installed_version(py) != "0.1.99":
         installed = run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PUBLISHED])
         if installed.returncode != 0:
             unavailable(f"cannot install {PUBLISHED} into a side venv: {installed.stderr[-800:]}")
     return py
 
 
+def installed_version(py: Path) -> Optional[str]:
+    """The version of agentcp installed for the interpreter ``py``; None if there is none (or no ``py``)."""
+    if not Path(py).exists():
+        return None
+    # -I: not the current directory (a source checkout of ours there would answer for the venv)
+    check = run([str(py), "-I", "-c", "import importlib.metadata as m; print(m.version('agentcp'))"], timeout=60)
+    return check.stdout.strip() if check.returncode == 0 else None
+
+
 def side_python(tmp_path_factory) -> Path:
     """The python of a side venv with 0.1.99 (``AGENTCP_0199_VENV`` or a fresh one for this test session)."""
     if os.name != "posix":
+        import pytest
+
         pytest.skip("side virtual environment layout is POSIX")
     where = os.environ.get(VENV_ENV)
     venv = Path(where) if where else tmp_path_factory.mktemp("side0199") / "venv"
