@@ -347,7 +347,7 @@ class MessagingMixin:
             self._history("save_message_later", {
                 "session_id": sessionId, "message_id": result.message_id, "sender": self.id,
                 "receiver": receivers, "ref_msg_id": ref_msg_id or "", "instruction": instruction,
-                "message": json.dumps(blocks)})
+                "message": blocks})  # fresh copies (see _blocks): serialised by the history writer
         return result
     def send_message_content(self, session_id: str, to_aid_list: list, llm_content: str, ref_msg_id: str = "",
                              message_id: str = ""):

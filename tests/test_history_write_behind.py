@@ -169,3 +169,13 @@ def test_message_sent_is_in_history_at_once_and_on_disk_after_offline(agents, ne
     a.offline()
     assert _on_disk(a.db_manager) == 6  # offline() wrote the buffer
     assert a.db_manager.write_behind_stats()["pending"] == 0
+
+
+def test_a_bad_row_found_at_write_time_is_counted_and_the_others_are_stored(db):
+    db.save_message_later(_msg(1))
+    db.save_message_later(dict(_msg(2), session_id=["not", "an", "id"]))  # wrong type: only the writer sees it
+    db.save_message_later(_msg(3))
+    assert db.flush() == 2
+    stats = db.write_behind_stats()
+    assert stats["invalid"] == 1 and stats["lost"] == 0
+    assert [r["message_id"] for r in db.get_conversation_messages(SID)] == ["m1", "m3"]

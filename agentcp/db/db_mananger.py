@@ -192,7 +192,7 @@ class DBManager:
         self.on_flush_error: Optional[Callable[[BaseException, int], None]] = None
         self._pending: List[Dict[str, Any]] = []
         self._wb = {"buffered": 0, "batches": 0, "written": 0, "duplicates": 0, "write_through": 0, "lost": 0,
-                    "flush_errors": 0}
+                    "flush_errors": 0, "invalid": 0}
         self._registered = False
         # One connection for all threads: the lock serialises use, so check_same_thread can be off; autocommit
         # mode (isolation_level=None) so that our explicit BEGIN IMMEDIATE/COMMIT are the only transactions.
@@ -510,13 +510,17 @@ class DBManager:
         return True
 
     def save_message_later(self, message: Dict[str, Any]) -> None:
-        """:meth:`save_message` written behind: validated now (raises as it does), stored within
-        ``write_behind.max_delay`` seconds together with other buffered rows, and before any later read or write
-        of this database (read-your-writes). A full buffer is written at once by this call; nothing is dropped."""
-        row = self._saved_row(message)
+        """:meth:`save_message` written behind: stored within ``write_behind.max_delay`` seconds together with
+        other buffered rows, and before any later read or write of this database (read-your-writes). A full
+        buffer is written at once by this call; nothing is dropped.
+
+        The shape is checked now (a non-dict or a missing required field raises as in :meth:`save_message`); the
+        row is built when it is written, off the sender's thread, so ``message`` is kept until then and must not
+        be changed by the caller. A field of the wrong type found then is logged and counted (``invalid``)."""
+        self._check_message(message)
         with self._lock:
             self._conn()
-            self._pending.append(row)
+            self._pending.append(message)
             self._wb["buffered"] += 1
             if self.write_behind.write_through(len(self._pending)):
                 self._wb["write_through"] += 1
@@ -532,7 +536,8 @@ class DBManager:
 
     def write_behind_stats(self) -> Dict[str, int]:
         """Counters of the write-behind buffer: rows ``buffered``, ``pending`` now, ``batches`` written, rows
-        ``written``/``duplicates``, ``write_through`` flushes, rows ``lost`` in ``flush_errors`` failed batches."""
+        ``written``/``duplicates``/``invalid``, ``write_through`` flushes, rows ``lost`` in ``flush_errors`` failed
+        batches."""
         with self._lock:
             return dict(self._wb, pending=len(self._pending))
 
@@ -541,12 +546,18 @@ class DBManager:
         rows, self._pending = self._pending, []
         if not rows:
             return 0
-        inserted = 0
+        inserted = invalid = 0
         try:
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for row in rows:
+                for message in rows:
+                    try:
+                        row = self._saved_row(message)
+                    except (TypeError, ValueError) as exc:  # one bad row: counted, the others are written
+                        invalid += 1
+                        _log.warning("%s: history row not stored: %s", self.db_path, exc)
+                        continue
                     inserted += self._insert_new(conn, row)
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -568,7 +579,8 @@ class DBManager:
             return 0
         self._wb["batches"] += 1
         self._wb["written"] += inserted
-        self._wb["duplicates"] += len(rows) - inserted
+        self._wb["invalid"] += invalid
+        self._wb["duplicates"] += len(rows) - inserted - invalid
         return inserted
 
     def _insert_new(self, conn: sqlite3.Connection, row: Dict[str, Any]) -> bool:
@@ -582,13 +594,18 @@ class DBManager:
         self._insert_row(conn, row)
         return True
 
-    def _saved_row(self, message: Dict[str, Any]) -> Dict[str, Any]:
-        """The validated ``messages`` row for a ``save_message`` argument."""
+    @staticmethod
+    def _check_message(message: Any) -> None:
+        """The shape of a ``save_message`` argument: a dict with the required fields."""
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, got {type(message).__name__}")
         missing = [k for k in ("session_id", "sender", "message") if k not in message]
         if missing:
             raise ValueError(f"message lacks required field(s): {', '.join(missing)}")
+
+    def _saved_row(self, message: Dict[str, Any]) -> Dict[str, Any]:
+        """The validated ``messages`` row for a ``save_message`` argument."""
+        self._check_message(message)
         sender = _require_str("sender", message["sender"])
         outgoing = sender == self.aid
         receiver = message.get("receiver", "")

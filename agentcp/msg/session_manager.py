@@ -47,8 +47,13 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+_LEAVES = frozenset({str, int, float, bool})
+
+
 def to_plain(obj: Any) -> Any:
     """A JSON-serialisable copy of a block/instruction: dataclasses (also nested) become dicts."""
+    if obj is None or type(obj) in _LEAVES:  # most of a block: answered before the dataclass check
+        return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_plain(v) for k, v in obj.__dict__.items()}
     if isinstance(obj, dict):
