@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
+from agentcp.base.shared_timer import TIMER, TimerHandle
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
@@ -441,6 +442,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         self._last_error: Optional[str] = None
         self._published_error: Optional[str] = None
         self._next_renewal_check = 0.0
+        self._renewal: Optional[TimerHandle] = None  # the next certificate check on the shared timer
         self._online_since: Optional[float] = None
         self.on_state_change: Optional[Callable[[str, str], Any]] = None
         self.message_config: Optional[MessageClientConfig] = None
@@ -535,7 +537,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         try:
             with self._lock:
                 running = self._conn_thread is not None and self._conn_thread.is_alive()
-                if running and self._phase == "started":
+                if self._phase == "started":  # online (the connect thread ended; renewal runs on the timer)
                     return
                 self._attempted.clear()
                 if running:
@@ -581,6 +583,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 hb, self.heartbeat_client = self.heartbeat_client, None
                 ap, self.ap_client = self.ap_client, None
                 self._conn_thread = None
+                renewal, self._renewal = self._renewal, None
                 self.is_online_success = False
                 self._online_since = None
                 self._set_phase("offline")
@@ -596,6 +599,8 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                     if self._retiring_sm is sm:
                         self._retiring_sm = None
             self._flush_history()  # messages sent and received up to now are on disk when offline() returns
+            TIMER.cancel(renewal)
+            TIMER.join_if_idle()  # the shared timer thread ends with the last online agent
             if hb is not None:
                 hb.offline()
                 hb.sign_out()
@@ -712,11 +717,19 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 wait = policy.delay(failures - 1)
                 self._wake.wait(wait)
                 self._wake.clear()
-        # Connected (or stopped): look after the certificate until offline().
-        while not stop.is_set():
-            self._maybe_renew()
-            self._wake.wait(self.RENEWAL_CHECK_INTERVAL)
-            self._wake.clear()
+        # Connected (or stopped): the certificate is looked after on the shared timer until offline(); this
+        # thread ends here (one thread per agent less while it is online).
+        if not stop.is_set():
+            self._renewal_tick(stop)
+
+    def _renewal_tick(self, stop: threading.Event) -> None:
+        """On the shared timer (first from the connect thread): renew the certificate if due, schedule the next
+        check unless ``offline()`` began."""
+        self._maybe_renew()
+        with self._lock:
+            if stop.is_set() or self._stop is not stop:
+                return
+            self._renewal = TIMER.call_later(self.RENEWAL_CHECK_INTERVAL, lambda: self._renewal_tick(stop))
 
     def _connect_once(self, stop: threading.Event) -> None:
         with self._lock:
