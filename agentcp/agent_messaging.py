@@ -25,6 +25,19 @@ from agentcp.msg.session_manager import SessionManager, to_plain
 _log = logging.getLogger("agentcp.agent")
 
 
+class _OpenOnUse:
+    """The session manager's view of the history: ``load_session_history`` opens the database on first use."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self, open_db) -> None:
+        self._open = open_db
+
+    def load_session_history(self, session_id: str) -> list:
+        db = self._open()
+        return db.load_session_history(session_id) if db is not None else []
+
+
 class MessagingMixin:
     """Messaging methods of :class:`~agentcp.agentcp.AgentID`."""
 
@@ -149,8 +162,9 @@ class MessagingMixin:
         if old is not None and old.server_url == message_server.rstrip("/"):
             return
         config = self.message_config or self.MESSAGE_CONFIG or MessageClientConfig()
-        # The history restores ownership of sessions on demand (after a restart), so open it now.
-        sm = SessionManager(self.id, message_server, certs, self.seed_password, self._db(), config=config)
+        # The history restores ownership of sessions on demand (after a restart); it is opened on first use, so an
+        # agent that only idles holds no SQLite connection (memory per idle agent).
+        sm = SessionManager(self.id, message_server, certs, self.seed_password, _OpenOnUse(self._db), config=config)
         sm.confirm_handled = True  # a message dropped by offline() before its handler ran is asked for again
         sm.set_on_message_receive(self._on_incoming)
         sm.set_on_session_message_ack(self._on_message_ack)

@@ -179,3 +179,12 @@ def test_a_bad_row_found_at_write_time_is_counted_and_the_others_are_stored(db):
     stats = db.write_behind_stats()
     assert stats["invalid"] == 1 and stats["lost"] == 0
     assert [r["message_id"] for r in db.get_conversation_messages(SID)] == ["m1", "m3"]
+
+
+def test_an_idle_online_agent_opens_no_history_database(agents):
+    a = agents("idle")
+    a.online()
+    assert a.is_online_success
+    assert a.db_manager is None  # no SQLite connection (and its memory) until the history is used
+    assert a.get_message_list("123", 1, 10) == []
+    assert a.db_manager is not None
