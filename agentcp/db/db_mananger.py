@@ -191,6 +191,8 @@ class DBManager:
         #: Called as ``on_flush_error(exc, rows_lost)`` when a batch of buffered rows could not be written.
         self.on_flush_error: Optional[Callable[[BaseException, int], None]] = None
         self._pending: List[Dict[str, Any]] = []
+        # Guards only ``_pending``: a sender appends without waiting for a batch being written under ``_lock``.
+        self._pending_lock = threading.Lock()
         self._wb = {"buffered": 0, "batches": 0, "written": 0, "duplicates": 0, "write_through": 0, "lost": 0,
                     "flush_errors": 0, "invalid": 0}
         self._registered = False
@@ -518,15 +520,18 @@ class DBManager:
         row is built when it is written, off the sender's thread, so ``message`` is kept until then and must not
         be changed by the caller. A field of the wrong type found then is logged and counted (``invalid``)."""
         self._check_message(message)
-        with self._lock:
-            self._conn()
+        if self.conn is None:
+            self._conn()  # raises: closed
+        with self._pending_lock:
             self._pending.append(message)
             self._wb["buffered"] += 1
-            if self.write_behind.write_through(len(self._pending)):
+            pending = len(self._pending)
+        if self.write_behind.write_through(pending):
+            with self._lock:
                 self._wb["write_through"] += 1
                 self._flush_locked(raise_errors=True)
-            elif len(self._pending) == 1:
-                FLUSHER.schedule(self, self.write_behind.deadline(time.monotonic()))
+        elif pending == 1:
+            FLUSHER.schedule(self, self.write_behind.deadline(time.monotonic()))
 
     def flush(self) -> int:
         """Write the rows buffered by :meth:`save_message_later` now, in one transaction; how many were new.
@@ -538,12 +543,13 @@ class DBManager:
         """Counters of the write-behind buffer: rows ``buffered``, ``pending`` now, ``batches`` written, rows
         ``written``/``duplicates``/``invalid``, ``write_through`` flushes, rows ``lost`` in ``flush_errors`` failed
         batches."""
-        with self._lock:
+        with self._lock, self._pending_lock:
             return dict(self._wb, pending=len(self._pending))
 
     def _flush_locked(self, raise_errors: bool) -> int:
         """Lock held: write the buffer in one transaction; the number of rows inserted (not duplicates)."""
-        rows, self._pending = self._pending, []
+        with self._pending_lock:
+            rows, self._pending = self._pending, []
         if not rows:
             return 0
         inserted = invalid = 0
