@@ -188,3 +188,15 @@ def test_an_idle_online_agent_opens_no_history_database(agents):
     assert a.db_manager is None  # no SQLite connection (and its memory) until the history is used
     assert a.get_message_list("123", 1, 10) == []
     assert a.db_manager is not None
+
+
+def test_a_burst_has_the_writer_thread_write_early_not_the_sender(tmp_path):
+    db = DBManager(str(tmp_path), ME)
+    db.write_behind = WriteBehindPolicy(max_rows=1000, max_delay=3600.0, soon_rows=10)
+    try:
+        for i in range(10):
+            db.save_message_later(_msg(i))
+        until(lambda: _on_disk(db) == 10, timeout=5, what="the early write")  # long before the delay
+        assert db.write_behind_stats()["write_through"] == 0
+    finally:
+        db.close()

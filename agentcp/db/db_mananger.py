@@ -532,6 +532,8 @@ class DBManager:
                 self._flush_locked(raise_errors=True)
         elif pending == 1:
             FLUSHER.schedule(self, self.write_behind.deadline(time.monotonic()))
+        elif self.write_behind.flush_soon(pending):
+            FLUSHER.schedule(self, time.monotonic())
 
     def flush(self) -> int:
         """Write the rows buffered by :meth:`save_message_later` now, in one transaction; how many were new.

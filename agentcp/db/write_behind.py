@@ -6,8 +6,9 @@ Storing every sent and received message in its own ``BEGIN IMMEDIATE … COMMIT`
 
 * **read-your-writes**: every read and every other write of that database first writes the buffer (same lock), so
   ``get_message_list`` right after ``send_message`` sees the message, and rows keep their order;
-* **bounded**: a buffer that reaches :attr:`WriteBehindPolicy.max_rows` is written at once by the thread that
-  filled it (write-through): rows are never dropped and memory stays bounded;
+* **bounded**: at :attr:`WriteBehindPolicy.soon_rows` the writer thread is asked to write at once; a buffer
+  that still reaches :attr:`WriteBehindPolicy.max_rows` is written by the thread that filled it (write-through,
+  back-pressure): rows are never dropped and memory stays bounded;
 * **bounded delay**: a buffered row is written within :attr:`WriteBehindPolicy.max_delay` seconds by the one
   process-wide :class:`Flusher` thread (started on demand, it exits after a second without work and is joined when
   the last database closes or the process exits), and at once at ``offline()``/``close()``/process exit.
@@ -35,14 +36,21 @@ _log = logging.getLogger("agentcp.db")
 class WriteBehindPolicy:
     """When a buffer of history rows is written (pure decisions; time is an argument)."""
 
-    #: Rows buffered per database before the writer that adds the next one writes them all itself.
-    max_rows: int = 256
+    #: Rows buffered per database at which the sender that adds one writes them all itself (back-pressure: the
+    #: writer thread cannot keep up; bounds memory).
+    max_rows: int = 2048
     #: Seconds the oldest buffered row may wait for the flusher thread.
     max_delay: float = 0.1
+    #: Rows at which the flusher thread is asked to write at once instead of at the delay (a burst of sends).
+    soon_rows: int = 256
 
     def write_through(self, pending: int) -> bool:
         """True if a buffer holding ``pending`` rows must be written now, by the caller."""
         return pending >= self.max_rows
+
+    def flush_soon(self, pending: int) -> bool:
+        """True if the row that made ``pending`` should have the flusher write now (not at the delay)."""
+        return pending == self.soon_rows
 
     def deadline(self, first_buffered_at: float) -> float:
         """The monotonic time by which a buffer whose oldest row came at ``first_buffered_at`` is written."""
