@@ -52,8 +52,11 @@ _LEAVES = frozenset({str, int, float, bool})
 
 def to_plain(obj: Any) -> Any:
     """A JSON-serialisable copy of a block/instruction: dataclasses (also nested) become dicts."""
-    if obj is None or type(obj) in _LEAVES:  # most of a block: answered before the dataclass check
+    kind = type(obj)
+    if obj is None or kind in _LEAVES:  # most of a block: answered before the dataclass check
         return obj
+    if kind is dict:  # exactly dict (a subclass may be a dataclass too): the usual block
+        return {k: to_plain(v) for k, v in obj.items()}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_plain(v) for k, v in obj.__dict__.items()}
     if isinstance(obj, dict):
