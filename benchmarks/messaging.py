@@ -12,8 +12,6 @@ time (about 20-40 s). Prints one table, each figure beside its target; exit stat
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import logging
 import os
 import queue
@@ -338,57 +336,33 @@ def bench_detection(server: Any, ms: Any, data: str, table: Table, ping_interval
 # --- ours beside the published 0.1.99 ------------------------------------------------------------------------
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))  # peer0199: the interop tests' harness (redirect, line protocol)
 
 
 class Worker:
-    """A client process running ``msg_worker.py``: ``ask(cmd)`` writes a command line, returns the next answer."""
+    """A client process running ``msg_worker.py`` (``ask(cmd)``: a command line in, the next answer out)."""
 
     def __init__(self, python: str, args: List[str], env: Dict[str, str], cwd: str) -> None:
-        self.proc = subprocess.Popen([python, str(HERE / "msg_worker.py"), *args], cwd=cwd, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.pid = self.proc.pid
-        self.answers: "queue.Queue[dict]" = queue.Queue()
-        self.stderr: "collections.deque[str]" = collections.deque(maxlen=40)
-        self._threads = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._drain, daemon=True)]
-        for t in self._threads:
-            t.start()
+        from peer0199 import LineProcess  # the interop tests' line protocol, one copy
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith("BENCH "):
-                self.answers.put(json.loads(line[6:]))
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
+        proc = subprocess.Popen([python, str(HERE / "msg_worker.py"), *args], cwd=cwd, env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = LineProcess(proc, "BENCH ")
+        self.pid = proc.pid
 
     def next(self, timeout: float = 60.0) -> dict:
-        try:
-            answer = self.answers.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"worker {self.pid} said nothing within {timeout:g} s; stderr:\n"
-                               + "".join(self.stderr)) from None
+        answer = self.lines.next(timeout)
         if answer.get("event") == "error" or answer.get("error"):
-            raise RuntimeError(f"worker {self.pid}: {answer}; stderr:\n" + "".join(self.stderr))
+            raise RuntimeError(f"worker {self.pid}: {answer}; stderr:\n" + "".join(self.lines.stderr))
         return answer
 
     def ask(self, cmd: str, timeout: float = 60.0) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
+        self.lines.proc.stdin.write(cmd + "\n")
+        self.lines.proc.stdin.flush()
         return self.next(timeout)
 
     def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-            self.proc.wait(10)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait(10)
-        for t in self._threads:
-            t.join(5)
+        self.lines.stop()
 
 
 def proc_status(pid: int, key: str) -> int:
@@ -525,7 +499,6 @@ def bench_vs_0199(args: argparse.Namespace) -> Tuple[str, List[str]]:
     0.1.99 runs from the virtual environment ``--venv-0199`` (``AGENTCP_0199_VENV``) if agentcp 0.1.99 is installed
     there (``tests/peer0199.py`` makes one: ``python -m pytest -m interop``); otherwise its column says so.
     """
-    sys.path.insert(0, str(REPO / "tests"))
     from peer0199 import installed_version, peer_env  # the interop tests' harness: one copy of the redirect
 
     from agentcp.testing.devserver import start_dev_network

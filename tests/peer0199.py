@@ -12,9 +12,13 @@ from the access point's config, which the devserver fills with local addresses.
 """
 from __future__ import annotations
 
+import collections
+import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -99,3 +103,53 @@ def peer_env(harness: Path, ap_url: str, extra: Optional[Dict[str, str]] = None)
     env.update(PYTHONPATH=str(harness), PEER0199_AP_URL=ap_url, PYTHONUNBUFFERED="1")
     env.update(extra or {})
     return env
+
+
+class LineProcess:
+    """A child process driven line by line: ``ask(cmd)`` writes a command line and returns the next answer, one
+    ``<prefix>{json}`` line on its stdout (other output, e.g. a library's logging, is skipped; stderr is kept)."""
+
+    def __init__(self, proc: subprocess.Popen, prefix: str) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.prefix = prefix
+        self.lines: "queue.Queue[dict]" = queue.Queue()
+        self.stderr: "collections.deque[str]" = collections.deque(maxlen=40)
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._drain_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(self.prefix):
+                self.lines.put(json.loads(line[len(self.prefix):]))
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def next(self, timeout: float = 60.0) -> dict:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"process {self.pid} said nothing within {timeout:g} s; stderr:\n"
+                               + "".join(self.stderr)) from None
+
+    def ask(self, cmd: str, timeout: float = 60.0) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.next(timeout)
+
+    def stop(self, cmd: str = "quit") -> None:
+        """Ask it to end (``cmd``), kill it if it does not within 10 s, join the pipe readers."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(cmd + "\n")
+                self.proc.stdin.flush()
+            self.proc.wait(10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
+        for t in self._threads:
+            t.join(5)

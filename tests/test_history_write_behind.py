@@ -119,7 +119,7 @@ class _FakeDB:
 
 
 def test_one_writer_thread_for_all_databases_and_it_is_joined():
-    flusher = Flusher(linger=30.0)
+    flusher = Flusher(name="agentcp-test-writer")
     dbs = [_FakeDB() for _ in range(20)]
     before = set(threading.enumerate())
     for d in dbs:
@@ -132,7 +132,7 @@ def test_one_writer_thread_for_all_databases_and_it_is_joined():
 
 
 def test_writer_thread_exits_when_idle_and_restarts_on_demand():
-    flusher = Flusher(linger=0.05)
+    flusher = Flusher(name="agentcp-test-writer")
     d = _FakeDB()
     flusher.schedule(d, 0.0)
     assert d.flushed.wait(5)
@@ -145,7 +145,7 @@ def test_writer_thread_exits_when_idle_and_restarts_on_demand():
 
 
 def test_stop_writes_what_is_scheduled():
-    flusher = Flusher(linger=30.0)
+    flusher = Flusher(name="agentcp-test-writer")
     d = _FakeDB()
     flusher.schedule(d, float("inf"))  # not due for ever
     flusher.stop()

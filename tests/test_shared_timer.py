@@ -63,3 +63,13 @@ def test_online_agent_keeps_no_thread_of_its_own_for_renewal_checks(agents, monk
     b.offline()
     assert TIMER.join_if_idle()
     assert "agentcp-timer" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_call_at_infinity_waits_without_breaking_the_thread():
+    timer = SharedTimer(name="agentcp-test-timer")
+    far = timer.call_at(float("inf"), lambda: None)
+    done = threading.Event()
+    timer.call_later(0.01, done.set)
+    assert done.wait(5)
+    timer.cancel(far)
+    assert timer.join_if_idle() and timer.stats()["errors"] == 0

@@ -94,7 +94,7 @@ class SharedTimer:
                 handle.cancelled = True  # ran (or runs now): a later cancel() must not count it again
                 self._live -= 1
                 return handle
-            self._cond.wait(when - now)
+            self._cond.wait(min(when - now, 3600.0))  # capped: a far or infinite time is not a valid timeout
 
     def _run(self) -> None:
         me = threading.current_thread()

@@ -19,13 +19,12 @@ No thread per agent: all databases of a process share the one flusher. A failed 
 from __future__ import annotations
 
 import atexit
-import heapq
-import itertools
 import logging
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
+
+from agentcp.base.shared_timer import SharedTimer, TimerHandle
 
 __all__ = ["WriteBehindPolicy", "Flusher", "FLUSHER"]
 
@@ -58,31 +57,29 @@ class WriteBehindPolicy:
 
 
 class Flusher:
-    """The one process-wide thread that writes buffers whose delay ran out.
+    """Writes buffers whose delay ran out, on a :class:`~agentcp.base.shared_timer.SharedTimer` of its own (one
+    thread named ``agentcp-history-writer`` for every database of the process, only while a write is scheduled).
 
     ``schedule(db, deadline)`` asks for ``db.flush()`` at ``deadline`` (monotonic); a database flushed meanwhile
-    just finds its buffer empty. The thread starts on the first schedule, exits after ``linger`` seconds without
-    work, and :meth:`stop` (process exit, or the last open database closed) writes what is scheduled and joins it.
+    just finds its buffer empty. :meth:`stop` (process exit, or the last open database closed) writes what is
+    scheduled and joins the thread; :meth:`stop_if_idle` joins it when nothing is scheduled.
     """
 
-    def __init__(self, linger: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.linger = linger
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._heap: List[Tuple[float, int, Any]] = []
-        self._seq = itertools.count()
-        self._thread: Optional[threading.Thread] = None
+    def __init__(self, name: str = "agentcp-history-writer") -> None:
+        self._timer = SharedTimer(name=name)
+        self._lock = threading.Lock()
+        self._scheduled: Dict[int, Tuple[Any, TimerHandle]] = {}  # id(db) -> its earliest pending write
         self._open = 0
         self.errors = 0
 
     # --- database bookkeeping ------------------------------------------------------------------------------
     def opened(self) -> None:
-        with self._cond:
+        with self._lock:
             self._open += 1
 
     def closed(self) -> None:
         """A database closed (after writing its own buffer); the last one closing joins the thread."""
-        with self._cond:
+        with self._lock:
             self._open = max(0, self._open - 1)
             last = self._open == 0
         if last:
@@ -90,90 +87,51 @@ class Flusher:
 
     # --- scheduling -----------------------------------------------------------------------------------------
     def schedule(self, db: Any, deadline: float) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (deadline, next(self._seq), db))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="agentcp-history-writer", daemon=True)
-                self._thread.start()
-            elif self._heap[0][2] is db:  # the new deadline is the earliest: wake the thread to re-time its wait
-                self._cond.notify()
+        with self._lock:
+            known = self._scheduled.get(id(db))
+            if known is not None and known[1].when <= deadline and not known[1].cancelled:
+                return  # an earlier write of this database is due anyway
+            handle = self._timer.call_at(deadline, lambda: self._due(db))
+            self._scheduled[id(db)] = (db, handle)
+        if known is not None:
+            self._timer.cancel(known[1])
 
-    def _take_due(self, me: threading.Thread) -> Optional[List[Any]]:
-        """Lock held: the databases due now; None when the thread should exit (idle, or replaced by stop())."""
-        idle_since = self._clock()
-        while True:
-            if self._thread is not me:
-                return None
-            now = self._clock()
-            if self._heap:
-                deadline = self._heap[0][0]
-                if deadline <= now:
-                    due = []
-                    while self._heap and self._heap[0][0] <= now:
-                        due.append(heapq.heappop(self._heap)[2])
-                    return due
-                self._cond.wait(deadline - now)
-                idle_since = self._clock()
-                continue
-            if now - idle_since >= self.linger:
-                return None
-            self._cond.wait(self.linger - (now - idle_since))
-
-    def _run(self) -> None:
-        me = threading.current_thread()
-        while True:
-            with self._cond:
-                due = self._take_due(me)
-                if due is None:
-                    if self._thread is me:
-                        self._thread = None
-                    return
-            for db in due:
-                self._flush(db)
+    def _due(self, db: Any) -> None:
+        with self._lock:
+            self._scheduled.pop(id(db), None)
+        self._flush(db)
 
     def _flush(self, db: Any) -> None:
         try:
             db.flush()
         except Exception as exc:  # the database reported it (logged, counted, on_flush_error); keep serving others
-            with self._cond:
+            with self._lock:
                 self.errors += 1
             _log.debug("history writer: flush of %r failed: %s", db, exc)
 
     def flush_all(self) -> None:
         """Write every scheduled buffer now, on the calling thread."""
-        with self._cond:
-            due = [entry[2] for entry in self._heap]
-            self._heap.clear()
-        for db in due:
+        with self._lock:
+            due, self._scheduled = list(self._scheduled.values()), {}
+        for db, handle in due:
+            self._timer.cancel(handle)
             self._flush(db)
 
     def stop(self) -> None:
-        """Write what is scheduled and join the thread (it exits once idle; a later schedule starts a new one)."""
+        """Write what is scheduled and join the thread (a later schedule starts a new one)."""
         self.flush_all()
-        with self._cond:
-            thread = self._thread
-            self._thread = None
-            self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(10.0)  # it wakes on the notify, sees it was replaced and returns (a flush ends in seconds)
+        self._timer.join_if_idle()
 
     def stop_if_idle(self) -> bool:
         """Join the thread if nothing is scheduled (``offline()`` after writing its own buffer: no thread of ours
         outlives it when no other database waits); True if no thread runs now."""
-        with self._cond:
-            if self._heap:
-                return False
-            thread = self._thread
-            self._thread = None
-            self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(10.0)
-        return True
+        return self._timer.join_if_idle()
 
     def stats(self) -> Dict[str, Any]:
-        with self._cond:
-            return {"scheduled": len(self._heap), "running": self._thread is not None, "errors": self.errors,
-                    "open_databases": self._open}
+        with self._lock:
+            scheduled, errors, open_dbs = len(self._scheduled), self.errors, self._open
+        return {"scheduled": scheduled, "running": self._timer.stats()["running"], "errors": errors,
+                "open_databases": open_dbs}
 
 
 #: The process-wide flusher every DBManager shares.
