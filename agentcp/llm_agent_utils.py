@@ -222,12 +222,12 @@ class LLMAgent:
         self._check_cancelled()
         session_id = aid.create_session("llm request", "")
         if not session_id:
-            raise GatewayError(502, f"{aid.id} could not open a session (the message server did not answer)")
+            self._fail(502, f"{aid.id} could not open a session (the message server did not answer)")
         self.session_id = session_id
         # Before the invite: an offline target is reported as a synthetic message into this session.
         aid.add_message_handler(self._on_message, session_id)
         if not aid.invite_member(session_id, self.llm_agent):
-            raise GatewayError(502, f"{aid.id} could not invite {self.llm_agent}")
+            self._fail(502, f"{aid.id} could not invite {self.llm_agent}")
         now = int(time.time() * 1000)
         blocks: List[Dict[str, Any]] = [{"type": "llm", "status": "success", "timestamp": now, "content": body,
                                          "trace_id": trace_id or uuid.uuid4().hex}]
@@ -236,8 +236,8 @@ class LLMAgent:
             blocks.append({"type": "content", "status": "success", "timestamp": now, "content": text})
         result = aid.send_message(session_id, [self.llm_agent], blocks)
         if not result:
-            raise GatewayError(502, f"sending the request to {self.llm_agent} failed: "
-                                    f"{getattr(result, 'error', '') or 'not sent'}")
+            self._fail(502, f"sending the request to {self.llm_agent} failed: "
+                            f"{getattr(result, 'error', '') or 'not sent'}")
         return session_id
 
     def wait_reply(self, timeout: float) -> Tuple[str, Any]:
@@ -400,6 +400,11 @@ class LLMAgent:
                 return
             self._reply = msg
         self._answered.set()
+
+    def _fail(self, status: int, message: str) -> None:
+        """Raise for a failed step; a cancelled request (offline() raced it) says why it was cancelled."""
+        self._check_cancelled()
+        raise GatewayError(status, message)
 
     def _check_cancelled(self) -> None:
         reason = self._cancelled

@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import secrets
+import selectors
 import socket
 import socketserver
 import threading
@@ -441,10 +442,20 @@ class LLMGateway:
                                          "rejected_busy": 0, "errors": 0}
         self._server = _Server(self, port)  # binds now: a port in use raises OSError here
         self.port: int = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="agentcp-llm-gateway", daemon=True)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._accept_loop, name="agentcp-llm-gateway", daemon=True)
         self._thread.start()
         _log.info("LLM gateway listening on http://127.0.0.1:%d", self.port)
+
+    def _accept_loop(self) -> None:
+        """Accept connections until ``shutdown`` writes to the wake-up socket (no polling interval)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._closing:
+                for key, _events in selector.select():
+                    if key.fileobj is self._server.socket and not self._closing:
+                        self._server._handle_request_noblock()  # accept, then process_request (a thread)
 
     # -- state --
     @property
@@ -477,8 +488,12 @@ class LLMGateway:
         with self._lock:
             self._closing = True
             inflight = list(self._inflight)
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already woken (a second shutdown)
         if self._thread is not threading.current_thread():
-            self._server.shutdown()  # returns once serve_forever has left its loop
+            self._thread.join(timeout)  # the accept loop ends at once: no new connections from here on
         for agent in inflight:
             agent.cancel("the LLM gateway is shutting down")
         deadline = time.monotonic() + timeout
@@ -490,9 +505,9 @@ class LLMGateway:
         for thread in stuck:  # a client that stopped reading: its write fails now
             if thread is not threading.current_thread():
                 thread.join(1.0)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
         self._server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
         if any(t.is_alive() for t in stuck):
             _log.warning("LLM gateway: a request thread was still running after shutdown")
         _log.info("LLM gateway on port %d stopped", self.port)
