@@ -49,6 +49,14 @@ def _echo_agent(aid):
     return aid
 
 
+@pytest.fixture(autouse=True)
+def _no_gateway_left():
+    """Each test starts without a gateway (an AgentCP elsewhere may have left one running) and leaves none."""
+    llm_server.shutdown_server()
+    yield
+    llm_server.shutdown_server()
+
+
 @pytest.fixture
 def gateway(monkeypatch):
     monkeypatch.setattr(llm_server, "gateway_config", FAST_GATEWAY)
