@@ -94,6 +94,14 @@ def _text(events) -> str:
                    if isinstance(e, dict) and e.get("choices"))
 
 
+def _wait_in_flight(timeout: float = 5.0) -> None:
+    """Until the gateway has a request in flight (it waits for the agent)."""
+    deadline = time.monotonic() + timeout
+    while not llm_server.app.status()["in_flight"]:
+        assert time.monotonic() < deadline, "no request in flight"
+        time.sleep(0.01)
+
+
 def _gateway_threads():
     return [t for t in threading.enumerate() if t.name.startswith("agentcp-llm") and t.is_alive()]
 
@@ -216,10 +224,7 @@ def test_offline_of_the_caller_answers_its_waiting_request_503_at_once(pair):
 
     thread = threading.Thread(target=call)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not llm_server.app.status()["in_flight"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_in_flight()
     start = time.monotonic()
     caller.offline()
     thread.join(5)
@@ -237,10 +242,7 @@ def test_shutdown_answers_in_flight_requests_and_joins_every_thread(pair):
     thread = threading.Thread(target=lambda: out.setdefault("resp", _post(
         url, key, {"model": "silent", "messages": [{"role": "user", "content": "x"}]})))
     thread.start()
-    deadline = time.monotonic() + 5
-    while not llm_server.app.status()["in_flight"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_in_flight()
     start = time.monotonic()
     assert llm_server.shutdown_server() is True
     assert time.monotonic() - start < 3.0

@@ -4,27 +4,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import List
 
 import pytest
 
-from test_examples import EXAMPLES, Proc
+from test_examples import EXAMPLES, Proc, echo_network
 
 pytestmark = [pytest.mark.skipif(os.name != "posix", reason="uses POSIX signals"), pytest.mark.timeout(60)]
 
 
 def test_the_gateway_example_gets_a_plain_and_a_streamed_answer_from_the_echo_agent(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTCP_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    procs: List[Proc] = []
-    try:
-        server = Proc([sys.executable, "-m", "agentcp", "devserver", "--port", "0"], env, tmp_path)
-        procs.append(server)
-        env["AGENTCP_AP_URL"] = server.wait_for(r"^export AGENTCP_AP_URL=(\S+)", 10).group(1)
-        echo = Proc([sys.executable, str(EXAMPLES / "echo_agent.py"), "--data", str(tmp_path / "echo")], env,
-                    tmp_path)
-        procs.append(echo)
-        echo.wait_for(r"^ready echo\.agentunion\.cn online=True", 15)
+    with echo_network(tmp_path) as (env, procs, server, echo):
         client = Proc([sys.executable, str(EXAMPLES / "llm_gateway.py"), "--data", str(tmp_path / "gw"), "--http",
                        "--text", "hello gateway", "--timeout", "15"], env, tmp_path)
         procs.append(client)
@@ -35,6 +24,3 @@ def test_the_gateway_example_gets_a_plain_and_a_streamed_answer_from_the_echo_ag
         assert "Traceback" not in "".join(client.err), client.transcript()
         assert echo.stop(signal.SIGTERM) == 0, echo.transcript()
         assert server.stop(signal.SIGTERM) == 0, server.transcript()
-    finally:
-        for proc in reversed(procs):
-            proc.kill()
