@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -23,9 +24,15 @@ def _chunk(text: str) -> dict:
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
 
 
-def _echo_agent(aid):
+def _echo_agent(aid, gate: threading.Event = None):
     """Answers ``echo: <last user text>``: by stream when the request streams, else by message. The request's
-    ``model`` forces a kind: ``stream``, ``message``, ``text-stream`` (plain text chunks), ``error``, ``silent``."""
+    ``model`` forces a kind: ``stream``, ``message``, ``text-stream`` (plain text chunks), ``error``, ``silent``,
+    ``slow`` (streams ``first``, waits for ``gate``, then streams ``second``)."""
+
+    async def slow():
+        yield _chunk("first")
+        opened = await asyncio.get_running_loop().run_in_executor(None, gate.wait, 10)
+        yield _chunk("second" if opened else "never opened")
 
     @aid.message_handler()
     async def on_message(msg):
@@ -37,7 +44,9 @@ def _echo_agent(aid):
         sid, sender = msg["session_id"], msg["sender"]
         if mode == "silent":
             return
-        if mode == "error":
+        if mode == "slow":
+            await aid.send_stream_message(sid, [sender], slow())
+        elif mode == "error":
             aid.reply_message(msg, [{"type": "error", "status": "success", "timestamp": 0, "content": "boom"}])
         elif mode == "text-stream":
             await aid.send_stream_message(sid, [sender], ["echo: ", text])
@@ -66,9 +75,16 @@ def gateway(monkeypatch):
 
 
 @pytest.fixture
-def pair(agents, network, gateway):
+def gate():
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def pair(agents, network, gateway, gate):
     """(caller, echo): both online; the caller's key opens the gateway."""
-    caller, echo = agents("alice"), _echo_agent(agents("echo"))
+    caller, echo = agents("alice"), _echo_agent(agents("echo"), gate)
     caller.online()
     echo.online()
     assert caller.is_online_success and echo.is_online_success
@@ -145,6 +161,19 @@ def test_a_stream_answer_to_a_plain_request_and_the_other_way_round(pair):
     events = _events(resp)
     assert _text(events) == "echo: 3" and events[-1] == "[DONE]"
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_chunks_reach_the_client_while_the_agent_is_still_streaming(pair, gate):
+    caller, echo = pair
+    resp = _post(caller.get_llm_url(echo.id), caller.get_llm_api_key(),
+                 {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}, stream=True)
+    assert resp.status_code == 200
+    lines = resp.iter_lines(decode_unicode=True)
+    first = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
+    assert first["choices"][0]["delta"]["content"] == "first" and not gate.is_set()
+    gate.set()
+    rest = _events(SimpleNamespace(iter_lines=lambda decode_unicode: lines))
+    assert _text(rest) == "second" and rest[-1] == "[DONE]"
 
 
 def test_the_agent_receives_the_openai_body_as_an_llm_block(pair, network):
@@ -332,3 +361,22 @@ def test_openai_client_talks_to_an_agent(pair):
     bad = openai.OpenAI(base_url=caller.get_llm_url(echo.id), api_key="wrong-key", max_retries=0, timeout=5)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="any", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_port_in_use_is_logged_and_the_agents_work_on(tmp_path, caplog):
+    from agentcp import AgentCP
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        port = blocker.getsockname()[1]
+        acp = AgentCP(str(tmp_path), seed_password="s", port=port, run_proxy=True)
+        assert not llm_server.llm_server_is_running()
+        assert any("could not listen" in r.getMessage() for r in caplog.records)
+        with pytest.raises(RuntimeError, match="not running"):
+            acp.get_llm_url("echo.example.com")
+        with pytest.raises(OSError):
+            llm_server.run_server(False, port)
+    finally:
+        blocker.close()
