@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.parse
@@ -186,6 +187,25 @@ def bounded_lines(chunks: Iterable[bytes], max_line: int) -> Iterator[str]:
         yield buf.decode("utf-8", "replace")
 
 
+def _arriving(resp) -> Iterator[bytes]:
+    """The body of a streamed ``requests`` response in pieces as they arrive (``iter_content(n)`` waits for n
+    bytes of a close-delimited body, which would hold back the chunks of a live stream)."""
+    raw = resp.raw
+    if hasattr(raw, "read1"):  # urllib3 2
+        def read1(n: int) -> bytes:
+            return raw.read1(n, decode_content=True)
+    else:
+        read1 = getattr(getattr(raw, "_fp", None), "read1", None)  # urllib3 1: http.client's response
+    if read1 is None:  # an unusual transport: correct, only not as prompt
+        yield from resp.iter_content(512)
+        return
+    while True:
+        data = read1(8192)
+        if not data:
+            return
+        yield data
+
+
 # --- one request ------------------------------------------------------------------------------------------------
 class LLMAgent:
     """One chat request from the identity ``aid`` (an ``AgentID``) to the agent ``llm_agent`` (an AID string).
@@ -265,6 +285,7 @@ class LLMAgent:
         """Pull the text stream at ``pull_url``: each chunk's JSON value (or its text when not JSON), as it
         arrives, until ``event: done``. ``deadline`` is a ``time.monotonic()`` value. Raises ``GatewayError``."""
         import requests
+        import urllib3
 
         from agentcp.base.http import resolve_verify
         from agentcp.msg.stream_client import signed_url
@@ -278,7 +299,7 @@ class LLMAgent:
         total = 0
         self._check_cancelled()
         try:
-            with requests.get(url, stream=True, timeout=(connect, idle), headers={"Accept": "text/event-stream"},
+            with requests.get(url, stream=True, timeout=(connect, idle), headers={"Accept": "text/event-stream", "Accept-Encoding": "identity"},
                               verify=resolve_verify(getattr(auth, "verify", None))) as resp:
                 with self._lock:
                     self._response = resp
@@ -286,7 +307,7 @@ class LLMAgent:
                     self._check_cancelled()
                     if resp.status_code != 200:
                         raise GatewayError(502, f"pulling the stream {shown} failed: HTTP {resp.status_code}")
-                    for line in bounded_lines(resp.iter_content(8192), self.MAX_LINE):
+                    for line in bounded_lines(_arriving(resp), self.MAX_LINE):
                         self._check_cancelled()
                         if deadline is not None and time.monotonic() > deadline:
                             raise GatewayError(504, f"the stream of {self.llm_agent} did not end in time")
@@ -304,10 +325,10 @@ class LLMAgent:
                 finally:
                     with self._lock:
                         self._response = None
-        except requests.Timeout as exc:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout) as exc:
             self._check_cancelled()
             raise GatewayError(504, f"the stream {shown} went silent ({type(exc).__name__})") from None
-        except (requests.RequestException, OSError) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             self._check_cancelled()
             raise GatewayError(502, f"pulling the stream {shown} failed: {type(exc).__name__}") from None
 
