@@ -337,6 +337,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.gateway.config.socket_timeout
         super().setup()
+        try:  # each event must leave at once (no Nagle delay between small writes)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         _log.debug("gateway %s: %s", self.address_string(), format % args)
