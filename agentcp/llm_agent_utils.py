@@ -129,7 +129,7 @@ class GatewayError(Exception):
 
 _DEFAULT_CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
                   411: "length_required", 413: "request_too_large", 429: "rate_limit_exceeded",
-                  502: "bad_gateway", 503: "unavailable", 504: "timeout"}
+                  500: "internal_error", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}
 
 
 # --- pure parsing -----------------------------------------------------------------------------------------------

@@ -333,6 +333,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "agentcp-llm-gateway"
     sys_version = ""
     server: "_Server"
+    responded = False  # this request's status line was sent (a failure after it cannot become a 500)
 
     def setup(self) -> None:
         self.timeout = self.server.gateway.config.socket_timeout
@@ -520,11 +521,21 @@ class LLMGateway:
     def handle(self, h: _Handler) -> None:
         """One HTTP request: route, authenticate, run, answer (errors as OpenAI JSON)."""
         self.count("requests")
+        h.responded = False
         try:
             self._handle(h)
         except GatewayError as exc:
             self.count("unauthorized" if exc.status == 401 else f"status_{exc.status}")
             self.write_json(h, exc.status, exc.body(), close=exc.status in (401, 404, 405, 411, 413))
+        except OSError:
+            raise  # the client went away (the connection thread ends it)
+        except Exception as exc:  # a bug of ours: reported and answered 500 (if nothing was sent yet)
+            self.count("errors")
+            _log.exception("LLM gateway: %s %s failed", h.command, urllib.parse.urlsplit(h.path).path[:200])
+            if not getattr(h, "responded", False):
+                self.write_json(h, 500, GatewayError(500, f"internal error: {type(exc).__name__}").body(),
+                                close=True)
+            h.close_connection = True
 
     def _handle(self, h: _Handler) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
@@ -587,6 +598,7 @@ class LLMGateway:
     # -- writing --
     def write_json(self, h: _Handler, status: int, obj: Any, close: bool = False) -> None:
         payload = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        h.responded = True
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
@@ -599,6 +611,7 @@ class LLMGateway:
         h.wfile.flush()
 
     def _write_events(self, h: _Handler, events: Iterator[str]) -> None:
+        h.responded = True
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream; charset=utf-8")
         h.send_header("Cache-Control", "no-cache")

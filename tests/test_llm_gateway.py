@@ -380,3 +380,20 @@ def test_a_port_in_use_is_logged_and_the_agents_work_on(tmp_path, caplog):
             llm_server.run_server(False, port)
     finally:
         blocker.close()
+
+
+def test_a_bug_in_the_gateway_is_a_500_and_the_server_goes_on(pair, monkeypatch):
+    from agentcp import llm_gateway
+
+    caller, echo = pair
+    url, key = caller.get_llm_url(echo.id), caller.get_llm_api_key()
+
+    def broken(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(llm_gateway, "chat_completion", broken)
+    resp = _post(url, key, {"messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+    monkeypatch.undo()
+    assert _post(url, key, {"messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    assert llm_server.app.status()["errors"] == 1
