@@ -299,7 +299,8 @@ class LLMAgent:
         total = 0
         self._check_cancelled()
         try:
-            with requests.get(url, stream=True, timeout=(connect, idle), headers={"Accept": "text/event-stream", "Accept-Encoding": "identity"},
+            headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+            with requests.get(url, stream=True, timeout=(connect, idle), headers=headers,
                               verify=resolve_verify(getattr(auth, "verify", None))) as resp:
                 with self._lock:
                     self._response = resp

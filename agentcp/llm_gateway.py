@@ -286,8 +286,14 @@ def chat_completion(agent: LLMAgent, body: Any, config: GatewayConfig,
         agent.send(body)
         kind, content = agent.wait_reply(min(config.reply_timeout, max(0.0, deadline - time.monotonic())))
         if body.get("stream") is True:
+            if kind == "message":
+                values: Iterator[Any] = iter([_message_text(content, model)])
+            else:
+                values = agent.iter_stream(content, deadline)
+            # The first chunk is pulled before the 200 goes out: a stream that cannot be read is an HTTP error.
+            first = next(values, _END)
             streamed = True
-            return _events(agent, kind, content, model, deadline)
+            return _events(agent, first, values, model)
         if kind == "message":
             return as_completion(content, model)
         collector = ChunkCollector(model)
@@ -299,31 +305,39 @@ def chat_completion(agent: LLMAgent, body: Any, config: GatewayConfig,
             agent.close()
 
 
-def _events(agent: LLMAgent, kind: str, content: Any, model: str, deadline: float) -> Iterator[str]:
+_END = object()
+
+
+def _message_text(content: Any, model: str) -> str:
+    """The assistant text of a message answer (the same text ``as_completion`` gives)."""
+    message = as_completion(content, model)["choices"][0].get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    return text if isinstance(text, str) else ""
+
+
+def _events(agent: LLMAgent, first: Any, values: Iterator[Any], model: str) -> Iterator[str]:
     chunk_id, created = _new_id(), int(time.time())
     try:
         finished = False
-        if kind == "message":
-            chunk = as_completion(content, model)
-            message = chunk["choices"][0].get("message") if chunk.get("choices") else None
-            text = message.get("content") if isinstance(message, dict) else None
-            yield sse(as_chunk(text if isinstance(text, str) else "", model, chunk_id, created, first=True))
-        else:
-            first = True
-            try:
-                for value in agent.iter_stream(content, deadline):
-                    chunk = as_chunk(value, model, chunk_id, created, first)
-                    first = False
-                    finished = finished or chunk_finished(chunk)
-                    yield sse(chunk)
-            except GatewayError as exc:
-                _log.warning("%s -> %s: stream failed: %s", agent.aid.id, agent.llm_agent, exc.message)
-                yield sse(exc.body())
-                return
+        value, is_first = first, True
+        try:
+            while value is not _END:
+                chunk = as_chunk(value, model, chunk_id, created, is_first)
+                is_first = False
+                finished = finished or chunk_finished(chunk)
+                yield sse(chunk)
+                value = next(values, _END)
+        except GatewayError as exc:  # the 200 went out already: the failure becomes an error event
+            _log.warning("%s -> %s: stream failed: %s", agent.aid.id, agent.llm_agent, exc.message)
+            yield sse(exc.body())
+            return
         if not finished:
             yield sse(finish_chunk(model, chunk_id, created))
         yield sse("[DONE]")
     finally:
+        close = getattr(values, "close", None)
+        if close is not None:
+            close()  # the pull's connection closes now, not when the generator is collected
         agent.close()
 
 

@@ -44,7 +44,10 @@ def _echo_agent(aid, gate: threading.Event = None):
         sid, sender = msg["session_id"], msg["sender"]
         if mode == "silent":
             return
-        if mode == "slow":
+        if mode == "bad-stream":  # announces a stream nobody serves
+            aid.reply_message(msg, [{"type": "text/event-stream", "status": "loading", "timestamp": 0,
+                                     "content": f"http://127.0.0.1:{_closed_port()}/pull?session_id=1"}])
+        elif mode == "slow":
             await aid.send_stream_message(sid, [sender], slow())
         elif mode == "error":
             aid.reply_message(msg, [{"type": "error", "status": "success", "timestamp": 0, "content": "boom"}])
@@ -56,6 +59,14 @@ def _echo_agent(aid, gate: threading.Event = None):
             aid.reply_message(msg, f"echo: {text}")
 
     return aid
+
+
+def _closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
 
 
 @pytest.fixture(autouse=True)
@@ -397,3 +408,14 @@ def test_a_bug_in_the_gateway_is_a_500_and_the_server_goes_on(pair, monkeypatch)
     monkeypatch.undo()
     assert _post(url, key, {"messages": [{"role": "user", "content": "x"}]}).status_code == 200
     assert llm_server.app.status()["errors"] == 1
+
+
+def test_a_stream_that_cannot_be_pulled_is_502_before_any_byte(pair):
+    caller, echo = pair
+    url, key = caller.get_llm_url(echo.id), caller.get_llm_api_key()
+    for stream in (False, True):
+        body = {"model": "bad-stream", "stream": stream, "messages": [{"role": "user", "content": "x"}]}
+        resp = _post(url, key, body)
+        assert resp.status_code == 502 and resp.headers["Content-Type"] == "application/json", resp.text
+        assert "pulling the stream" in resp.json()["error"]["message"]
+        assert "signature" not in resp.text and "agent_id" not in resp.text
