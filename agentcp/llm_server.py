@@ -86,7 +86,7 @@ def run_server(debug: bool = False, port: int = 0, llm_aid_app_key_map_h=None, l
         return _gateway.port
 
 
-def shutdown_server(timeout: Optional[float] = None) -> bool:
+def shutdown_server(*, timeout: Optional[float] = None) -> bool:
     """Stop the gateway and join its threads (requests in flight are answered 503); True if it was running."""
     global _gateway
     with _lock:
@@ -154,7 +154,7 @@ def agent_offline(aid) -> int:
     return gateway.cancel_agent(aid, f"the calling agent {aid.id} went offline") if gateway is not None else 0
 
 
-def llm_request(llm_aid, body: Any = None, *, api_key: str = "", deadline: Optional[float] = None
+def llm_request(llm_aid, *, body: Any = None, api_key: str = "", deadline: Optional[float] = None
                 ) -> Tuple[int, Any]:
     """The gateway's chat route without HTTP: ``(status, answer)``.
 

@@ -337,10 +337,10 @@ def test_agentcp_runs_the_gateway_and_stops_it_on_exit(tmp_path, network):
 
 def test_llm_request_without_http(pair):
     caller, echo = pair
-    status, body = llm_server.llm_request(echo.id, {"messages": [{"role": "user", "content": "q"}]},
+    status, body = llm_server.llm_request(echo.id, body={"messages": [{"role": "user", "content": "q"}]},
                                           api_key=caller.get_llm_api_key())
     assert status == 200 and body["choices"][0]["message"]["content"] == "echo: q"
-    assert llm_server.llm_request(echo.id, {"messages": []}, api_key="wrong")[0] == 401
+    assert llm_server.llm_request(echo.id, body={"messages": []}, api_key="wrong")[0] == 401
 
 
 def test_llm_agent_chat_create(pair):
