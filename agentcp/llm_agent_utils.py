@@ -170,21 +170,21 @@ def last_user_text(body: Dict[str, Any]) -> str:
 
 def bounded_lines(chunks: Iterable[bytes], max_line: int) -> Iterator[str]:
     """Split a byte stream into text lines; a line longer than ``max_line`` bytes raises ``GatewayError``."""
-    buf = b""
+    buf = bytearray()
     for chunk in chunks:
         if not chunk:
             continue
-        buf += chunk
-        while True:
+        start = len(buf)
+        buf.extend(chunk)
+        cut = buf.find(b"\n", start)
+        while cut >= 0:
+            yield bytes(buf[:cut]).decode("utf-8", "replace")
+            del buf[:cut + 1]
             cut = buf.find(b"\n")
-            if cut < 0:
-                break
-            line, buf = buf[:cut], buf[cut + 1:]
-            yield line.decode("utf-8", "replace")
         if len(buf) > max_line:
             raise GatewayError(502, f"a stream line is longer than {max_line} bytes", "stream_too_large")
     if buf:
-        yield buf.decode("utf-8", "replace")
+        yield bytes(buf).decode("utf-8", "replace")
 
 
 def _arriving(resp) -> Iterator[bytes]:

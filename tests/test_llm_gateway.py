@@ -24,6 +24,9 @@ def _chunk(text: str) -> dict:
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
 
 
+hostile_url = [""]  # the pull URL the "hostile-stream" mode announces
+
+
 def _echo_agent(aid, gate: threading.Event = None):
     """Answers ``echo: <last user text>``: by stream when the request streams, else by message. The request's
     ``model`` forces a kind: ``stream``, ``message``, ``text-stream`` (plain text chunks), ``error``, ``silent``,
@@ -44,9 +47,10 @@ def _echo_agent(aid, gate: threading.Event = None):
         sid, sender = msg["session_id"], msg["sender"]
         if mode == "silent":
             return
-        if mode == "bad-stream":  # announces a stream nobody serves
+        if mode in ("bad-stream", "hostile-stream"):  # announces a stream nobody serves / a hostile server's
+            url = hostile_url[0] if mode == "hostile-stream" else f"http://127.0.0.1:{_closed_port()}/pull?s=1"
             aid.reply_message(msg, [{"type": "text/event-stream", "status": "loading", "timestamp": 0,
-                                     "content": f"http://127.0.0.1:{_closed_port()}/pull?session_id=1"}])
+                                     "content": url}])
         elif mode == "slow":
             await aid.send_stream_message(sid, [sender], slow())
         elif mode == "error":
@@ -419,3 +423,46 @@ def test_a_stream_that_cannot_be_pulled_is_502_before_any_byte(pair):
         assert resp.status_code == 502 and resp.headers["Content-Type"] == "application/json", resp.text
         assert "pulling the stream" in resp.json()["error"]["message"]
         assert "signature" not in resp.text and "agent_id" not in resp.text
+
+
+def test_a_hostile_stream_server_is_bounded(pair, monkeypatch):
+    """A stream whose line never ends, or which never ends: 502 / an error event, not unbounded memory."""
+    import http.server
+
+    from agentcp.llm_agent_utils import LLMAgent
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            piece = b"x" * 4096 if "line" in self.path else b"data: a\n" * 512
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(piece)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(LLMAgent, "MAX_LINE", 64 * 1024)
+    monkeypatch.setattr(LLMAgent, "MAX_STREAM_BYTES", 256 * 1024)
+    try:
+        caller, echo = pair
+        url, key = caller.get_llm_url(echo.id), caller.get_llm_api_key()
+        body = {"model": "hostile-stream", "messages": [{"role": "user", "content": "x"}]}
+        hostile_url[0] = f"http://127.0.0.1:{server.server_address[1]}/line?s=1"
+        resp = _post(url, key, body)
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "stream_too_large"
+        hostile_url[0] = f"http://127.0.0.1:{server.server_address[1]}/endless?s=1"
+        resp = _post(url, key, dict(body, stream=True), stream=True)
+        assert resp.status_code == 200  # the first chunk came: the limit is met mid-stream
+        events = _events(resp)
+        assert events[-1]["error"]["code"] == "stream_too_large" and "[DONE]" not in events
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
