@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
+from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
+from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.ca.ca_client import CAClient
 from agentcp.ca.ca_root import CARoot
@@ -41,6 +43,7 @@ from agentcp.base.reporting import publish
 from agentcp.context import ErrorContext, exceptions  # noqa: F401  (re-exported, as 0.1.99 did)
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+from agentcp.agent_files import FileClient, FilesMixin  # noqa: F401  (FileClient re-exported, as 0.1.99 did)
 from agentcp.agent_messaging import MessagingMixin
 from agentcp.agent_streams import StreamsMixin
 from agentcp.history import HistoryMixin
@@ -60,7 +63,6 @@ __all__ = ["AgentCP", "AgentID", "AP_URL_ENV"]
 
 #: Environment variable that points every AID at one access point, e.g. ``http://127.0.0.1:8765``.
 AP_URL_ENV = "AGENTCP_AP_URL"
-
 
 
 def _last_two_labels(name: str) -> str:
@@ -380,7 +382,7 @@ class AgentCP(_AgentCP):
 # ==================================================================================================================
 
 
-class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
+class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
     """One agent identity. Obtained from ``AgentCP.load_aid``/``create_aid``/``get_guest_aid``."""
 
     #: How long ``online()`` waits for the first connection attempt before returning (seconds).
@@ -461,6 +463,11 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         # Notified on every phase change and heartbeat state change: wait_online() sleeps on it (no polling).
         # Innermost lock: it is taken with self._lock held, and never the other way round.
         self._state_cond = threading.Condition(threading.Lock())
+        #: Bounds on what servers and peers can make this agent hold or wait for (trust.md rule 4).
+        self.limits: Limits = DEFAULT_LIMITS
+        # Secrets refused to hosts outside the trust domain, by purpose (trust.md rule 1), and bounds crossed.
+        self._trust_refusals = RefusalLog()
+        self._limit_crossings: Dict[str, int] = {}
 
     def __str__(self) -> str:
         return self.id
@@ -476,6 +483,33 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
 
     def _entry_url(self) -> str:
         return self.ep_url or entry_url(self.id, _env_override())
+
+    # --- trust and bounds (trust.md) ----------------------------------------------------------------------------
+    @property
+    def trust(self) -> TrustPolicy:
+        """The hosts this agent may send secrets to: its access point's domain, the servers of its config and
+        ``AGENTCP_TRUSTED_HOSTS`` (trust.md §2). Recomputed from the current config (cheap, pure)."""
+        with self._lock:
+            config_hosts = [h for h in (self.heartbeat_server, self.message_server) if h]
+        return TrustPolicy.from_ap_url(self._entry_url(), config_hosts)
+
+    def _check_trusted(self, url: str, purpose: str) -> bool:
+        """True if secrets may go to ``url``; otherwise the refusal is counted, logged once per host, published
+        through ``ErrorContext``, and False is returned."""
+        try:
+            self.trust.check(url, purpose)
+            return True
+        except UntrustedHostError as err:
+            self._trust_refusals.refuse(err)
+            publish(err, self.id)
+            return False
+
+    def _limit_crossed(self, err: LimitExceeded) -> None:
+        """Count one crossing of a bound (trust.md rule 4) for ``status()``; log it and publish it."""
+        with self._lock:
+            self._limit_crossings[err.bound] = self._limit_crossings.get(err.bound, 0) + 1
+        _log.warning("%s: %s", self.id, err.message)
+        publish(err, self.id)
 
     def get_agent_public_path(self):
         return self.public_data_path
@@ -603,6 +637,9 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         if sm is not None:
             client = sm.message_client_map.get(sm.server_url)
         snap["messaging"] = None if client is None else dict(client.stats(), **self._msg_counters)
+        with self._lock:
+            crossings = dict(self._limit_crossings)
+        snap["trust"] = {"refused": self._trust_refusals.snapshot(), "limits_crossed": crossings}
         if phase == "started" and hb is not None:
             snap["state"] = hb.state
             try:
