@@ -448,8 +448,8 @@ def test_a_hostile_stream_server_is_bounded(pair, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(LLMAgent, "MAX_LINE", 64 * 1024)
-    monkeypatch.setattr(LLMAgent, "MAX_STREAM_BYTES", 256 * 1024)
+    monkeypatch.setattr(LLMAgent, "MAX_LINE", 16 * 1024)
+    monkeypatch.setattr(LLMAgent, "MAX_STREAM_BYTES", 16 * 1024)
     try:
         caller, echo = pair
         url, key = caller.get_llm_url(echo.id), caller.get_llm_api_key()
