@@ -36,6 +36,8 @@ _keyring = Keyring()
 _agents: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 _gateway: Optional[LLMGateway] = None
 _owners: "weakref.WeakSet[Any]" = weakref.WeakSet()
+#: Requests of ``llm_request`` (in-process) still alive, so ``offline()`` of their caller cancels them too.
+_local: "weakref.WeakSet[LLMAgent]" = weakref.WeakSet()
 #: Bounds of the next gateway ``run_server`` starts (tests and embedders may replace it).
 gateway_config = GatewayConfig()
 
@@ -150,8 +152,12 @@ def get_llm_api_key(aid_str: str) -> str:
 
 def agent_offline(aid) -> int:
     """``AgentID.offline()``: cancel that identity's requests in flight (they are answered 503)."""
+    reason = f"the calling agent {aid.id} went offline"
+    mine = [agent for agent in list(_local) if agent.aid is aid]
+    for agent in mine:
+        agent.cancel(reason)
     gateway = _gateway
-    return gateway.cancel_agent(aid, f"the calling agent {aid.id} went offline") if gateway is not None else 0
+    return len(mine) + (gateway.cancel_agent(aid, reason) if gateway is not None else 0)
 
 
 def llm_request(llm_aid, *, body: Any = None, api_key: str = "", deadline: Optional[float] = None
@@ -166,7 +172,9 @@ def llm_request(llm_aid, *, body: Any = None, api_key: str = "", deadline: Optio
         if not valid_aid(llm_aid):
             raise GatewayError(404, f"{str(llm_aid)[:100]!r} is not an agent id", "model_not_found")
         config = gateway_config
-        return 200, chat_completion(LLMAgent(llm_aid, caller), body, config,
+        agent = LLMAgent(llm_aid, caller)
+        _local.add(agent)  # dropped when the request (or the stream it returns) is done with it
+        return 200, chat_completion(agent, body, config,
                                     deadline if deadline is not None else time.monotonic() + config.request_deadline)
     except GatewayError as exc:
         return exc.status, exc.body()

@@ -345,6 +345,18 @@ def test_llm_request_without_http(pair):
                                           api_key=caller.get_llm_api_key())
     assert status == 200 and body["choices"][0]["message"]["content"] == "echo: q"
     assert llm_server.llm_request(echo.id, body={"messages": []}, api_key="wrong")[0] == 401
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("answer", llm_server.llm_request(
+        echo.id, body={"model": "silent", "messages": [{"role": "user", "content": "x"}]},
+        api_key=caller.get_llm_api_key())))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not any(a.session_id for a in list(llm_server._local)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    caller.offline()  # cancels the in-process request too
+    thread.join(3)
+    assert out["answer"][0] == 503
 
 
 def test_llm_agent_chat_create(pair):
