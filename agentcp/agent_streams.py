@@ -203,6 +203,8 @@ class StreamsMixin:
         pull_url = first.get("content")
         if first.get("type") != "text/event-stream" or not isinstance(pull_url, str) or not pull_url:
             return ""
+        if not self._check_trusted(pull_url, "stream pull"):   # a peer named it: our token goes only to our network
+            return ""
         sm = self.session_manager
         client = sm.message_client_map.get(sm.server_url) if sm is not None else None
         auth = client.auth_client if client is not None else None

@@ -778,16 +778,30 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 _log.exception("on_state_change callback of %s raised", self.id)
 
     def _on_invite(self, invite) -> None:
-        """A UDP invite from the heartbeat: join the session (0.1.99 auto-accepted every invite)."""
+        """A UDP invite from the heartbeat: join the session (0.1.99 auto-accepted every invite).
+
+        A datagram is forgeable, so it is only a hint (trust.md §1): it is acted on only if that sends nothing
+        secret to anyone new. An invite without a session id is ignored; one naming a message server outside the
+        trust domain is refused (counted under ``status()["trust"]["refused"]["invite"]``), so the agent never
+        signs in there; one that would need more than ``limits.message_clients_max`` message clients is refused
+        and counted under ``limits_crossed``. Nothing refused is retried.
+        """
+        session_id = str(getattr(invite, "SessionId", "") or "")
+        if not session_id:
+            _log.info("%s: UDP invite without a session id ignored", self.id)
+            return
         sm = self.session_manager
         if sm is None:
             _log.warning("%s: invite to session %s arrived while messaging is not running; ignored", self.id,
-                         getattr(invite, "SessionId", "?"))
+                         session_id)
             return
         try:
             session = sm.join_session(invite)
+        except (UntrustedHostError, LimitExceeded) as exc:  # counted and logged once where it was refused
+            _log.debug("%s: invite to session %s refused: %s", self.id, session_id, exc)
+            return
         except RuntimeError as exc:  # offline() stopped the session manager while the invite was on its way
-            _log.info("%s: invite to session %s ignored: %s", self.id, getattr(invite, "SessionId", "?"), exc)
+            _log.info("%s: invite to session %s ignored: %s", self.id, session_id, exc)
             return
         self._history("create_session", self.id, session.session_id, "", "", "public")
 

@@ -41,6 +41,7 @@ from .http import (
     user_agent,
 )
 from .server_auth import fetch_issuer_http, verify_server_response
+from .trust import MAX_NONCE_LENGTH, looks_like_nonce
 
 __all__ = ["AuthClient", "STRICT_SERVER_AUTH_ENV"]
 
@@ -274,6 +275,13 @@ class AuthClient:
             raise TransientAuthError(
                 f"sign-in challenge: server returned no nonce ({self._url('sign_in')} answered without a "
                 "non-empty 'nonce')"
+            )
+        if not looks_like_nonce(nonce):
+            # trust.md rule 2: the agent's key signs challenges, never a text a server chose (it could be a
+            # statement the server wants the agent's signature on). A protocol error, permanent for this server.
+            raise PermanentAuthError(
+                f"sign-in challenge: {self._url('sign_in')} sent a nonce that is not a challenge (not 1-"
+                f"{MAX_NONCE_LENGTH} hex/base64url characters, got {len(nonce)} characters); nothing was signed"
             )
         self._authenticate_server(challenge, request_id)
         proof = {
