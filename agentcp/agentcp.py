@@ -630,6 +630,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         with self._lock:
             crossings = dict(self._limit_crossings)
         snap["trust"] = {"refused": self._trust_refusals.snapshot(), "limits_crossed": crossings}
+        snap["server_auth"] = self._server_auth_states(sm)
         if phase == "started" and hb is not None:
             snap["state"] = hb.state
             try:
@@ -641,6 +642,17 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             snap["heartbeat"] = None
         snap["online"] = snap["state"] == "online"
         return snap
+
+    def _server_auth_states(self, sm) -> Dict[str, Optional[str]]:
+        """How each server this agent signed in to proved itself (trust.md rule 3), by server URL: "verified",
+        "unauthenticated" (no signature), "host-mismatch" (a trusted certificate not naming it) or None."""
+        with self._lock:
+            clients = [self.ap_client, self.heartbeat_client]
+        auths = [getattr(c, "auth_client", None) for c in clients]
+        if sm is not None:
+            with sm.lock:
+                auths += [getattr(c, "auth_client", None) for c in sm.message_client_map.values()]
+        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", "")}
 
     @property
     def state(self) -> str:
