@@ -189,7 +189,9 @@ class StreamsMixin:
 
         Blocks until the stream ends (``event: done``), with an overall deadline (``STREAM_PULL_TIMEOUTS``).
         Returns ``""`` for a message that is not a stream announce, and on errors (logged and published), and
-        when the agent goes offline meanwhile.
+        when the agent goes offline meanwhile. A pull URL outside the trust domain (trust.md rule 1: a peer chose
+        it) is refused before anything is sent, so the agent's token never goes there; counted in
+        ``status()["trust"]["refused"]["stream pull"]``.
         """
         import requests
 
