@@ -69,6 +69,18 @@ def test_forged_udp_invite_naming_a_relay_gets_no_sign_in(agents, network, acp_s
     assert sm.get("s-evil") is None
 
 
+def test_websocket_invite_naming_a_relay_gets_no_sign_in(agents, network, relay):
+    """The same invite pushed on the message socket (newer servers do that): the server is trusted, the relay it
+    names is not."""
+    a = _online(agents)
+    assert network.messages.push(a.id, "invite_agent_req", {
+        "session_id": "s-evil", "inviter_id": "mallory.example.com", "invite_code": "X", "acceptor_id": a.id,
+        "message_server": relay.url + "/message"})
+    _until(lambda: _refused(a, "invite") == 1, what="invite refused")
+    assert not relay.first_request.wait(0.3)
+    assert relay.requests == [] and a.session_manager.get("s-evil") is None
+
+
 def test_udp_invite_naming_the_configured_message_server_still_joins(agents, network, acp_server):
     a, b = _online(agents, "alice"), _online(agents, "bob")
     sid = a.create_session("chat", "")

@@ -335,32 +335,45 @@ class SessionManager:
             if self._stopped:
                 raise RuntimeError("the session manager was stopped (agent offline)")
             client = self.message_client_map.get(url)
-            if client is None and url != self.server_url:
-                self._admit_server(url, purpose)
-            if client is None:
+            if client is not None:
+                return client
+        other = url != self.server_url
+        check = self.trust_check
+        # Asked without this manager's lock: the check calls into the agent, which takes its own lock and, while
+        # holding it, takes this one (offline, a new message server).
+        if other and check is not None and not check(url, purpose):
+            raise UntrustedHostError(f"refused for {purpose}: {url.split('?', 1)[0]} is outside the trust domain",
+                                     purpose=purpose)
+        crossed: Optional[LimitExceeded] = None
+        with self.lock:
+            if self._stopped:
+                raise RuntimeError("the session manager was stopped (agent offline)")
+            client = self.message_client_map.get(url)
+            if client is None and other:
+                crossed = self._over_cap(purpose)
+            if client is None and crossed is None:
                 client = MessageClient(self.agent_id, url, self.aid_path, self.seed_password, config=self.config)
                 client.set_message_handler(self)
                 self.message_client_map[url] = client
                 client.start()
-        return client
+        if crossed is not None:
+            if self.on_limit is not None:
+                self.on_limit(crossed)
+            else:
+                log.warning("%s: %s", self.agent_id, crossed.message)
+            raise crossed
+        return client  # type: ignore[return-value]
 
-    def _admit_server(self, url: str, purpose: str) -> None:
-        """Lock held: raise unless a client for the other server ``url`` may be created (trust, then the cap)."""
-        check = self.trust_check
-        if check is not None and not check(url, purpose):
-            raise UntrustedHostError(f"refused for {purpose}: {url.split('?', 1)[0]} is outside the trust domain",
-                                     purpose=purpose)
+    def _over_cap(self, purpose: str) -> Optional[LimitExceeded]:
+        """Lock held: the crossing if one more client for another server would exceed ``max_clients``."""
         cap = self.max_clients
-        if cap is not None:
-            others = sum(1 for u in self.message_client_map if u != self.server_url)
-            if others + 1 >= cap:   # one slot always belongs to the default server
-                err = LimitExceeded("message_clients_max", cap, source=f"{purpose} naming another message server",
-                                    got=others + 2)
-                if self.on_limit is not None:
-                    self.on_limit(err)
-                else:
-                    log.warning("%s: %s", self.agent_id, err.message)
-                raise err
+        if cap is None:
+            return None
+        others = sum(1 for u in self.message_client_map if u != self.server_url)
+        if others + 1 < cap:   # one slot always belongs to the default server
+            return None
+        return LimitExceeded("message_clients_max", cap, source=f"{purpose} naming another message server",
+                             got=others + 2)
 
     @property
     def message_client(self) -> MessageClient:
