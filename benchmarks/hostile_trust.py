@@ -190,11 +190,12 @@ def many_invites(trusted: bool = False) -> Result:
                 clients = len(victim.session_manager.message_client_map)
                 grew = threading.active_count() - threads
                 got = _got(servers)
+                signed_in = len(servers.proofs)
         what = "trusted" if trusted else "untrusted"
         if trusted:   # AGENTCP_TRUSTED_HOSTS names the host: signing in there is legitimate, the cap is what holds
-            got += " (host trusted by the operator)"
+            got = f"{signed_in} sign-ins to a host the operator trusts, no more"
         return {"attack": f"200 invites naming 200 {what} message servers",
-                "attacker got": f"{got}; {clients} message clients, +{grew} threads",
+                "attacker got": f"{got} ({clients} message clients, +{grew} threads)",
                 "peak memory MB": round(m.peak_mb, 1), "recovery s": round(recovery, 3)}
     finally:
         if old_env is None:
