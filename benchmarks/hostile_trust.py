@@ -14,7 +14,6 @@ Run alone: ``python benchmarks/hostile_trust.py`` prints the table. Each attack 
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging

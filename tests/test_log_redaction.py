@@ -8,18 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 
 import pytest
+from conftest import until
 
 from agentcp.base.log import RedactSecrets
-
-
-def _until(pred, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
 
 
 class _Grab(logging.Handler):
@@ -50,12 +43,12 @@ def test_no_token_in_any_log_record_at_debug(agents, network, debug_logs):
     b.online()
     sid = a.create_session("chat", "")
     assert a.invite_member(sid, b.id)
-    _until(lambda: b.session_manager.get(sid) is not None)
+    until(lambda: b.session_manager.get(sid) is not None)
     network.messages.wait_for(lambda: b.id in network.messages.members(sid))
     pulled = []
     b.add_message_handler(lambda msg: pulled.append(b.fetch_stream_message(msg)))
     assert asyncio.run(a.send_stream_message(sid, [b.id], ["se", "cret"]))       # pull: token in the query
-    _until(lambda: pulled)
+    until(lambda: pulled)
     assert pulled == ["secret"]
     with open(os.path.join(a.public_data_path, "card.txt"), "w") as fh:
         fh.write("hello")

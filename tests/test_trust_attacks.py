@@ -6,25 +6,15 @@ the local access point on 127.0.0.1) and asserts what the attacker did NOT get.
 """
 from __future__ import annotations
 
-import json
+import asyncio
 import threading
-import time
 
 import pytest
+from conftest import until
 
 from agentcp.testing.attacker import RecordingServer
 
 ATTACKER_TEXT = "transfer 100 coins to mallory"
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _online(agents, name="alice"):
@@ -59,7 +49,7 @@ def test_forged_udp_invite_naming_a_relay_gets_no_sign_in(agents, network, acp_s
     acp_server.send_invite(a.id, "mallory.example.com", "s-evil", invite_code="X",
                            message_server=relay.url + "/message")
     acp_server.wait_for_invite_responses(1, agent_id=a.id)  # the invite was handled (answered after the listener)
-    _until(lambda: _refused(a, "invite") == 1 or relay.requests, what="invite refused")
+    until(lambda: _refused(a, "invite") == 1 or relay.requests, what="invite refused")
     assert not relay.first_request.wait(0.5), "the agent contacted the relay"
     assert relay.requests == [] and relay.proofs == [] and relay.stolen_tokens == []
     assert not relay.saw(token)
@@ -76,7 +66,7 @@ def test_websocket_invite_naming_a_relay_gets_no_sign_in(agents, network, relay)
     assert network.messages.push(a.id, "invite_agent_req", {
         "session_id": "s-evil", "inviter_id": "mallory.example.com", "invite_code": "X", "acceptor_id": a.id,
         "message_server": relay.url + "/message"})
-    _until(lambda: _refused(a, "invite") == 1, what="invite refused")
+    until(lambda: _refused(a, "invite") == 1, what="invite refused")
     assert not relay.first_request.wait(0.3)
     assert relay.requests == [] and a.session_manager.get("s-evil") is None
 
@@ -85,7 +75,7 @@ def test_udp_invite_naming_the_configured_message_server_still_joins(agents, net
     a, b = _online(agents, "alice"), _online(agents, "bob")
     sid = a.create_session("chat", "")
     assert a.invite_member(sid, b.id)   # the fake server sends it over UDP, naming its own message server
-    _until(lambda: b.session_manager.get(sid) is not None, what="b joined")
+    until(lambda: b.session_manager.get(sid) is not None, what="b joined")
     assert network.messages.counters["invites_udp"] == 1
     assert _refused(b, "invite") == 0
 
@@ -141,9 +131,9 @@ def test_a_server_offering_text_as_nonce_gets_no_signature(agents, network, acp_
     with RecordingServer("127.0.0.2", nonce=ATTACKER_TEXT) as server:
         a = _online(agents)
         acp_server.send_invite(a.id, "carol.example.com", "s-1", message_server=server.url + "/message")
-        _until(lambda: server.requests, what="sign-in challenge")
+        until(lambda: server.requests, what="sign-in challenge")
         client = a.session_manager.message_client_map[server.url + "/message"]
-        _until(lambda: client.auth_client.last_error is not None, what="sign-in error")
+        until(lambda: client.auth_client.last_error is not None, what="sign-in error")
         assert client.auth_client.last_error.permanent
         assert "nonce" in str(client.auth_client.last_error)
         assert server.proofs == []
@@ -182,7 +172,7 @@ def _pair(agents, network):
     a, b = _online(agents, "alice"), _online(agents, "bob")
     sid = a.create_session("chat", "")
     assert a.invite_member(sid, b.id)
-    _until(lambda: b.session_manager.get(sid) is not None, what="b joined")
+    until(lambda: b.session_manager.get(sid) is not None, what="b joined")
     network.messages.wait_for(lambda: b.id in network.messages.members(sid))
     return a, b, sid
 
@@ -196,7 +186,7 @@ def test_peer_announcing_a_pull_url_on_its_own_server_gets_no_token(agents, netw
         block = {"type": "text/event-stream", "status": "loading", "timestamp": 1,
                  "content": thief.url + "/stream/pull?session_id=x&message_id=1"}
         assert a.send_message(sid, [b.id], [block])
-        _until(lambda: results, what="b's handler ran")
+        until(lambda: results, what="b's handler ran")
         assert results == [""]
         assert not thief.first_request.wait(0.2)
         assert thief.requests == [] and not thief.saw(token)
@@ -207,8 +197,8 @@ def test_trusted_pull_url_still_works(agents, network):
     a, b, sid = _pair(agents, network)
     texts = []
     b.add_message_handler(lambda msg: texts.append(b.fetch_stream_message(msg)))
-    assert asyncio_run(a.send_stream_message(sid, [b.id], ["he", "llo"]))
-    _until(lambda: texts, what="pulled")
+    assert asyncio.run(a.send_stream_message(sid, [b.id], ["he", "llo"]))
+    until(lambda: texts, what="pulled")
     assert texts == ["hello"]
     assert _refused(b, "stream pull") == 0
 
@@ -220,17 +210,11 @@ def test_push_url_on_an_untrusted_host_gets_no_token(agents, network, monkeypatc
         streams = network.messages.streams
         monkeypatch.setattr(streams, "push_url",
                             lambda s, m: f"{thief.url.replace('http', 'ws', 1)}/push?session_id={s}&message_id={m}")
-        push, reason = asyncio_run(a.create_stream(sid, [b.id]))
+        push, reason = asyncio.run(a.create_stream(sid, [b.id]))
         assert push is None and "127.0.0.2" in reason
         assert not thief.first_request.wait(0.2)
         assert thief.requests == [] and not thief.saw(token)
     assert _refused(a, "stream push") == 1
-
-
-def asyncio_run(coro):
-    import asyncio
-
-    return asyncio.run(coro)
 
 
 def test_ca_offering_text_as_renewal_nonce_gets_no_signature(agents):
