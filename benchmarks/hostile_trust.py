@@ -206,7 +206,6 @@ def many_invites(trusted: bool = False) -> Result:
 def text_as_nonce() -> Result:
     """Rule 2: a (trusted) server offers a statement as the sign-in nonce."""
     from agentcp.base.auth_client import AuthClient
-    from agentcp.context.exceptions import AuthError
     from agentcp.testing import FakeACPServer
 
     with FakeACPServer(server_auth="none") as real:
@@ -221,14 +220,7 @@ def text_as_nonce() -> Result:
                     auth.close()
                 m.attack_over()
                 got = "a signature over its text" if evil.proofs else "nothing"
-            good = AuthClient("victim.bench.local", real.heartbeat_url, folder, _seed_hex())
-            try:
-                good.sign_in_once()
-                recovery = m.recovered()
-            except AuthError:
-                recovery = float("inf")
-            finally:
-                good.close()
+            recovery = _signs_in_after(real.heartbeat_url, folder, m, strict=False)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     return {"attack": "server offering 'transfer 100 coins to mallory' as nonce", "attacker got": got,
@@ -240,7 +232,6 @@ def agent_cert_as_server_cert() -> Result:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from agentcp.base.auth_client import AuthClient
-    from agentcp.context.exceptions import AuthError
     from agentcp.testing import FakeACPServer
 
     with FakeACPServer(server_auth="signed") as server:
@@ -265,19 +256,26 @@ def agent_cert_as_server_cert() -> Result:
                 got = f"{len(proofs)} signed proof(s), state {auth.server_auth_state}" if proofs or auth.signature \
                     else "nothing (refused: certificate does not name the server)"
                 pki.present_certificate(*real)
-                good = AuthClient("victim.bench.local", server.heartbeat_url, folder, _seed_hex(),
-                                  strict_server_auth=True)
-                try:
-                    good.sign_in_once()
-                    recovery = m.recovered()
-                except AuthError:
-                    recovery = float("inf")
-                finally:
-                    good.close()
+                recovery = _signs_in_after(server.heartbeat_url, folder, m, strict=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     return {"attack": "agent certificate presented as server certificate (strict mode)", "attacker got": got,
             "peak memory MB": round(m.peak_mb, 1), "recovery s": round(recovery, 3)}
+
+
+def _signs_in_after(url: str, folder: str, measure: _Measure, strict: bool) -> float:
+    """Seconds from the attack until the victim signs in to the real server ``url`` again."""
+    from agentcp.base.auth_client import AuthClient
+    from agentcp.context.exceptions import AuthError
+
+    auth = AuthClient("victim.bench.local", url, folder, _seed_hex(), strict_server_auth=strict)
+    try:
+        auth.sign_in_once()
+        return measure.recovered()
+    except AuthError:
+        return float("inf")
+    finally:
+        auth.close()
 
 
 def _seed_hex() -> str:
