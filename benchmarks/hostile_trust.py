@@ -142,7 +142,8 @@ def forged_invite_relay() -> Result:
             server.send_invite(victim.id, "mallory.bench.local", "s-evil", invite_code="X",
                                message_server=relay.url + "/message")
             server.wait_for_invite_responses(1, agent_id=victim.id)
-            relay.first_request.wait(0.5)
+            if relay.first_request.wait(0.5):   # it got something: give the relayed sign-in time to complete
+                _wait(lambda: relay.stolen_tokens, 3.0)
             m.attack_over()
             recovery = _delivered_after(victim, peer, sid, m)
             got = _got(relay, token)
