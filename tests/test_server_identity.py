@@ -5,6 +5,7 @@ certificate (issued by the network's agent CA), or the real server's challenge r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -87,24 +88,27 @@ def _mallory_presents_her_agent_certificate(server):
     pki.present_certificate(key, pki.issue_agent_cert("mallory.example.com", key.public_key()), [pki.agent_ca_cert])
 
 
-def test_strict_mode_accepts_the_devserver_certificate_naming_its_host(acp_server, identity):
-    auth = AuthClient(AID, acp_server.heartbeat_url, identity, "s", strict_server_auth=True)
+@contextlib.contextmanager
+def _auth(url, identity, strict):
+    auth = AuthClient(AID, url, identity, "s", strict_server_auth=strict)
     try:
-        auth.sign_in_once()
+        yield auth
     finally:
         auth.close()
+
+
+def test_strict_mode_accepts_the_devserver_certificate_naming_its_host(acp_server, identity):
+    with _auth(acp_server.heartbeat_url, identity, strict=True) as auth:
+        auth.sign_in_once()
     assert auth.server_auth_state == "verified"
 
 
 def test_strict_mode_refuses_an_agent_certificate_as_server_certificate(acp_server, identity):
     _mallory_presents_her_agent_certificate(acp_server)
     before = len(acp_server.sign_ins)
-    auth = AuthClient(AID, acp_server.heartbeat_url, identity, "s", strict_server_auth=True)
-    try:
+    with _auth(acp_server.heartbeat_url, identity, strict=True) as auth:
         with pytest.raises(ServerAuthError, match="mallory.example.com"):
             auth.sign_in_once()
-    finally:
-        auth.close()
     assert auth.signature is None and auth.server_auth_state == "host-mismatch"
     # only the challenge was asked for: no proof was sent
     assert [r for r in acp_server.sign_ins[before:] if r.step == 2] == []
@@ -112,13 +116,10 @@ def test_strict_mode_refuses_an_agent_certificate_as_server_certificate(acp_serv
 
 def test_outside_strict_mode_the_mismatch_is_a_warning_and_reported(acp_server, identity, caplog):
     _mallory_presents_her_agent_certificate(acp_server)
-    auth = AuthClient(AID, acp_server.heartbeat_url, identity, "s", strict_server_auth=False)
-    with caplog.at_level(logging.WARNING, logger="agentcp.auth"):
-        try:
-            auth.sign_in_once()
-            auth.sign_in_once()
-        finally:
-            auth.close()
+    with caplog.at_level(logging.WARNING, logger="agentcp.auth"), \
+            _auth(acp_server.heartbeat_url, identity, strict=False) as auth:
+        auth.sign_in_once()
+        auth.sign_in_once()
     assert auth.signature and auth.server_auth_state == "host-mismatch"
     warnings = [r for r in caplog.records if "does not name it" in r.getMessage()]
     assert len(warnings) == 1
@@ -127,12 +128,9 @@ def test_outside_strict_mode_the_mismatch_is_a_warning_and_reported(acp_server, 
 def test_strict_mode_refuses_a_relayed_challenge(acp_server, identity):
     """The relay passes the real server's signed challenge through; the certificate names 127.0.0.1, not it."""
     with RecordingServer("127.0.0.2", relay_to=acp_server.heartbeat_url) as relay:
-        auth = AuthClient(AID, relay.url, identity, "s", strict_server_auth=True)
-        try:
+        with _auth(relay.url, identity, strict=True) as auth:
             with pytest.raises(ServerAuthError, match="127.0.0.2"):
                 auth.sign_in_once()
-        finally:
-            auth.close()
         assert relay.proofs == [] and relay.stolen_tokens == []
 
 
