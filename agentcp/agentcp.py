@@ -605,7 +605,11 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             _log.exception("offline() of %s failed", self.id)
 
     def status(self) -> Dict[str, Any]:
-        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat."""
+        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat.
+
+        Also ``trust`` (secrets refused to untrusted hosts by purpose, bounds crossed) and ``server_auth`` (how
+        each server signed in to proved itself, by URL: ``verified``, ``unauthenticated``, ``host-mismatch``).
+        """
         with self._lock:
             hb = self.heartbeat_client
             phase = self._phase
