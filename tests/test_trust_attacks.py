@@ -72,9 +72,11 @@ def test_websocket_invite_naming_a_relay_gets_no_sign_in(agents, network, relay)
 
 
 def test_udp_invite_naming_the_configured_message_server_still_joins(agents, network, acp_server):
+    network.messages.invite_via = "udp"   # the fake server sends it over UDP, naming its own message server
     a, b = _online(agents, "alice"), _online(agents, "bob")
+    until(lambda: acp_server.is_online(b.id), what="b heartbeat-online at the server")
     sid = a.create_session("chat", "")
-    assert a.invite_member(sid, b.id)   # the fake server sends it over UDP, naming its own message server
+    assert a.invite_member(sid, b.id)
     until(lambda: b.session_manager.get(sid) is not None, what="b joined")
     assert network.messages.counters["invites_udp"] == 1
     assert _refused(b, "invite") == 0
