@@ -140,6 +140,10 @@ class MessagingMixin:
         # The history restores ownership of sessions on demand (after a restart), so open it now.
         sm = SessionManager(self.id, message_server, certs, self.seed_password, self._db(), config=config)
         sm.confirm_handled = True  # a message dropped by offline() before its handler ran is asked for again
+        # trust.md rules 1 and 4: sign-ins and stream tokens go only to trusted hosts; message clients are bounded.
+        sm.trust_check = self._check_trusted
+        sm.max_clients = self.limits.message_clients_max
+        sm.on_limit = self._limit_crossed
         sm.set_on_message_receive(self._on_incoming)
         sm.set_on_session_message_ack(self._on_message_ack)
         sm.set_on_invite_ack(self._on_invite_ack)

@@ -615,7 +615,11 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             _log.exception("offline() of %s failed", self.id)
 
     def status(self) -> Dict[str, Any]:
-        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat."""
+        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat.
+
+        Also ``trust`` (secrets refused to untrusted hosts by purpose, bounds crossed) and ``server_auth`` (how
+        each server signed in to proved itself, by URL: ``verified``, ``unauthenticated``, ``host-mismatch``).
+        """
         with self._lock:
             hb = self.heartbeat_client
             phase = self._phase
@@ -640,6 +644,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         with self._lock:
             crossings = dict(self._limit_crossings)
         snap["trust"] = {"refused": self._trust_refusals.snapshot(), "limits_crossed": crossings}
+        snap["server_auth"] = self._server_auth_states(sm)
         if phase == "started" and hb is not None:
             snap["state"] = hb.state
             try:
@@ -651,6 +656,17 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             snap["heartbeat"] = None
         snap["online"] = snap["state"] == "online"
         return snap
+
+    def _server_auth_states(self, sm) -> Dict[str, Optional[str]]:
+        """How each server this agent signed in to proved itself (trust.md rule 3), by server URL: "verified",
+        "unauthenticated" (no signature), "host-mismatch" (a trusted certificate not naming it) or None."""
+        with self._lock:
+            clients = [self.ap_client, self.heartbeat_client]
+        auths = [getattr(c, "auth_client", None) for c in clients]
+        if sm is not None:
+            with sm.lock:
+                auths += [getattr(c, "auth_client", None) for c in sm.message_client_map.values()]
+        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", "")}
 
     @property
     def state(self) -> str:
@@ -788,16 +804,30 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 _log.exception("on_state_change callback of %s raised", self.id)
 
     def _on_invite(self, invite) -> None:
-        """A UDP invite from the heartbeat: join the session (0.1.99 auto-accepted every invite)."""
+        """A UDP invite from the heartbeat: join the session (0.1.99 auto-accepted every invite).
+
+        A datagram is forgeable, so it is only a hint (trust.md §1): it is acted on only if that sends nothing
+        secret to anyone new. An invite without a session id is ignored; one naming a message server outside the
+        trust domain is refused (counted under ``status()["trust"]["refused"]["invite"]``), so the agent never
+        signs in there; one that would need more than ``limits.message_clients_max`` message clients is refused
+        and counted under ``limits_crossed``. Nothing refused is retried.
+        """
+        session_id = str(getattr(invite, "SessionId", "") or "")
+        if not session_id:
+            _log.info("%s: UDP invite without a session id ignored", self.id)
+            return
         sm = self.session_manager
         if sm is None:
             _log.warning("%s: invite to session %s arrived while messaging is not running; ignored", self.id,
-                         getattr(invite, "SessionId", "?"))
+                         session_id)
             return
         try:
             session = sm.join_session(invite)
+        except (UntrustedHostError, LimitExceeded) as exc:  # counted and logged once where it was refused
+            _log.debug("%s: invite to session %s refused: %s", self.id, session_id, exc)
+            return
         except RuntimeError as exc:  # offline() stopped the session manager while the invite was on its way
-            _log.info("%s: invite to session %s ignored: %s", self.id, getattr(invite, "SessionId", "?"), exc)
+            _log.info("%s: invite to session %s ignored: %s", self.id, session_id, exc)
             return
         self._history("create_session", self.id, session.session_id, "", "", "public")
 

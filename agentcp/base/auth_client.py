@@ -40,7 +40,8 @@ from .http import (
     resolve_verify,
     user_agent,
 )
-from .server_auth import fetch_issuer_http, verify_server_response
+from .server_auth import check_server_identity, fetch_issuer_http, verify_server_response
+from .trust import MAX_NONCE_LENGTH, looks_like_nonce, url_host
 
 __all__ = ["AuthClient", "STRICT_SERVER_AUTH_ENV"]
 
@@ -101,7 +102,8 @@ class AuthClient:
         self.is_retry = False
         #: The error of the last failed sign-in (``None`` after a success).
         self.last_error: Optional[SDKError] = None
-        #: "verified" (server proved its identity), "unauthenticated" (it did not) or None (not yet known).
+        #: "verified" (server proved its identity), "unauthenticated" (it did not), "host-mismatch" (it signed with
+        #: a trusted certificate that does not name this server; refused in strict mode) or None (not yet known).
         self.server_auth_state: Optional[str] = None
         #: Sign-in attempts made by this client (each is one challenge/proof exchange).
         self.attempts = 0
@@ -121,6 +123,7 @@ class AuthClient:
         self._generation = 0
         self._last_result: Optional[Dict[str, Any]] = None
         self._warned_unauthenticated = False
+        self._warned_host_mismatch = False
         self._credentials: Optional[AgentCredentials] = None
 
     # -- small helpers --------------------------------------------------------------------------------------
@@ -243,8 +246,8 @@ class AuthClient:
         cert = challenge.get("cert")
         signature = challenge.get("signature")
         if isinstance(cert, str) and cert and isinstance(signature, str) and signature:
-            verify_server_response(self.agent_id, request_id, cert, signature, fetch=self._fetch_issuer)
-            self.server_auth_state = "verified"
+            leaf = verify_server_response(self.agent_id, request_id, cert, signature, fetch=self._fetch_issuer)
+            self._check_identity(leaf)
             return
         self.server_auth_state = "unauthenticated"
         if self._strict():
@@ -261,6 +264,36 @@ class AuthClient:
                 self.server_url, STRICT_SERVER_AUTH_ENV,
             )
 
+    def _check_identity(self, leaf: Any) -> None:
+        """trust.md rule 3: a chain to a trusted root is not enough, the certificate must name this server.
+
+        Strict mode refuses a certificate that does not; otherwise the sign-in goes on (as 0.1.99 did), a warning
+        is logged once and :attr:`server_auth_state` says ``host-mismatch``.
+        """
+        try:
+            host = url_host(self.server_url)[1]
+        except ValueError:
+            host = ""
+        labels = host.split(".")
+        domain = ".".join(labels[1:]) if len(labels) > 2 else ""
+        problem = check_server_identity(leaf, host, domain)
+        if problem is None:
+            self.server_auth_state = "verified"
+            return
+        self.server_auth_state = "host-mismatch"
+        if self._strict():
+            raise ServerAuthError(
+                f"{self.server_url} did not prove it is {host!r}: {problem}; strict server authentication is on "
+                f"({STRICT_SERVER_AUTH_ENV} or strict_server_auth=True)"
+            )
+        if not self._warned_host_mismatch:
+            self._warned_host_mismatch = True
+            _log.warning(
+                "server %s signed its challenge with a trusted certificate that does not name it (%s); continuing "
+                "for compatibility. Set %s=1 to refuse such servers", self.server_url, problem,
+                STRICT_SERVER_AUTH_ENV,
+            )
+
     def _exchange(self) -> Dict[str, Any]:
         """One challenge/proof exchange; the step-2 reply."""
         self.attempts += 1
@@ -274,6 +307,13 @@ class AuthClient:
             raise TransientAuthError(
                 f"sign-in challenge: server returned no nonce ({self._url('sign_in')} answered without a "
                 "non-empty 'nonce')"
+            )
+        if not looks_like_nonce(nonce):
+            # trust.md rule 2: the agent's key signs challenges, never a text a server chose (it could be a
+            # statement the server wants the agent's signature on). A protocol error, permanent for this server.
+            raise PermanentAuthError(
+                f"sign-in challenge: {self._url('sign_in')} sent a nonce that is not a challenge (not 1-"
+                f"{MAX_NONCE_LENGTH} hex/base64url characters, got {len(nonce)} characters); nothing was signed"
             )
         self._authenticate_server(challenge, request_id)
         proof = {

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 from cryptography.hazmat.primitives import serialization
 
 from agentcp.base.env import Environ
+from agentcp.base.trust import looks_like_nonce
 from agentcp.context.exceptions import CredentialError
 
 from .identity_store import (
@@ -215,6 +216,9 @@ class CAClient:
                 transient=status >= 500 or status in (0, 429) or (status == 200),
             )
         nonce = str(body["nonce"])
+        if not looks_like_nonce(nonce):  # trust.md rule 2: sign a challenge, never a text the server chose
+            raise CAError(f"CA renewal of {agent_id}: the CA sent a nonce that is not a challenge; nothing was "
+                          "signed", status=status)
         csr_pem = build_csr(agent_id, key).public_bytes(serialization.Encoding.PEM).decode("ascii")
         payload = {
             "id": agent_id,
