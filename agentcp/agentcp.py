@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
+from agentcp.base.http import release_idle_threads
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
@@ -85,6 +86,22 @@ def entry_url(aid_or_domain: str, override: Optional[str] = None) -> str:
     if override:
         return override
     return "https://acp3." + _last_two_labels(aid_or_domain)
+
+
+class _Stopping:
+    """What ``offline()`` detached from the agent and still has to join and close."""
+
+    __slots__ = ("thread", "sm", "dispatcher", "hb", "ap")
+
+    def __init__(self, thread, sm, dispatcher, hb, ap) -> None:
+        self.thread, self.sm, self.dispatcher, self.hb, self.ap = thread, sm, dispatcher, hb, ap
+
+
+def _in_sdk_thread() -> bool:
+    """True on one of the SDK's own threads (handler workers and their asyncio loop, heartbeat callbacks, stream
+    handlers, connection threads): every thread the SDK starts is named ``agentcp-...``. A callback running there
+    must not wait in ``offline()`` for threads that wait for it."""
+    return threading.current_thread().name.startswith("agentcp-")
 
 
 def _is_guest_request(agent_name: str) -> bool:
@@ -459,6 +476,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         # Secrets refused to hosts outside the trust domain, by purpose (trust.md rule 1), and bounds crossed.
         self._trust_refusals = RefusalLog()
         self._limit_crossings: Dict[str, int] = {}
+        # Access point clients of connection attempts in flight (offline() aborts them), and the threads that
+        # finish an offline() called from a callback (joined by the next online()/offline()).
+        self._connecting_aps: set = set()
+        self._reapers: List[threading.Thread] = []
 
     def __str__(self) -> str:
         return self.id
@@ -532,6 +553,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         the background and becomes online when it returns; the heartbeat client heals heartbeat faults itself.
         """
         try:
+            self._join_reapers()
             with self._lock:
                 running = self._conn_thread is not None and self._conn_thread.is_alive()
                 if running and self._phase == "started":
@@ -545,7 +567,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                     self._ap_failures = 0
                     self._set_phase("connecting")
                     self._conn_thread = threading.Thread(
-                        target=self._run, name=f"agentcp-online-{self.id}", daemon=True
+                        target=self._run, args=(self._stop,), name=f"agentcp-online-{self.id}", daemon=True
                     )
                     self._conn_thread.start()
             self._attempted.wait(self.ONLINE_WAIT)
@@ -561,32 +583,84 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             self._publish(SDKError(f"online() of {self.id} failed: {exc}"))
 
     def offline(self) -> None:
-        """Stop everything ``online()`` started, join its threads and sign out. Idempotent; never raises."""
+        """Stop everything ``online()`` started, join its threads and sign out. Idempotent; never raises.
+
+        Called from a callback of the SDK (a sync or async message handler, a stream handler, ``on_state_change``,
+        a heartbeat ``on_event``: any of the SDK's own threads), it returns at once instead of waiting for the
+        callback that called it: the stop takes effect now (no new handler or callback starts, a request in
+        flight is aborted) and the joins and sign-outs finish on a short-lived reaper thread after the callback
+        returns. That thread is joined by the next ``online()``/``offline()`` of an application thread, or at
+        interpreter exit. No callback runs after the shutdown has completed.
+        """
         try:
+            stopping = self._halt()
+            if _in_sdk_thread():
+                reaper = threading.Thread(target=self._finish_offline, args=(stopping,),
+                                          name=f"agentcp-offline-{self.id}")  # not a daemon: joined at exit
+                with self._lock:
+                    self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
+                reaper.start()
+                return
+            self._join_reapers()
+            self._finish_offline(stopping)
+        except Exception:
+            _log.exception("offline() of %s failed", self.id)
+
+    def _join_reapers(self) -> None:
+        """Wait for the shutdowns that ``offline()`` left to reaper threads (not from an SDK thread: a callback
+        that called ``offline()`` and then ``online()`` must not wait for its own reaper)."""
+        if _in_sdk_thread():
             with self._lock:
-                self._stop.set()
-                self._wake.set()
-                thread = self._conn_thread
-            self._attempted.set()  # an online() waiting for the first attempt returns now
+                self._reapers = [t for t in self._reapers if t.is_alive()]
+            return
+        with self._lock:
+            reapers, self._reapers = self._reapers, []
+        for reaper in reapers:
+            reaper.join()
+
+    def _halt(self) -> "_Stopping":
+        """The non-blocking half of ``offline()``: stop, detach every component, abort requests in flight, and
+        make sure no new handler or heartbeat callback starts."""
+        with self._lock:
+            self._stop.set()
+            self._wake.set()
+            # Components are installed under this lock only while the stop is not set, so after it they are final.
+            thread, self._conn_thread = self._conn_thread, None
+            connecting, self._connecting_aps = list(self._connecting_aps), set()
+            sm, self.session_manager = self.session_manager, None
+            if sm is not None:
+                self._remember_sessions(sm)
+            self._retiring_sm = sm  # sends of handlers still running go out through it until it stops
+            dispatcher, self._dispatcher = self._dispatcher, None
+            hb, self.heartbeat_client = self.heartbeat_client, None
+            ap, self.ap_client = self.ap_client, None
+            self.is_online_success = False
+            self._online_since = None
+            self._set_phase("offline")
+        self._attempted.set()  # an online() waiting for the first attempt returns now
+        for client in connecting:
+            client.abort()  # an access point that trickles its reply must not hold offline() (trust.md rule 4)
+        abort_ca = getattr(self.ca_client, "abort", None)
+        if thread is not None and abort_ca is not None:
+            abort_ca()  # a certificate renewal in flight on the connect thread
+        if dispatcher is not None:
+            dispatcher.halt()
+        if hb is not None:
+            hb.halt()
+        return _Stopping(thread, sm, dispatcher, hb, ap)
+
+    def _finish_offline(self, stopping: "_Stopping") -> None:
+        """The blocking half of ``offline()``: join what ``_halt`` stopped, close connections, sign out."""
+        try:
+            thread = stopping.thread
             if thread is not None and thread is not threading.current_thread():
-                # The connect loop wakes on the stop at every wait; an HTTP call in flight ends within its timeout.
+                # It wakes on the stop at every wait, and its HTTP requests were aborted (or end at their deadline).
                 thread.join()
-            with self._lock:
-                sm, self.session_manager = self.session_manager, None
-                if sm is not None:
-                    self._remember_sessions(sm)
-                self._retiring_sm = sm  # sends of handlers still running go out through it until it stops
-                dispatcher, self._dispatcher = self._dispatcher, None
-                hb, self.heartbeat_client = self.heartbeat_client, None
-                ap, self.ap_client = self.ap_client, None
-                self._conn_thread = None
-                self.is_online_success = False
-                self._online_since = None
-                self._set_phase("offline")
-            # Handlers first: nothing new starts, running ones finish; then the message connection closes.
-            if dispatcher is not None:
-                dispatcher.stop(self.JOIN_TIMEOUT)
+            # Handlers first: running ones finish (and may still reply); then the message connection closes.
+            if stopping.dispatcher is not None:
+                stopping.dispatcher.stop(self.JOIN_TIMEOUT)
             self._stop_stream_work(self.JOIN_TIMEOUT)  # stream handlers and pulls (their own threads)
+            sm = stopping.sm
             try:
                 if sm is not None:
                     sm.stop()
@@ -594,12 +668,15 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 with self._lock:
                     if self._retiring_sm is sm:
                         self._retiring_sm = None
+            hb = stopping.hb
             if hb is not None:
                 hb.offline()
                 hb.sign_out()
+            ap = stopping.ap
             if ap is not None:
                 ap.sign_out()
                 ap.auth_client.close()
+            release_idle_threads()
         except Exception:
             _log.exception("offline() of %s failed", self.id)
 
@@ -679,11 +756,12 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
     def _publish(self, err: SDKError) -> None:
         publish(err, self.id)
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         try:
-            self._connect_loop(self._stop)
+            self._connect_loop(stop)
         finally:
-            self._attempted.set()  # also when stopped in a backoff wait: online() must not wait for a dead loop
+            if stop is self._stop:  # a loop that offline() already replaced must not wake the next online()
+                self._attempted.set()  # also when stopped in a backoff wait: online() must not wait for a dead loop
             self._notify_state()
 
     def _connect_loop(self, stop: threading.Event) -> None:
@@ -694,6 +772,9 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 self._attempted.set()
                 break
             except Exception as exc:
+                if stop.is_set():  # offline() aborted the attempt: not a failure of the access point
+                    _log.debug("%s: connection attempt ended by offline() (%s)", self.id, exc)
+                    break
                 failures += 1
                 permanent = bool(getattr(exc, "permanent", False))
                 with self._lock:
@@ -720,12 +801,19 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         with self._lock:
             self._ap_attempts += 1
         certs = self._certs_dir()
-        ap = ApClient(self.id, self._entry_url(), certs, self.seed_password)
+        ap = self._new_ap_client(certs)
+        with self._lock:
+            if stop.is_set():
+                return
+            self._connecting_aps.add(ap)  # offline() aborts it while it signs in or fetches the config
         try:
             ap.connect()
         except BaseException:
             ap.auth_client.close()
             raise
+        finally:
+            with self._lock:
+                self._connecting_aps.discard(ap)
         with self._lock:
             if stop.is_set():
                 ap.sign_out()
@@ -735,6 +823,8 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             self.heartbeat_server = ap.heartbeat_server
             self.message_server = ap.message_server
             hb = HeartbeatClient(self.id, ap.heartbeat_server, certs, self.seed_password)
+            hb.auth_client.max_reply = self.limits.http_reply_max
+            hb.auth_client.on_limit = self._limit_crossed
             hb.set_on_recv_invite(self._on_invite)
             hb.on_state_change = self._on_heartbeat_state
             try:
@@ -793,7 +883,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
     # --- access point -------------------------------------------------------------------------------------------
     def init_ap_client(self) -> None:
         """Create the access point client, sign in and fetch the config (one attempt; failures are logged)."""
-        ap = ApClient(self.id, self._entry_url(), self._certs_dir(), self.seed_password)
+        ap = self._new_ap_client(self._certs_dir())
         ap.initialize()
         with self._lock:
             self.ap_client = ap
@@ -801,6 +891,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 self.heartbeat_server = ap.heartbeat_server
             if ap.message_server:
                 self.message_server = ap.message_server
+
+    def _new_ap_client(self, certs: str) -> ApClient:
+        return ApClient(self.id, self._entry_url(), certs, self.seed_password, limits=self.limits,
+                        on_limit=self._limit_crossed)
 
     def _ap(self) -> ApClient:
         if self.ap_client is None:

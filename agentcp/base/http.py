@@ -244,16 +244,34 @@ class _Watchdog:
         with self._cond:
             entry[2] = None  # dropped when it reaches the top of the heap
 
+    def release(self) -> None:
+        """If no deadline is pending, make the thread leave now and join it (an agent going offline leaves no
+        thread behind); otherwise another request still needs it and it stays."""
+        with self._cond:
+            if any(entry[2] is not None for entry in self._heap):
+                return
+            self._heap.clear()
+            thread, self._thread = self._thread, None
+            left, self._left = self._left, None
+            self._cond.notify_all()
+        for t in (thread, left):
+            if t is not None and t is not threading.current_thread():
+                t.join()
+
     def _run(self) -> None:
         while True:
             due: List[Callable[[], None]] = []
             with self._cond:
                 while self._heap and self._heap[0][2] is None:
                     heapq.heappop(self._heap)
+                if self._thread is not threading.current_thread():
+                    return  # released, or replaced by a newer thread after a release
                 if not self._heap:
                     self._cond.wait(self.IDLE_LINGER)
                     while self._heap and self._heap[0][2] is None:
                         heapq.heappop(self._heap)
+                    if self._thread is not threading.current_thread():
+                        return
                     if not self._heap:
                         self._thread, self._left = None, threading.current_thread()
                         return
@@ -274,6 +292,11 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+
+
+def release_idle_threads() -> None:
+    """Join the deadline thread if no request is in flight (called when an agent goes offline)."""
+    _WATCHDOG.release()
 _scope_local = threading.local()
 
 

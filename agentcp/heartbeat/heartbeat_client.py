@@ -154,6 +154,7 @@ class HeartbeatClient:
         self._lock = threading.RLock()
         self._machine = self._new_machine()
         self._stop = threading.Event()
+        self._halted_running = False  # halt() stopped a running client: offline() still has to leave the reactor
         self._online_event = threading.Event()
         self._server_addr: Optional[Tuple[str, int]] = None
         self._have_session = False
@@ -226,13 +227,9 @@ class HeartbeatClient:
         Safe to call from any thread, including a callback. No callback runs after it returns (unless it was
         called from that callback itself).
         """
+        self.halt()
         with self._lock:
-            was_running = self.is_running
-            self.is_running = False
-            self.is_sending_heartbeat = False
-            self._stop.set()
-            self._machine.stop(self._clock())
-            self._flush_state_changes()
+            was_running, self._halted_running = self._halted_running, False
         if was_running:
             self._reactor.call(self._reactor_stop, wait=True)
         current = threading.current_thread()
@@ -253,6 +250,17 @@ class HeartbeatClient:
         self._reactor.join_stopped()
         if was_running:
             log.info("heartbeat for %s stopped", self.agent_id)
+
+    def halt(self) -> None:
+        """The non-blocking first half of :meth:`offline`: from now on no beat is sent and no queued callback
+        runs (one already running finishes). :meth:`offline` completes the stop and joins the threads."""
+        with self._lock:
+            self._halted_running = self._halted_running or self.is_running
+            self.is_running = False
+            self.is_sending_heartbeat = False
+            self._stop.set()
+            self._machine.stop(self._clock())
+            self._flush_state_changes()
 
     def get_online_status(self, aids) -> list:
         """Ask the heartbeat server which of ``aids`` are online; ``[]`` if that cannot be known (logged)."""
