@@ -301,7 +301,9 @@ _scope_local = threading.local()
 
 
 class _Scope:
-    """The connections one :func:`request_limited` call used on this thread; :meth:`fire` aborts them."""
+    """The connections (and their sockets) one :func:`request_limited` call used on this thread; :meth:`fire`
+    aborts them. Sockets are kept too: once a reply that closes the connection has its headers, http.client
+    hands the socket to the response and the connection object forgets it."""
 
     def __init__(self) -> None:
         self.conns: List[Any] = []
@@ -313,14 +315,25 @@ class _Scope:
             self.conns.append(conn)
             fired = self.fired
         if fired:
-            AbortableSession._shutdown(conn)
+            _shutdown(conn)
 
     def fire(self) -> None:
         with self._lock:
             self.fired = True
             conns = list(self.conns)
         for conn in conns:
-            AbortableSession._shutdown(conn)
+            _shutdown(conn)
+
+
+def _shutdown(conn_or_sock: Any) -> None:
+    """Shut down a socket (or a connection's socket) so that a thread blocked reading it wakes at once."""
+    sock = getattr(conn_or_sock, "sock", conn_or_sock) if not isinstance(conn_or_sock, socket.socket) \
+        else conn_or_sock
+    if sock is not None and hasattr(sock, "shutdown"):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass  # already closed or never connected: nothing is blocked on it
 
 
 class AbortableSession:
@@ -339,6 +352,7 @@ class AbortableSession:
 
         self._lock = threading.Lock()
         self._conns: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._socks: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._epoch = 0
         owner = self
 
@@ -349,9 +363,11 @@ class AbortableSession:
                     super().connect()
                     with owner._lock:
                         owner._conns.add(self)
+                        if self.sock is not None:
+                            owner._socks.add(self.sock)  # still reachable when a response has taken it over
                         aborted = owner._epoch != epoch
                     if aborted:  # abort() ran while this connection was being opened
-                        owner._shutdown(self)
+                        _shutdown(self)
 
                 def request(self, *args: Any, **kwargs: Any) -> Any:
                     # The request of the request_limited() call on this thread uses this connection: its deadline
@@ -359,7 +375,10 @@ class AbortableSession:
                     scope = getattr(_scope_local, "scope", None)
                     if scope is not None:
                         scope.add(self)
-                    return super().request(*args, **kwargs)
+                    result = super().request(*args, **kwargs)
+                    if scope is not None and self.sock is not None:
+                        scope.add(self.sock)
+                    return result
 
             Tracked.__name__ = f"Abortable{base.__name__}"
             return Tracked
@@ -377,22 +396,15 @@ class AbortableSession:
             if manager is not None:
                 manager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
 
-    @staticmethod
-    def _shutdown(conn: Any) -> None:
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass  # already closed or never connected: nothing is blocked on it
+    _shutdown = staticmethod(_shutdown)
 
     def abort(self) -> None:
         """Make every request of this session that is in flight now fail at once."""
         with self._lock:
             self._epoch += 1
-            conns = list(self._conns)
-        for conn in conns:
-            self._shutdown(conn)
+            targets = list(self._conns) + list(self._socks)
+        for target in targets:
+            _shutdown(target)
 
     def close(self) -> None:
         self.session.close()
