@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
+from agentcp.base.names import check_aid, resolve_inside
 from agentcp.base.http import release_idle_threads
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
@@ -102,6 +103,14 @@ def _in_sdk_thread() -> bool:
     handlers, connection threads): every thread the SDK starts is named ``agentcp-...``. A callback running there
     must not wait in ``offline()`` for threads that wait for it."""
     return threading.current_thread().name.startswith("agentcp-")
+
+
+def _valid_stored_aid(aid: str) -> bool:
+    try:
+        check_aid(aid)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_guest_request(agent_name: str) -> bool:
@@ -212,6 +221,7 @@ class AgentCP(_AgentCP):
         return self.ca_client
 
     def __build_url(self, aid: str) -> CAClient:
+        check_aid(aid, field="agent_id")  # a DNS name: never a path outside the identity folder (trust.md rule 5)
         if len(aid.split(".")) < 3:
             raise RuntimeError(f"加载aid错误,请检查传入aid (AID load error: {aid!r} needs at least 3 labels)")
         return self._use_ca(self._entry_url(aid))
@@ -221,8 +231,10 @@ class AgentCP(_AgentCP):
         """The stored identity ``agent_id`` as an :class:`AgentID` (not online), or ``None`` if it is missing or
         its certificate expired and cannot be renewed. A valid stored certificate needs no network.
 
-        Raises ``RuntimeError`` for an AID with fewer than 3 labels and :class:`CredentialError` when the seed
-        password is wrong (the key cannot be decrypted) or key and certificate do not match.
+        Raises ``TypeError`` for a non-string, ``ValueError`` for an AID that is not a DNS name (``/``, ``..``,
+        NUL, ... — it could name a path outside the identity folder), ``RuntimeError`` for an AID with fewer than 3
+        labels and :class:`CredentialError` when the seed password is wrong (the key cannot be decrypted), the key
+        file is damaged, or key and certificate do not match.
         """
         ca = self.__build_url(agent_id)
         store = ca.store
@@ -256,12 +268,23 @@ class AgentCP(_AgentCP):
     def create_aid(self, ap: str, agent_name: str) -> "AgentID":
         """Create ``<agent_name>.<last two labels of ap>`` with the CA (or load it if it exists).
 
-        Raises ``RuntimeError`` with the CA's reason on refusal or when the CA is unreachable.
+        Raises ``RuntimeError`` with the CA's reason on refusal or when the CA is unreachable, and ``ValueError``
+        (before any network traffic) for a name that is not a DNS name: empty, ``/``, ``\\``, NUL, ``..``, labels
+        other than ``a-z``, ``0-9`` and ``-`` (upper case is folded to lower case for a new identity; an identity
+        already on disk is loaded under the name it was stored with).
         """
+        if not isinstance(agent_name, str):
+            raise TypeError(f"agent_name must be a string, got {type(agent_name).__name__}")
+        if not isinstance(ap, str):
+            raise TypeError(f"ap must be a domain string like 'agentunion.cn', got {type(ap).__name__}")
         if _is_guest_request(agent_name):
             return self.get_guest_aid(ap)
+        check_aid(agent_name, field="agent_name")  # path-safe; a new identity is held to the strict rule below
         domain = _last_two_labels(ap)
         aid = agent_name if agent_name.endswith("." + domain) else f"{agent_name}.{domain}"
+        store = self.store
+        if not (_valid_stored_aid(aid) and store.exists(aid) and store.has_cert(aid) and store.has_key(aid)):
+            aid = check_aid(aid, field="new AID", strict=True)  # a new identity: trust.md rule 5 exactly
         ca = self._use_ca(self._entry_url(domain))
         if ca.store.exists(aid) and ca.store.has_cert(aid) and ca.store.has_key(aid):
             return self.load_aid(aid)
@@ -925,7 +948,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         return self._ap().sync_public_files(self.public_data_path)
 
     def delete_public_file(self, file_path: str) -> None:
-        path = file_path if os.path.isabs(file_path) else os.path.join(self.public_data_path, file_path)
+        """Delete ``file_path`` (relative to the public directory, or absolute inside it) locally and on the access
+        point. ``ValueError`` for a name outside the public directory once ``..`` and symlinks are resolved (0.1.99
+        deleted whatever the name pointed at, including the agent's own key)."""
+        path = resolve_inside(self.public_data_path, file_path, field="public file name")
         try:
             os.remove(path)
         except OSError as exc:

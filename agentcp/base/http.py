@@ -41,6 +41,8 @@ __all__ = [
     "total_deadline",
     "request_limited",
     "tls_failure_text",
+    "connect_error_text",
+    "release_idle_threads",
 ]
 
 _log = logging.getLogger("agentcp.http")
@@ -481,6 +483,28 @@ def request_limited(
     finally:
         _WATCHDOG.cancel(entry)
         _scope_local.scope = outer
+
+
+def is_tls_verification_failure(exc: BaseException) -> bool:
+    """True if ``exc`` (from requests, websocket-client or ssl) means the server's certificate did not verify."""
+    import ssl
+
+    seen = 0
+    while exc is not None and seen < 8:  # requests and urllib3 wrap the ssl error a few levels deep
+        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__ or (exc.args[0] if exc.args and isinstance(exc.args[0],
+                                                                                          BaseException) else None)
+        seen += 1
+    return False
+
+
+def connect_error_text(exc: BaseException, target: str) -> str:
+    """How a connection attempt to ``target`` failed, for logs and errors: a TLS verification failure names
+    ``AGENTCP_TLS_VERIFY`` (:func:`tls_failure_text`), anything else is ``"<type>: <message>"``."""
+    if is_tls_verification_failure(exc):
+        return tls_failure_text(target, exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def tls_failure_text(target: str, exc: Any = None, *, override: str = "") -> str:

@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["InvalidNameError", "check_aid", "check_agent_name", "resolve_inside", "check_port", "check_host"]
+__all__ = ["InvalidNameError", "check_aid", "resolve_inside", "check_port", "check_host"]
 
 MAX_NAME = 253
 _STRICT_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -54,11 +54,6 @@ def check_aid(value: Any, *, field: str = "AID", strict: bool = False) -> str:
             raise InvalidNameError(f"invalid {field} {value!r}: label {part!r} is not allowed; it must be "
                                    f"{_rule(strict)}")
     return name
-
-
-def check_agent_name(value: Any, *, field: str = "agent_name") -> str:
-    """The ``agent_name`` of ``create_aid`` for a new identity (one or more strict labels), lower-cased."""
-    return check_aid(value, field=field, strict=True)
 
 
 def resolve_inside(root: str, name: Any, *, field: str = "file name") -> str:

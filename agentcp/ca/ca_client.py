@@ -25,6 +25,7 @@ from agentcp.base.http import (
     tls_failure_text,
 )
 from agentcp.base.limits import DEFAULT_LIMITS
+from agentcp.base.names import check_aid
 from agentcp.context.exceptions import CredentialError
 
 from .identity_store import (
@@ -306,9 +307,11 @@ class CAClient:
         if status != 200 or not isinstance(body, dict) or any(k not in body for k in needed):
             raise CAError(f"CA did not issue a guest identity: {self._error_text(status, body)}", status=status,
                           transient=status >= 500 or status in (0, 429))
-        guest = str(body["guest_aid"])
-        if not guest or "/" in guest or "\\" in guest or guest.startswith("."):
-            raise CAError(f"CA returned an unusable guest AID {guest!r}")
+        guest = body["guest_aid"]
+        try:
+            check_aid(guest, field="guest AID from the CA")
+        except (TypeError, ValueError) as exc:
+            raise CAError(f"CA returned an unusable guest AID: {exc}") from None
         key = decrypt_private_key(body["key"], self.seed_password, aid=guest)
         self.store.save_identity(guest, key, body["cert"], self.seed_password)
         return guest
