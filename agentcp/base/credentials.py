@@ -72,9 +72,10 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", r
 
 def pem_damage(raw: bytes) -> Optional[str]:
     """Why the PEM private key in ``raw`` is structurally damaged (truncated, cut base64, a DER length that does
-    not match the data), or ``None`` if it looks whole. Pure: no password is tried."""
+    not match the data), or ``None`` if it looks whole or is not PEM at all (the caller says "not a PEM private
+    key" then). Pure: no password is tried."""
     if b"-----BEGIN" not in raw:
-        return "no PEM 'BEGIN' line" if raw.strip() else "the file is empty"
+        return None
     match = _PEM_BLOCK.search(raw)
     if match is None:
         return "the PEM block has no matching 'END' line: the file was cut short"
