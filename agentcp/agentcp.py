@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
-from agentcp.base.names import check_aid, resolve_inside
+from agentcp.base.names import check_aid, is_valid_aid, resolve_inside
 from agentcp.base.http import release_idle_threads
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
@@ -103,14 +103,6 @@ def _in_sdk_thread() -> bool:
     handlers, connection threads): every thread the SDK starts is named ``agentcp-...``. A callback running there
     must not wait in ``offline()`` for threads that wait for it."""
     return threading.current_thread().name.startswith("agentcp-")
-
-
-def _valid_stored_aid(aid: str) -> bool:
-    try:
-        check_aid(aid)
-        return True
-    except ValueError:
-        return False
 
 
 def _is_guest_request(agent_name: str) -> bool:
@@ -283,7 +275,7 @@ class AgentCP(_AgentCP):
         domain = _last_two_labels(ap)
         aid = agent_name if agent_name.endswith("." + domain) else f"{agent_name}.{domain}"
         store = self.store
-        if not (_valid_stored_aid(aid) and store.exists(aid) and store.has_cert(aid) and store.has_key(aid)):
+        if not (is_valid_aid(aid) and store.exists(aid) and store.has_cert(aid) and store.has_key(aid)):
             aid = check_aid(aid, field="new AID", strict=True)  # a new identity: trust.md rule 5 exactly
         ca = self._use_ca(self._entry_url(domain))
         if ca.store.exists(aid) and ca.store.has_cert(aid) and ca.store.has_key(aid):
@@ -661,7 +653,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             self._online_since = None
             self._set_phase("offline")
         self._attempted.set()  # an online() waiting for the first attempt returns now
-        for client in connecting:
+        for client in connecting + ([ap] if ap is not None else []):
             client.abort()  # an access point that trickles its reply must not hold offline() (trust.md rule 4)
         abort_ca = getattr(self.ca_client, "abort", None)
         if thread is not None and abort_ca is not None:

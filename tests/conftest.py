@@ -1,6 +1,8 @@
 """Fixtures shared by the tests that run agents on the fake network (FakeACPServer + AccessPoint)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from agentcp.base.backoff import Backoff
@@ -15,6 +17,17 @@ def fast_messaging(aid):
     aid.RECONNECT_BACKOFF = FAST
     aid.message_config = MessageClientConfig(ping_interval=0.5, reconnect_backoff=FAST, immediate_reconnect_gap=0.0)
     return aid
+
+
+def until(pred, timeout: float = 5.0, what: str = "condition"):
+    """The first truthy value of ``pred()``, polled every 5 ms; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.005)
 
 
 @pytest.fixture(autouse=True)

@@ -16,20 +16,10 @@ import pytest
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
 from agentcp.testing.fake_server import FakeACPServer
 
-from conftest import FAST
+from conftest import FAST, until
 
 #: What the tests accept for the call itself (the target is 100 ms; shared CI cores need slack).
 QUICK = 0.5
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _threads_of(aid):
@@ -42,7 +32,7 @@ def _pair(agents, network):
     b.online()
     sid = a.create_session("chat", "")
     assert sid and a.invite_member(sid, b.id)
-    _until(lambda: b.session_manager is not None and b.session_manager.get(sid) is not None, what="b joined")
+    until(lambda: b.session_manager is not None and b.session_manager.get(sid) is not None, what="b joined")
     network.messages.wait_for(lambda: b.id in network.messages.members(sid))
     return a, b, sid
 
@@ -65,6 +55,17 @@ def _offline_timed(aid, box):
     box.append(time.monotonic() - started)
 
 
+def _offline_on_first_call(aid, calls, durations, where):
+    """A sync callback (any arguments) that records its calls and calls ``aid.offline()`` the first time."""
+    def callback(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            where.append(threading.current_thread().name)
+            _offline_timed(aid, durations)
+
+    return callback
+
+
 def test_offline_from_an_async_handler_returns_at_once(agents, network):
     a, b, sid = _pair(agents, network)
     durations, calls, after = [], [], []
@@ -78,23 +79,17 @@ def test_offline_from_an_async_handler_returns_at_once(agents, network):
 
     b.add_message_handler(handler)
     assert a.send_message_content(sid, [b.id], "stop please")
-    _until(lambda: after, what="async handler finished")
+    until(lambda: after, what="async handler finished")
     assert durations[0] < QUICK, durations
     _finish_and_check_quiet(b, calls, lambda: a.send_message_content(sid, [b.id], "anyone?"))
 
 
 def test_offline_from_a_sync_handler_returns_at_once(agents, network):
     a, b, sid = _pair(agents, network)
-    durations, calls = [], []
-
-    def handler(msg):
-        calls.append(msg)
-        if len(calls) == 1:
-            _offline_timed(b, durations)
-
-    b.add_message_handler(handler)
+    durations, calls, where = [], [], []
+    b.add_message_handler(_offline_on_first_call(b, calls, durations, where))
     assert a.send_message_content(sid, [b.id], "stop please")
-    _until(lambda: durations, what="sync handler called offline()")
+    until(lambda: durations, what="sync handler called offline()")
     assert durations[0] < QUICK, durations
     _finish_and_check_quiet(b, calls, lambda: a.send_message_content(sid, [b.id], "anyone?"))
 
@@ -102,18 +97,11 @@ def test_offline_from_a_sync_handler_returns_at_once(agents, network):
 def test_offline_from_a_stream_handler_returns_at_once(agents, network):
     a, b, sid = _pair(agents, network)
     durations, calls, where = [], [], []
-
-    def handler(msg):
-        calls.append(msg)
-        if len(calls) == 1:
-            where.append(threading.current_thread().name)
-            _offline_timed(b, durations)
-
-    b.add_message_handler(handler)
+    b.add_message_handler(_offline_on_first_call(b, calls, durations, where))
     push, pull = asyncio.run(a.create_stream(sid, [b.id]))
     assert a.send_message(sid, [b.id], [{"type": "text/event-stream", "status": "loading", "timestamp": 1,
                                          "content": pull}])
-    _until(lambda: durations, what="stream handler called offline()")
+    until(lambda: durations, what="stream handler called offline()")
     assert durations[0] < QUICK, durations
     assert where[0].startswith("agentcp-stream-handler")  # it ran as a stream handler
     _finish_and_check_quiet(b, calls, lambda: a.send_message_content(sid, [b.id], "anyone?"))
@@ -135,19 +123,14 @@ def test_offline_from_a_heartbeat_callback_returns_at_once(kind, fast_heartbeat,
     b = agents("bob")
     b.online()
     assert b.wait_online(5)
-    durations, calls = [], []
-
-    def callback(*args):
-        calls.append(args)
-        if len(calls) == 1:
-            _offline_timed(b, durations)
-
+    durations, calls, where = [], [], []
+    callback = _offline_on_first_call(b, calls, durations, where)
     if kind == "on_state_change":
         b.on_state_change = callback
     else:
         b.heartbeat_client.on_event = callback
     acp_server.go_silent()  # the heartbeat notices: a state change and timeline events follow
-    _until(lambda: durations, what=f"{kind} called offline()")
+    until(lambda: durations, what=f"{kind} called offline()")
     assert durations[0] < QUICK, durations
     acp_server.resume()
     _finish_and_check_quiet(b, calls, acp_server.go_silent)
@@ -167,7 +150,7 @@ def test_offline_then_online_from_a_handler_restarts_the_agent(agents, network):
 
     b.add_message_handler(handler)
     assert a.send_message_content(sid, [b.id], "restart")
-    _until(lambda: durations, what="restart")
+    until(lambda: durations, what="restart")
     assert durations[0] < QUICK
     assert b.wait_online(5)
     b.offline()

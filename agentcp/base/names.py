@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["InvalidNameError", "check_aid", "resolve_inside", "check_port", "check_host"]
+__all__ = ["InvalidNameError", "check_aid", "is_valid_aid", "resolve_inside", "check_port", "check_host"]
 
 MAX_NAME = 253
 _STRICT_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -54,6 +54,15 @@ def check_aid(value: Any, *, field: str = "AID", strict: bool = False) -> str:
             raise InvalidNameError(f"invalid {field} {value!r}: label {part!r} is not allowed; it must be "
                                    f"{_rule(strict)}")
     return name
+
+
+def is_valid_aid(name: Any) -> bool:
+    """True if :func:`check_aid` (not strict) accepts ``name``: e.g. to skip directories that are not identities."""
+    try:
+        check_aid(name)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def resolve_inside(root: str, name: Any, *, field: str = "file name") -> str:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agentcp.base.credentials import cert_validity, hash_seed, load_private_key_pem
-from agentcp.base.names import check_aid
+from agentcp.base.names import check_aid, is_valid_aid
 from agentcp.context.exceptions import CredentialError
 
 _log = logging.getLogger("agentcp.ca")
@@ -197,14 +197,6 @@ def sign_hex(key, data: Union[str, bytes]) -> str:
     return key.sign(data, ec.ECDSA(hashes.SHA256())).hex()
 
 
-def _is_aid(name: str) -> bool:
-    try:
-        check_aid(name)
-        return True
-    except ValueError:
-        return False
-
-
 # --- the store ----------------------------------------------------------------------------------------------------
 
 
@@ -254,7 +246,7 @@ class IdentityStore:
             raise
         out = []
         for name in names:
-            if name.startswith(".") or not _is_aid(name):
+            if name.startswith(".") or not is_valid_aid(name):
                 continue
             labels = name.split(".")
             if len(labels) >= 3 and all(labels) and os.path.isdir(os.path.join(self.aid_path, name)):
@@ -352,6 +344,6 @@ class IdentityStore:
     def _all_dirs(self) -> List[str]:
         try:
             return sorted(n for n in os.listdir(self.aid_path)
-                          if _is_aid(n) and os.path.isdir(os.path.join(self.aid_path, n)))
+                          if is_valid_aid(n) and os.path.isdir(os.path.join(self.aid_path, n)))
         except FileNotFoundError:
             return []
