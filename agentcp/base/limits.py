@@ -28,6 +28,8 @@ class Limits:
     stream_chunk_max: int = 16 * MiB
     #: a file pulled through a file stream, in addition to its announced size (crossing: fail, delete the partial)
     file_stream_max: int = 2 * GiB
+    #: a file downloaded from the file server (``download_file``; crossing: fail, delete the partial)
+    file_transfer_max: int = 2 * GiB
     #: one HTTP reply body (sign-in, access point, CA)
     http_reply_max: int = 1 * MiB
     #: one public file downloaded from the access point by ``sync_public_files`` (read into memory)
