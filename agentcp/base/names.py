@@ -83,8 +83,8 @@ def resolve_inside(root: str, name: Any, *, field: str = "file name") -> str:
     except ValueError:  # different drives (Windows)
         inside = False
     if not inside or real == real_root:
-        raise InvalidNameError(f"{field} {name!r} is outside the folder {root} (after resolving '..' and symlinks); "
-                               "refused")
+        raise InvalidNameError(f"{field} {name!r} leads outside the folder {root} (after resolving '..' and "
+                               "symlinks); refused")
     return real
 
 
