@@ -155,3 +155,25 @@ def test_offline_then_online_from_a_handler_restarts_the_agent(agents, network):
     assert b.wait_online(5)
     b.offline()
     assert not _threads_of(b), _threads_of(b)
+
+
+def test_dispatcher_stop_from_its_own_async_handler_does_not_wait_for_itself():
+    """The root of item 11: Dispatcher.stop joined the worker that waited for the coroutine calling stop()."""
+    from agentcp.msg.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher("agentcp-handlers-unit", workers=2, handler_timeout=30)
+    took, done = [], threading.Event()
+
+    async def handler():
+        started = time.monotonic()
+        dispatcher.stop(30)
+        took.append(time.monotonic() - started)
+        await asyncio.sleep(0.01)  # the loop still runs the handler to its end
+        done.set()
+
+    assert dispatcher.submit("s", lambda: dispatcher.call_handler(handler, []))
+    assert done.wait(5)
+    assert took[0] < QUICK, took
+    dispatcher.stop(5)  # from this thread: joins the reaper, the worker and the loop
+    assert not [t for t in threading.enumerate() if t.name.startswith("agentcp-handlers-unit")]
+    assert dispatcher.submit("s", lambda: None) is False
