@@ -233,3 +233,19 @@ def test_websocket_tls_failure_names_the_knob(acp_server_factory, tmp_path, capl
     finally:
         client.stop_websocket_client()
     assert "could not be verified" in caplog.text and "AGENTCP_TLS_VERIFY" in caplog.text
+
+
+def test_connect_error_text_names_the_knob_for_a_real_certificate_failure(acp_server_factory, monkeypatch):
+    """The text the message and stream clients report for a failed connect (one helper for both)."""
+    import websocket
+
+    from agentcp.base.http import connect_error_text
+
+    monkeypatch.delenv("AGENTCP_TLS_VERIFY", raising=False)
+    srv = acp_server_factory(tls=True)
+    url = srv.heartbeat_url.replace("https://", "wss://") + "/stream/session"
+    with pytest.raises(Exception) as info:
+        websocket.create_connection(url, timeout=5)
+    text = connect_error_text(info.value, url)
+    assert "could not be verified" in text and "AGENTCP_TLS_VERIFY=0" in text
+    assert connect_error_text(ConnectionRefusedError("refused"), url) == "ConnectionRefusedError: refused"
