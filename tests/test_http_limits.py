@@ -75,6 +75,7 @@ def test_a_trickling_ca_reply_fails_at_its_total_deadline(network, tmp_path):
 def test_offline_aborts_an_access_point_sign_in_in_flight(tmp_path, network):
     acp = AgentCP(str(tmp_path), seed_password="s", run_proxy=False, ap_url=network.url)
     aid = fast_messaging(acp.create_aid("example.com", "alice"))
+    before = _agent_threads()  # e.g. a process-wide LLM gateway another test started
     network.set_trickle(0.1)  # default timeouts (3 s, 10 s): the sign-in would trickle for 13 s
     aid.ONLINE_WAIT = 0.3  # online() returns while the first attempt is still being trickled
     aid.online()
@@ -83,7 +84,7 @@ def test_offline_aborts_an_access_point_sign_in_in_flight(tmp_path, network):
     aid.offline()
     elapsed = time.monotonic() - started
     assert elapsed <= 1.0, elapsed  # target: ~100 ms for the call itself (38 s before)
-    assert not _agent_threads(), _agent_threads()
+    assert _agent_threads() <= before, _agent_threads() - before
     assert aid.status()["access_point"]["last_error"] is None  # the abort is not reported as an AP failure
     network.set_trickle(None)
     aid.online()  # and the agent comes online normally afterwards
