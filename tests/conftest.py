@@ -1,8 +1,6 @@
 """Fixtures shared by the tests that run agents on the fake network (FakeACPServer + AccessPoint)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from agentcp.base.backoff import Backoff
@@ -17,17 +15,6 @@ def fast_messaging(aid):
     aid.RECONNECT_BACKOFF = FAST
     aid.message_config = MessageClientConfig(ping_interval=0.5, reconnect_backoff=FAST, immediate_reconnect_gap=0.0)
     return aid
-
-
-def until(pred, timeout: float = 5.0, what: str = "condition"):
-    """The first truthy value of ``pred()``, polled every 5 ms; fails the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +65,15 @@ def until(pred, timeout: float = 5.0, what: str = "condition"):
             return value
         assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
         time.sleep(0.005)
+
+
+def pair_in_session(agents, network):
+    """``(alice, bob, session_id)``: two agents online, bob invited into alice's new session and joined."""
+    a, b = agents("alice"), agents("bob")
+    a.online()
+    b.online()
+    sid = a.create_session("chat", "")
+    assert sid and a.invite_member(sid, b.id)
+    until(lambda: b.session_manager.get(sid) is not None, what="b joined")
+    network.messages.wait_for(lambda: b.id in network.messages.members(sid))
+    return a, b, sid

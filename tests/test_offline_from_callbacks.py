@@ -16,7 +16,7 @@ import pytest
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
 from agentcp.testing.fake_server import FakeACPServer
 
-from conftest import FAST, until
+from conftest import FAST, pair_in_session, until
 
 #: What the tests accept for the call itself (the target is 100 ms; shared CI cores need slack).
 QUICK = 0.5
@@ -24,17 +24,6 @@ QUICK = 0.5
 
 def _threads_of(aid):
     return [t for t in threading.enumerate() if t.is_alive() and aid.id in t.name]
-
-
-def _pair(agents, network):
-    a, b = agents("alice"), agents("bob")
-    a.online()
-    b.online()
-    sid = a.create_session("chat", "")
-    assert sid and a.invite_member(sid, b.id)
-    until(lambda: b.session_manager is not None and b.session_manager.get(sid) is not None, what="b joined")
-    network.messages.wait_for(lambda: b.id in network.messages.members(sid))
-    return a, b, sid
 
 
 def _finish_and_check_quiet(aid, calls, poke):
@@ -67,7 +56,7 @@ def _offline_on_first_call(aid, calls, durations, where):
 
 
 def test_offline_from_an_async_handler_returns_at_once(agents, network):
-    a, b, sid = _pair(agents, network)
+    a, b, sid = pair_in_session(agents, network)
     durations, calls, after = [], [], []
 
     async def handler(msg):
@@ -84,26 +73,20 @@ def test_offline_from_an_async_handler_returns_at_once(agents, network):
     _finish_and_check_quiet(b, calls, lambda: a.send_message_content(sid, [b.id], "anyone?"))
 
 
-def test_offline_from_a_sync_handler_returns_at_once(agents, network):
-    a, b, sid = _pair(agents, network)
+@pytest.mark.parametrize("kind", ["message", "stream"])
+def test_offline_from_a_sync_or_stream_handler_returns_at_once(agents, network, kind):
+    a, b, sid = pair_in_session(agents, network)
     durations, calls, where = [], [], []
     b.add_message_handler(_offline_on_first_call(b, calls, durations, where))
-    assert a.send_message_content(sid, [b.id], "stop please")
-    until(lambda: durations, what="sync handler called offline()")
+    if kind == "message":
+        assert a.send_message_content(sid, [b.id], "stop please")
+    else:  # a stream announce: its handlers run on a stream-handler thread
+        _push, pull = asyncio.run(a.create_stream(sid, [b.id]))
+        assert a.send_message(sid, [b.id], [{"type": "text/event-stream", "status": "loading", "timestamp": 1,
+                                             "content": pull}])
+    until(lambda: durations, what=f"{kind} handler called offline()")
     assert durations[0] < QUICK, durations
-    _finish_and_check_quiet(b, calls, lambda: a.send_message_content(sid, [b.id], "anyone?"))
-
-
-def test_offline_from_a_stream_handler_returns_at_once(agents, network):
-    a, b, sid = _pair(agents, network)
-    durations, calls, where = [], [], []
-    b.add_message_handler(_offline_on_first_call(b, calls, durations, where))
-    push, pull = asyncio.run(a.create_stream(sid, [b.id]))
-    assert a.send_message(sid, [b.id], [{"type": "text/event-stream", "status": "loading", "timestamp": 1,
-                                         "content": pull}])
-    until(lambda: durations, what="stream handler called offline()")
-    assert durations[0] < QUICK, durations
-    assert where[0].startswith("agentcp-stream-handler")  # it ran as a stream handler
+    assert where[0].startswith("agentcp-stream-handler" if kind == "stream" else "agentcp-handlers")
     _finish_and_check_quiet(b, calls, lambda: a.send_message_content(sid, [b.id], "anyone?"))
 
 
@@ -139,7 +122,7 @@ def test_offline_from_a_heartbeat_callback_returns_at_once(kind, fast_heartbeat,
 def test_offline_then_online_from_a_handler_restarts_the_agent(agents, network):
     """A handler may restart its agent: offline() then online() from the handler neither waits for itself nor
     leaves the agent stopped."""
-    a, b, sid = _pair(agents, network)
+    a, b, sid = pair_in_session(agents, network)
     durations, calls = [], []
 
     def handler(msg):
