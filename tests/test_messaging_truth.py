@@ -12,18 +12,10 @@ import time
 
 import websocket
 
-from conftest import delivered, until as _until
+from conftest import delivered, pair_in_session, until as _until
 
 
-def _pair(agents, network):
-    a, b = agents("alice"), agents("bob")
-    a.online()
-    b.online()
-    sid = a.create_session("chat", "")
-    assert sid and a.invite_member(sid, b.id)
-    _until(lambda: b.session_manager.get(sid) is not None, what="b joined")
-    network.messages.wait_for(lambda: b.id in network.messages.members(sid))
-    return a, b, sid
+_pair = pair_in_session
 
 
 def _collect(aid):

@@ -31,15 +31,18 @@ from .credentials import AgentCredentials
 from .http import (
     DEFAULT_TIMEOUT,
     AbortableSession,
-    TLS_VERIFY_ENV,
+    ReplyTooLarge,
+    RequestDeadlineExceeded,
     Timeout,
     VerifySetting,
     env_flag,
-    no_proxy_for,
     parse_retry_after,
+    request_limited,
     resolve_verify,
+    tls_failure_text,
     user_agent,
 )
+from .limits import DEFAULT_LIMITS, LimitExceeded
 from .server_auth import check_server_identity, fetch_issuer_http, verify_server_response
 from .trust import MAX_NONCE_LENGTH, looks_like_nonce, url_host
 
@@ -93,6 +96,8 @@ class AuthClient:
         sleep: Optional[Callable[[float], None]] = None,
         rand: Optional[Callable[[], float]] = None,
         session: Optional[requests.Session] = None,
+        max_reply: int = DEFAULT_LIMITS.http_reply_max,
+        on_limit: Optional[Callable[[LimitExceeded], None]] = None,
     ) -> None:
         self.agent_id = agent_id
         self.server_url = (server_url or "").rstrip("/")
@@ -113,6 +118,10 @@ class AuthClient:
         #: ``None`` follows ``AGENTCP_STRICT_SERVER_AUTH``.
         self.strict_server_auth = strict_server_auth
         self.backoff = backoff
+        #: Largest reply body read from the server (``Limits.http_reply_max``); a longer one fails the request.
+        self.max_reply = max_reply
+        #: Called with a :class:`LimitExceeded` when a reply crosses ``max_reply`` (the AgentID counts it).
+        self.on_limit = on_limit
         self._sleep = sleep
         self._rand = rand if rand is not None else random.random
         self._owns_session = session is None
@@ -176,22 +185,32 @@ class AuthClient:
 
     # -- HTTP -----------------------------------------------------------------------------------------------
     def _send(self, path: str, payload: Dict[str, Any], what: str) -> Dict[str, Any]:
-        """POST ``payload`` as JSON; the reply object of a 2xx, else a classified :class:`AuthError`."""
+        """POST ``payload`` as JSON; the reply object of a 2xx, else a classified :class:`AuthError`.
+
+        The whole request has one deadline (:func:`~agentcp.base.http.total_deadline` of ``timeout``) and the
+        reply body is read with the cap ``max_reply`` (trust.md rule 4).
+        """
         url = self._url(path)
         try:
-            response = self._session.post(
+            response = request_limited(
+                self._abortable if self._abortable is not None else self._session,
+                "POST",
                 url,
                 json=payload,
                 headers=self.get_headers(),
                 timeout=self.timeout,
-                verify=self._verify_setting(),
-                proxies=no_proxy_for(url),
+                verify=self.verify,
+                max_bytes=self.max_reply,
             )
+        except ReplyTooLarge as exc:
+            self._limit_crossed(exc)
+            raise TransientAuthError(f"{what}: {exc}") from None
         except requests.exceptions.SSLError as exc:
             raise TLSVerificationError(
-                f"{what}: the TLS certificate of {url} could not be verified ({_short(exc)}); "
-                f"set {TLS_VERIFY_ENV}=0 (or AuthClient(verify=False)) only for a test server you trust"
+                f"{what}: " + tls_failure_text(url, exc, override="AuthClient(verify=False)")
             ) from None
+        except RequestDeadlineExceeded as exc:
+            raise TransientAuthError(f"{what}: {exc}") from None
         except requests.exceptions.Timeout:
             raise TransientAuthError(
                 f"{what}: {url} did not answer in time ({self._timeout_text()})"
@@ -204,10 +223,16 @@ class AuthClient:
         except requests.exceptions.RequestException as exc:
             raise TransientAuthError(f"{what}: cannot reach {url} ({type(exc).__name__}: {_short(exc)})") \
                 from None
+        return self._classify(response, url, what)
+
+    def _limit_crossed(self, exc: ReplyTooLarge) -> None:
+        callback = self.on_limit
+        if callback is None:
+            return
         try:
-            return self._classify(response, url, what)
-        finally:
-            response.close()
+            callback(LimitExceeded(exc.bound, exc.limit, exc.url))
+        except Exception:  # reporting must never break the caller
+            _log.debug("on_limit callback failed", exc_info=True)
 
     def _classify(self, response: requests.Response, url: str, what: str) -> Dict[str, Any]:
         status = response.status_code
@@ -425,22 +450,21 @@ class AuthClient:
         self.signature = None
         url = self._url("sign_out")
         try:
-            response = self._session.post(
+            response = request_limited(
+                self._abortable if self._abortable is not None else self._session,
+                "POST",
                 url,
                 json={"agent_id": self.agent_id, "signature": token},
                 headers=self.get_headers(),
                 timeout=self.timeout,
-                verify=self._verify_setting(),
-                proxies=no_proxy_for(url),
+                verify=self.verify,
+                max_bytes=self.max_reply,
             )
-            try:
-                if 200 <= response.status_code < 300:
-                    _log.debug("signed out %s from %s", self.agent_id, self.server_url)
-                else:
-                    _log.warning("sign-out of %s from %s answered HTTP %d", self.agent_id, self.server_url,
-                                 response.status_code)
-            finally:
-                response.close()
+            if 200 <= response.status_code < 300:
+                _log.debug("signed out %s from %s", self.agent_id, self.server_url)
+            else:
+                _log.warning("sign-out of %s from %s answered HTTP %d", self.agent_id, self.server_url,
+                             response.status_code)
         except Exception as exc:
             _log.warning("sign-out of %s from %s failed (%s); the session will expire on the server",
                          self.agent_id, self.server_url, type(exc).__name__)

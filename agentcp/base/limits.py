@@ -32,6 +32,8 @@ class Limits:
     file_transfer_max: int = 2 * GiB
     #: one HTTP reply body (sign-in, access point, CA)
     http_reply_max: int = 1 * MiB
+    #: one public file downloaded from the access point by ``sync_public_files`` (read into memory)
+    public_file_max: int = 16 * MiB
     #: one issuer certificate fetched for server authentication
     issuer_cert_max: int = 64 * KiB
     #: distinct message servers (message clients) per agent; an invite naming another one is refused

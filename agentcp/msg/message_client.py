@@ -38,6 +38,7 @@ from agentcp.base.client import IClient
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
+from agentcp.base.http import connect_error_text
 from agentcp.msg.ws import WsConnection as _Conn, sslopt
 
 log = logging.getLogger("agentcp.msg")
@@ -764,7 +765,7 @@ class MessageClient(IClient):
                              MessageChannelError(f"handshake rejected with HTTP {status}"))
             return
         except (websocket.WebSocketException, OSError, ValueError) as exc:
-            text = redact(f"{type(exc).__name__}: {exc}", token)
+            text = redact(connect_error_text(exc, self._redacted_url()), token)  # TLS: names AGENTCP_TLS_VERIFY
             with self._lock:
                 self._machine.connect_failed(self._clock(), text)
             self._report.note("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
