@@ -377,6 +377,21 @@ class Channel:
             self.counters.acked += 1
         return item
 
+    def discard(self, item: OutItem) -> None:
+        """``item`` can never be written (e.g. it cannot be encoded): forget it, wherever it waits."""
+        if item.ack_key is not None and self._inflight.get(item.ack_key) is item:
+            del self._inflight[item.ack_key]
+        try:
+            self._outbox.remove(item)
+        except ValueError:
+            pass  # not queued (the usual case: it was being written)
+
+    def reading_paused(self, now: float) -> None:
+        """The shell does not read the socket on purpose (the consumer's backlog is full): frames may be
+        waiting unread, so silence is not death. Treated like a frame: no ping is outstanding."""
+        self.last_frame_at = now
+        self._ping_outstanding = False
+
     def oldest_inflight(self, predicate: Callable[[OutItem], bool]) -> Optional[Hashable]:
         """The ack key of the oldest in-flight item matching ``predicate`` (for acks that carry no id)."""
         for key, item in self._inflight.items():
