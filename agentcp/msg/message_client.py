@@ -723,8 +723,8 @@ class MessageClient(IClient):
                     reason = "closed by peer"
                     break
                 except LimitExceeded as exc:
+                    self._too_big(exc)  # counted before the peer sees the close
                     frames.close_too_big()
-                    self._too_big(exc)
                     reason = "message too big (closed with 1009)"
                     break
                 except (websocket.WebSocketException, OSError, ValueError, AttributeError) as exc:

@@ -705,8 +705,8 @@ class StreamClient:
                     reason = "closed by the server"
                     break
                 except LimitExceeded as exc:
+                    self._too_big(exc)  # counted before the peer sees the close
                     frames.close_too_big()
-                    self._too_big(exc)
                     reason = "frame too big (closed with 1009)"
                     break
                 except (websocket.WebSocketException, OSError, ValueError, AttributeError) as exc:

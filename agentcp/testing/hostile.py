@@ -67,6 +67,10 @@ class HostileServer:
     def stop(self) -> None:
         self._stop.set()
         try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() (close alone does not, on Linux)
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass

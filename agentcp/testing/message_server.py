@@ -335,14 +335,20 @@ class MessageServer:
     def wait_connected(self, agent_id: str, timeout: float = 5.0) -> None:
         self.wait_for(lambda: agent_id in self._conns, timeout)
 
-    def send_raw(self, agent_id: str, data: bytes, *, wait: float = 5.0) -> bool:
+    def connection(self, agent_id: str) -> Any:
+        """``agent_id``'s current connection (an opaque handle for :meth:`send_raw`), or None."""
+        with self._lock:
+            return self._conns.get(agent_id)
+
+    def send_raw(self, agent_id: str, data: bytes, *, wait: float = 5.0, connection: Any = None) -> bool:
         """Attacker knob: write ``data`` (frames the test built with :func:`encode_frame`) to ``agent_id``'s
         connection, in order with the server's own frames (pongs go between, never inside, them). Waits up to
         ``wait`` seconds until it was written (so an endless attacker holds no more than one piece in memory).
-        False if the agent is not connected or the write did not complete in time (e.g. the agent closed)."""
+        False if the agent is not connected (or no longer on ``connection``, when given) or the write did not
+        complete in time (e.g. the agent closed)."""
         with self._lock:
             conn = self._conns.get(agent_id)
-        if conn is None or not conn.alive:
+        if conn is None or not conn.alive or (connection is not None and conn is not connection):
             return False
         written = threading.Event()
         conn.out.put(data)
