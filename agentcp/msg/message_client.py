@@ -467,7 +467,10 @@ class MessageClient(IClient):
             try:
                 conn.send(text)
                 if not ticket.done:
-                    ticket.status = SendStatus.SENT
+                    if ack_key is None:
+                        ticket._finish(SendStatus.SENT)  # nothing more will happen to it (as in _flush_outbox)
+                    else:
+                        ticket.status = SendStatus.SENT
             except (UnicodeError, TypeError, ValueError) as exc:
                 self._unsendable(item, exc)
             except (websocket.WebSocketException, OSError) as exc:
