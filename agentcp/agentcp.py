@@ -43,6 +43,7 @@ from agentcp.base.reporting import publish
 from agentcp.context import ErrorContext, exceptions  # noqa: F401  (re-exported, as 0.1.99 did)
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+from agentcp.agent_files import FileClient, FilesMixin  # noqa: F401  (FileClient re-exported, as 0.1.99 did)
 from agentcp.agent_messaging import MessagingMixin
 from agentcp.agent_streams import StreamsMixin
 from agentcp.history import HistoryMixin
@@ -373,7 +374,7 @@ class AgentCP(_AgentCP):
 # ==================================================================================================================
 
 
-class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
+class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
     """One agent identity. Obtained from ``AgentCP.load_aid``/``create_aid``/``get_guest_aid``."""
 
     #: How long ``online()`` waits for the first connection attempt before returning (seconds).

@@ -28,6 +28,8 @@ class Limits:
     stream_chunk_max: int = 16 * MiB
     #: a file pulled through a file stream, in addition to its announced size (crossing: fail, delete the partial)
     file_stream_max: int = 2 * GiB
+    #: a file downloaded from the file server (``download_file``; crossing: fail, delete the partial)
+    file_transfer_max: int = 2 * GiB
     #: text gathered by one ``fetch_stream_message`` (crossing: it returns what arrived, marked incomplete)
     stream_pull_max: int = 64 * MiB
     #: one HTTP reply body (sign-in, access point, CA)
