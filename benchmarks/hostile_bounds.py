@@ -188,17 +188,23 @@ def far_file_offset() -> Result:
     return _row("file chunk at offset 0xFFFFFFF0", got, peak, took)
 
 
-def trickling_pull() -> Result:
-    """A pull server that sends one byte every 100 ms; the deadline is 3 s."""
+def _pull(attack: str, deadline: float) -> Tuple[Any, float, int, Dict[str, float]]:
+    """``fetch_stream_message`` of an announce naming a hostile pull server: (text, seconds, bytes sent, peak)."""
     from agentcp.testing.hostile import HostileServer
 
-    with tempfile.TemporaryDirectory() as tmp, HostileServer("trickle", interval=0.1) as srv:
+    with tempfile.TemporaryDirectory() as tmp, HostileServer(attack, interval=0.1) as srv:
         agent = _offline_agent(tmp)
-        agent.STREAM_PULL_TIMEOUTS = (5.0, 30.0, 3.0)
+        agent.STREAM_PULL_TIMEOUTS = (5.0, 30.0, deadline)
         with _peak() as peak:
             started = time.monotonic()
             text = agent.fetch_stream_message(_announce(srv.url))
             took = time.monotonic() - started
+        return text, took, srv.sent, peak
+
+
+def trickling_pull() -> Result:
+    """A pull server that sends one byte every 100 ms; the deadline is 3 s."""
+    text, took, _sent, peak = _pull("trickle", 3.0)
     got = (f"the call returned after {took:.2f} s (deadline 3 s), marked incomplete: {text.error}"
            if not getattr(text, "complete", True) else f"a complete text after {took:.1f} s")
     return _row("trickling stream pull (1 byte / 100 ms)", got, peak, took)
@@ -206,16 +212,7 @@ def trickling_pull() -> Result:
 
 def endless_line_pull() -> Result:
     """A pull server that sends one line without end, as fast as the client reads (default bound 16 MiB)."""
-    from agentcp.testing.hostile import HostileServer
-
-    with tempfile.TemporaryDirectory() as tmp, HostileServer("endless_line") as srv:
-        agent = _offline_agent(tmp)
-        agent.STREAM_PULL_TIMEOUTS = (5.0, 30.0, 10.0)
-        with _peak() as peak:
-            started = time.monotonic()
-            text = agent.fetch_stream_message(_announce(srv.url))
-            took = time.monotonic() - started
-        sent = srv.sent
+    text, took, sent, peak = _pull("endless_line", 10.0)
     got = (f"the call returned after {sent / MiB:.0f} MiB, marked incomplete (stream_chunk_max)"
            if not getattr(text, "complete", True) else "a complete text")
     return _row("endless line on a stream pull", got, peak, took)

@@ -44,7 +44,7 @@ from agentcp.base.client import IClient
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
-from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, sslopt, utf8_error
+from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, notify_limit, sslopt, utf8_error
 
 log = logging.getLogger("agentcp.msg")
 
@@ -956,13 +956,7 @@ class MessageClient(IClient):
     def _too_big(self, err: LimitExceeded) -> None:
         with self._lock:
             self._extra["too_big"] += 1
-        callback = self.on_limit
-        if callback is not None:
-            try:
-                callback(err)
-            except Exception:  # a reporting callback's bug must not stop the reader
-                log.exception("on_limit callback of %s raised", self.agent_id)
-        else:
+        if not notify_limit(self.on_limit, err, self.agent_id):
             self._report.note("too_big", str(err), err)
 
     def _wait_for_room(self, conn: _Conn) -> bool:

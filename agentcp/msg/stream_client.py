@@ -47,7 +47,7 @@ from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import SDKError
 from agentcp.msg.message_client import SendResult, SendStatus, redact
-from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, sslopt, utf8_error
+from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, notify_limit, sslopt, utf8_error
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
     MSG_TYPE_FILE,
@@ -730,12 +730,7 @@ class StreamClient:
             self.counters["too_big"] = self.counters.get("too_big", 0) + 1
             self._fail_pending(str(err))
             self._stop = True
-        callback = self.on_limit
-        if callback is not None:
-            try:
-                callback(err)
-            except Exception:  # a reporting callback's bug must not stop the reader
-                log.exception("on_limit callback of %s raised", self.agent_id)
+        notify_limit(self.on_limit, err, self.agent_id)  # without one, _fail_pending reported it
 
     def _on_frame(self, conn: _Conn, opcode: int, data: Any) -> None:
         with self._cond:

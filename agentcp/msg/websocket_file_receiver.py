@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import websocket
 
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
-from agentcp.msg.ws import BoundedReader, sslopt
+from agentcp.msg.ws import BoundedReader, notify_limit, sslopt
 from agentcp.msg.message_client import redact
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
@@ -105,8 +105,7 @@ def download_file_via_websocket(wss_url: str, save_path: str, *, timeout: float 
                 done = _is_close(text)
     except LimitExceeded as exc:
         log.warning("file stream %s into %s failed after %d bytes: %s", shown, save_path, received, exc)
-        if on_limit is not None:
-            on_limit(exc)
+        notify_limit(on_limit, exc, shown)
     except (websocket.WebSocketException, OSError, TimeoutError, ValueError) as exc:
         log.warning("file stream %s into %s failed after %d bytes: %s: %s", shown, save_path, received,
                     type(exc).__name__, redact(str(exc), None))

@@ -8,6 +8,7 @@ most the limit (trust.md rule 4).
 """
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -20,7 +21,7 @@ from websocket._abnf import frame_buffer as _FrameBuffer
 from agentcp.base.http import VerifySetting, resolve_verify
 from agentcp.base.limits import LimitExceeded
 
-__all__ = ["sslopt", "WsConnection", "BoundedReader", "STATUS_MESSAGE_TOO_BIG", "utf8_error"]
+__all__ = ["sslopt", "WsConnection", "BoundedReader", "STATUS_MESSAGE_TOO_BIG", "utf8_error", "notify_limit"]
 
 #: RFC 6455 close code: "a message too big for it to process".
 STATUS_MESSAGE_TOO_BIG = 1009
@@ -40,6 +41,17 @@ def utf8_error(text: str) -> Optional[str]:
         return (f"the text cannot be encoded as UTF-8 ({exc.reason}: {bad.encode('unicode_escape').decode()!s} at "
                 f"position {exc.start}); it was not sent")
     return None
+
+
+def notify_limit(on_limit: Optional[Callable[[LimitExceeded], Any]], err: LimitExceeded, who: str) -> bool:
+    """Tell ``on_limit`` (the agent's counter) of a crossed bound; False if there is none to tell."""
+    if on_limit is None:
+        return False
+    try:
+        on_limit(err)
+    except Exception:  # a reporting callback's bug must not stop the reader that calls it
+        logging.getLogger("agentcp.msg").exception("on_limit callback of %s raised", who)
+    return True
 
 
 class _CheckedFrameBuffer(_FrameBuffer):
