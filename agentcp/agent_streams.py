@@ -272,7 +272,7 @@ class StreamsMixin:
             if time.monotonic() >= deadline:
                 return f"no end within {overall:g} s"
             try:
-                data = read(65536)
+                data = read(65536, decode_content=True)  # as iter_lines did: a gzip'd reply is unpacked
             except Exception as exc:  # urllib3 wraps a socket cut at the deadline in several exception types
                 if time.monotonic() >= deadline:
                     return f"no end within {overall:g} s"

@@ -132,8 +132,9 @@ def test_endless_fragmented_message_is_cut_at_the_bound_with_1009_and_the_channe
     _flows(a, b, sid, "after the endless message")
 
 
-def test_frame_announcing_2_40_bytes_is_refused_from_its_header(agents, network):
-    a, b, sid = _pair(agents, network, setup=lambda a, b: _limits(b, ws_message_max=2 * MiB))
+@pytest.mark.parametrize("bound", [2 * MiB, None], ids=["lowered", "default"])
+def test_frame_announcing_2_40_bytes_is_refused_from_its_header(agents, network, bound):
+    a, b, sid = _pair(agents, network, setup=lambda a, b: bound and _limits(b, ws_message_max=bound))
     old = network.messages.connection(b.id)
     header = bytes([0x81, 127]) + (1 << 40).to_bytes(8, "big")
     with _Peak() as peak:
