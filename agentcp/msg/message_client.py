@@ -941,8 +941,6 @@ class MessageClient(IClient):
                     break
                 if opcode == websocket.ABNF.OPCODE_TEXT:
                     text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
-                    if not self._wait_for_room(conn):
-                        break
                     self._on_text(conn, text)
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
                     self._report.log_once("binary", logging.DEBUG, "message channel %s: binary frame ignored", self.agent_id)
@@ -1003,6 +1001,9 @@ class MessageClient(IClient):
         handler = self.message_handler
         on_message = getattr(handler, "on_message", None)
         if on_message is None:
+            return
+        # Only messages fill the consumer's backlog; acks and answers before them are not held back.
+        if cmd == "session_message" and not self._wait_for_room(conn):
             return
         with self._lock:
             if self._stop.is_set() or self._conn is not conn:
