@@ -311,3 +311,17 @@ def test_flood_with_a_slow_handler_is_held_back_by_back_pressure_and_nothing_is_
     assert [t.split()[0] for t in got] == [f"m{i:04d}" for i in range(n)]  # all, once, in order
     assert client.stats()["backpressure_waits"] >= 1
     assert b._dispatcher.counters["backlog_peak"] <= 50
+
+
+def test_offline_while_the_reader_is_held_back_is_prompt_and_joins_everything(agents, network):
+    a, b, sid = _pair(agents, network, setup=lambda a, b: _limits(b, handler_backlog_messages=5))
+    b.add_message_handler(lambda msg: time.sleep(0.05))
+    for i in range(100):
+        assert a.send_message_content(sid, [b.id], f"m{i}")
+    client = b.session_manager.message_client
+    _until(lambda: client.reading_paused, what="b stopped reading")
+    started = time.monotonic()
+    b.offline()
+    assert time.monotonic() - started < 1.0  # the running handler finishes; the held message is left for later
+    assert not client.reading_paused
+    assert not [t for t in threading.enumerate() if t.name.startswith("agentcp-") and t.name.endswith(b.id)]

@@ -963,26 +963,24 @@ class MessageClient(IClient):
         While waiting, the connection is not declared dead for missing pongs (they wait unread in the socket).
         False if the client stopped or the connection was replaced meanwhile."""
         gate = self.backpressure
-        if gate is None:
+        if gate is None or gate(0.0):
             return True
+        with self._lock:
+            self.reading_paused = True
+            self._extra["backpressure_waits"] += 1
+        self._report.log_once("backpressure", logging.INFO, "message channel %s: handler backlog full; not reading "
+                              "until it drains (further pauses are only counted: backpressure_waits)", self.agent_id)
         slice_ = max(0.05, self.config.channel_config().effective_pong_timeout() / 2)
-        paused = False
         try:
-            while not gate(slice_):
+            while True:
                 with self._lock:
                     if self._stop.is_set() or self._conn is not conn:
                         return False
                     self._machine.reading_paused(self._clock())
-                    if not paused:
-                        paused = True
-                        self.reading_paused = True
-                        self._extra["backpressure_waits"] += 1
-                        log.info("message channel %s: handler backlog full; not reading until it drains",
-                                 self.agent_id)
+                if gate(slice_):
+                    return True
         finally:
-            if paused:
-                self.reading_paused = False
-        return True
+            self.reading_paused = False
 
     def _on_text(self, conn: _Conn, text: str) -> None:
         try:
