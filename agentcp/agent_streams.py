@@ -305,6 +305,7 @@ class StreamsMixin:
         limits = self.limits
         job = (dispatcher, calls, self.HANDLER_TIMEOUT)
         with work.lock:
+            work.ended = {t for t in work.ended if t.is_alive()}
             accepted = not work.closing and len(work.queue) < limits.announce_queue_max
             thread = None
             if accepted:
@@ -332,7 +333,8 @@ class StreamsMixin:
             work.closing = True
             work.queue.clear()  # announces not started: their handlers are not run (the agent goes offline)
             responses = list(work.responses)
-            threads = list(work.threads)
+            threads = list(work.threads | work.ended)
+            work.ended.clear()
         for resp in responses:
             _abort_response(resp)
         deadline = time.monotonic() + timeout
@@ -411,6 +413,8 @@ class _StreamWork:
         self.closing = False
         #: Announces waiting for a pool thread: ``(dispatcher, calls, timeout)``.
         self.queue: deque = deque()
+        #: Pool threads that left (no work) and were not joined yet.
+        self.ended: set = set()
 
     def serve(self) -> None:
         """A pool thread: run queued announces until none is left, then end."""
@@ -418,7 +422,8 @@ class _StreamWork:
         while True:
             with self.lock:
                 if not self.queue:
-                    self.threads.discard(me)
+                    self.threads.discard(me)  # no longer counts against the pool bound...
+                    self.ended.add(me)  # ...but is still joined by offline()
                     return
                 dispatcher, calls, timeout = self.queue.popleft()
             if not dispatcher.stopped:
