@@ -47,6 +47,11 @@ from agentcp.agent_files import FileClient, FilesMixin  # noqa: F401  (FileClien
 from agentcp.agent_messaging import MessagingMixin
 from agentcp.agent_streams import StreamsMixin
 from agentcp.history import HistoryMixin
+from agentcp import llm_server
+from agentcp.llm_server import (  # noqa: F401  (re-exported, as 0.1.99 did)
+    add_llm_aid, add_llm_api_key, get_base_url, get_llm_api_key, llm_request, llm_server_is_running, run_server,
+    shutdown_server,
+)
 from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
 from agentcp.msg.dispatcher import Dispatcher
 from agentcp.msg.message_client import MessageClientConfig
@@ -58,8 +63,6 @@ __all__ = ["AgentCP", "AgentID", "AP_URL_ENV"]
 
 #: Environment variable that points every AID at one access point, e.g. ``http://127.0.0.1:8765``.
 AP_URL_ENV = "AGENTCP_AP_URL"
-
-_proxy_notice_logged = False
 
 
 def _last_two_labels(name: str) -> str:
@@ -177,10 +180,11 @@ class AgentCP(_AgentCP):
         self.aid_map: Dict[str, "AgentID"] = {}
         self.exit_hook_func = None
         self._agents: "weakref.WeakSet[AgentID]" = weakref.WeakSet()
-        global _proxy_notice_logged
-        if run_proxy and not _proxy_notice_logged:
-            _proxy_notice_logged = True
-            _log.debug("the local LLM proxy (run_proxy/port) is not part of this release; nothing was started")
+        if run_proxy:
+            try:
+                self.run_llm_proxy(port)
+            except OSError as exc:  # the agents work without it; get_llm_url() says it is not running
+                _log.error("the local LLM gateway could not listen on 127.0.0.1:%s: %s", port, exc)
 
     # --- addressing ---------------------------------------------------------------------------------------------
     @property
@@ -344,15 +348,18 @@ class AgentCP(_AgentCP):
     def get_aid(self, aid_str: str) -> "AgentID":
         return self.aid_map.get(aid_str)
 
-    # --- LLM proxy (not in this release) ------------------------------------------------------------------------
+    # --- the local LLM gateway (agentcp.llm_server) --------------------------------------------------------------
     def run_llm_proxy(self, port) -> None:
-        _log.debug("the local LLM proxy is not part of this release; run_llm_proxy(%s) does nothing", port)
+        """Start the process's OpenAI-compatible gateway on 127.0.0.1:``port`` (0: free) unless it runs."""
+        llm_server.run_server(self.debug, port, owner=self)
 
-    def get_llm_url(self, target_aid: str):
-        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+    def get_llm_url(self, target_aid: str) -> str:
+        """``http://127.0.0.1:<port>/<target_aid>``: the ``base_url`` of an OpenAI client for that agent."""
+        return llm_server.get_base_url(None, target_aid)
 
-    def get_llm_api_key(self, aid_str: str):
-        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+    def get_llm_api_key(self, aid_str: str) -> str:
+        """The bearer key with which a client calls as ``aid_str`` (made on first request)."""
+        return llm_server.get_llm_api_key(aid_str)
 
     # --- context manager ----------------------------------------------------------------------------------------
     def __enter__(self):
@@ -366,6 +373,7 @@ class AgentCP(_AgentCP):
                 agent.offline()
             except Exception:
                 _log.exception("offline() of %s failed", agent)
+        llm_server.release_server(self)
         return None
 
 
@@ -533,6 +541,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         the background and becomes online when it returns; the heartbeat client heals heartbeat faults itself.
         """
         try:
+            llm_server.add_llm_aid(self)  # a caller of the local LLM gateway (api.md §3.9)
             with self._lock:
                 running = self._conn_thread is not None and self._conn_thread.is_alive()
                 if running and self._phase == "started":
@@ -584,6 +593,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 self.is_online_success = False
                 self._online_since = None
                 self._set_phase("offline")
+            llm_server.agent_offline(self)  # its LLM gateway requests in flight answer 503 now
             # Handlers first: nothing new starts, running ones finish; then the message connection closes.
             if dispatcher is not None:
                 dispatcher.stop(self.JOIN_TIMEOUT)
@@ -790,6 +800,21 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             _log.info("%s: invite to session %s ignored: %s", self.id, getattr(invite, "SessionId", "?"), exc)
             return
         self._history("create_session", self.id, session.session_id, "", "", "public")
+
+    # --- the local LLM gateway (api.md §3.9) --------------------------------------------------------------------
+    def get_llm_url(self, target_aid: str) -> str:
+        """``http://127.0.0.1:<port>/<target_aid>``: an OpenAI client's ``base_url`` for that agent."""
+        return llm_server.get_base_url(self, target_aid)
+
+    def get_llm_api_key(self) -> str:
+        """The bearer key with which OpenAI clients call as this identity (64 hex characters)."""
+        llm_server.add_llm_aid(self)
+        return llm_server.get_llm_api_key(self.id)
+
+    def add_llm_api_key(self, aid_str: str, llm_api_key: str) -> bool:
+        """Accept ``llm_api_key`` as a key of this identity; False if ``aid_str`` is not this identity, or the key
+        is unusable (see ``llm_server.add_llm_api_key``)."""
+        return aid_str == self.id and llm_server.add_llm_api_key(self, llm_api_key)
 
     # --- access point -------------------------------------------------------------------------------------------
     def init_ap_client(self) -> None:

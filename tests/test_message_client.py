@@ -182,7 +182,13 @@ def test_dropped_connection_resumes_and_delivers_again_fast(make_client, msg_ser
     msg_server.drop_all()
     t0 = time.monotonic()
     ticket = _message(a, sid, "m2", b.agent_id)  # sent into the outage: queued or re-sent, never lost
-    b.recorder.wait(lambda: len(b.recorder.cmds("session_message")) >= 2)
+
+    def m2_arrived():  # the server relays under its own sequence number, which its ack tells the sender
+        server_id = (ticket.ack_data or {}).get("server_msg_id")
+        return server_id and any(d["message_id"] == server_id for d in b.recorder.cmds("session_message"))
+
+    assert ticket.wait(5)  # (the ack says which id b gets; b's recorder is not woken by a's ack)
+    b.recorder.wait(m2_arrived)
     resume = time.monotonic() - t0
     assert resume <= 2.0, resume
     assert ticket.wait(5) and ticket.status is SendStatus.DELIVERED
