@@ -304,6 +304,10 @@ class SessionManager:
         self.seed_password = seed_password
         self.db_mananger = db_mananger
         self.config = config or MessageClientConfig()
+        #: Extra keyword arguments of every MessageClient (AgentID: ``limits``, ``on_limit``, ``backpressure``).
+        self.client_options: Dict[str, Any] = {}
+        #: Extra keyword arguments of every StreamClient (AgentID: ``limits``, ``on_limit``).
+        self.stream_options: Dict[str, Any] = {}
         self.lock = threading.RLock()
         self.sessions: Dict[str, Session] = {}
         self.message_client_map: Dict[str, MessageClient] = {}
@@ -352,7 +356,8 @@ class SessionManager:
             if client is None and other:
                 crossed = self._over_cap(purpose)
             if client is None and crossed is None:
-                client = MessageClient(self.agent_id, url, self.aid_path, self.seed_password, config=self.config)
+                client = MessageClient(self.agent_id, url, self.aid_path, self.seed_password, config=self.config,
+                                       **self.client_options)
                 client.set_message_handler(self)
                 self.message_client_map[url] = client
                 client.start()
@@ -693,7 +698,7 @@ class SessionManager:
         if config.verify is None:
             config.verify = getattr(auth, "verify", None)
         client = StreamClient(self.agent_id, session_id, str(push), auth.signature, config=config,
-                              signature_provider=lambda: auth.signature)
+                              signature_provider=lambda: auth.signature, **self.stream_options)
         if not await loop.run_in_executor(None, client.start_websocket_client):
             # 0.1.99 retried once after 1 s; the client has been retrying with backoff meanwhile: give it that.
             if client.failed is None:
