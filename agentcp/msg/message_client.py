@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import websocket
 
@@ -315,6 +315,18 @@ class Ticket:
 # One lock for every ticket's settle-or-subscribe step (held for a few instructions; a lock per message would cost
 # more than it saves).
 _TICKET_LOCK = threading.Lock()
+
+
+#: Server answers that carry the ``request_id`` of the request they answer (messaging.md §2).
+REPLY_CMDS = frozenset({"create_session_ack", "session_create_stream_ack", "invite_agent_ack",
+                        "get_member_list_ack", "get_member_list_resp", "member_list"})
+
+
+def reply_key(request_id: str) -> Tuple[str, str]:
+    """The ``ack_key`` of a request answered by one of :data:`REPLY_CMDS`: such a request stays in flight until
+    its answer arrives, and is sent again after a reconnect if the connection was lost first (a request written
+    into a connection the server had already cut is otherwise lost, and its caller waits in vain)."""
+    return ("reply", request_id)
 
 
 def replay_key(data: Dict[str, Any]) -> Tuple[str, str, str, bytes]:
@@ -633,12 +645,13 @@ class MessageClient(IClient):
             snap["server_url"] = self.server_url
         return snap
 
-    def send(self, msg: Union[str, dict], *, ack_key: Optional[str] = None, message_id: str = "",
+    def send(self, msg: Union[str, dict], *, ack_key: Optional[Hashable] = None, message_id: str = "",
              session_id: str = "") -> Ticket:
         """Send one frame (JSON text or a dict); the :class:`Ticket` tells what became of it.
 
-        ``ack_key``: the frame expects a ``session_message_ack`` for this key (the message id); it stays tracked
-        until then and is sent again if the connection is lost first. Never blocks on a connect.
+        ``ack_key``: the frame expects a ``session_message_ack`` for this key (the message id), or an answer
+        (:func:`reply_key`); it stays tracked until then and is sent again if the connection is lost first.
+        Never blocks on a connect.
         """
         text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)
         ticket = Ticket(message_id or (ack_key or ""), session_id)
@@ -997,6 +1010,8 @@ class MessageClient(IClient):
         cmd, data = frame["cmd"], frame["data"]
         if cmd == "session_message_ack":
             self._on_ack(data)
+        elif cmd in REPLY_CMDS and data.get("request_id"):
+            self._on_reply(str(data["request_id"]))
         handler = self.message_handler
         on_message = getattr(handler, "on_message", None)
         if on_message is None:
@@ -1023,6 +1038,26 @@ class MessageClient(IClient):
             with self._lock:
                 self._extra["handler_errors"] += 1
             self._report.note("handler", f"message handler of {self.agent_id} raised: {exc!r}", exc, exc_info=True)
+
+    def forget(self, ack_key: Hashable, error: str = "no answer in time") -> None:
+        """Stop tracking a frame whose answer the caller no longer waits for (it is not sent again)."""
+        with self._lock:
+            item = self._machine.acked(ack_key)
+            if not (self._machine.inflight or self._machine.queued):
+                self._drained.set()
+        ticket = item.token if item is not None else None
+        if isinstance(ticket, Ticket):
+            ticket._finish(SendStatus.FAILED, error)
+
+    def _on_reply(self, request_id: str) -> None:
+        """The answer to a request sent with ``ack_key=reply_key(request_id)`` arrived: it is no longer in flight."""
+        with self._lock:
+            item = self._machine.acked(reply_key(request_id))
+            if not (self._machine.inflight or self._machine.queued):
+                self._drained.set()
+        ticket = item.token if item is not None else None
+        if isinstance(ticket, Ticket):
+            ticket._finish(SendStatus.DELIVERED)
 
     def _on_ack(self, data: Dict[str, Any]) -> None:
         key = data.get("message_id") or data.get("request_id")

@@ -36,6 +36,7 @@ from agentcp.msg.message_client import (
     SendResult,
     SendStatus,
     Ticket,
+    reply_key,
 )
 
 log = logging.getLogger("agentcp.msg")
@@ -438,7 +439,7 @@ class SessionManager:
         waiter = self._wait_for("create", request_id)
         ticket = message_client.send({"cmd": "create_session_req", "data": {
             "request_id": request_id, "type": session_type or "public", "group_name": name, "subject": subject or "",
-            "timestamp": str(_ms())}})
+            "timestamp": str(_ms())}}, ack_key=reply_key(request_id))
         if ticket.status is SendStatus.FAILED:
             self._complete("create", request_id, {})
             log.error("create_session of %s failed: %s", self.agent_id, ticket.error)
@@ -447,6 +448,7 @@ class SessionManager:
         with self.lock:
             self._waiters.pop(("create", request_id), None)
         if not data:
+            message_client.forget(reply_key(request_id))
             log.error("create_session of %s: no create_session_ack within %.0f s", self.agent_id, self.CREATE_TIMEOUT)
             return None, None
         if str(data.get("status_code", "200")) not in ("200", "0") or not data.get("session_id"):
@@ -627,7 +629,8 @@ class SessionManager:
         client = session.message_client if session is not None else self.message_client
         request_id = str(next(self._ids)) + "-" + str(_ms())
         waiter = self._wait_for("members", request_id)
-        ticket = client.send({"cmd": "get_member_list", "data": {"session_id": session_id, "request_id": request_id}})
+        ticket = client.send({"cmd": "get_member_list", "data": {"session_id": session_id, "request_id": request_id}},
+                             ack_key=reply_key(request_id))
         if ticket.status is SendStatus.FAILED:
             self._complete("members", request_id, {})
             return None
@@ -635,6 +638,7 @@ class SessionManager:
         with self.lock:
             self._waiters.pop(("members", request_id), None)
         if not data:
+            client.forget(reply_key(request_id))
             return None
         raw = data.get("member_list", data.get("members", data.get("data")))
         members: List[Dict[str, Any]] = []
@@ -675,7 +679,7 @@ class SessionManager:
         ticket = session.message_client.send({"cmd": "session_create_stream_req", "data": {
             "session_id": session_id, "request_id": request_id, "ref_msg_id": ref_msg_id or "",
             "sender": self.agent_id, "receiver": ",".join(to_aid_list), "content_type": content_type,
-            "timestamp": str(_ms())}})
+            "timestamp": str(_ms())}}, ack_key=reply_key(request_id))
         if ticket.status is SendStatus.FAILED:
             self._complete("stream", request_id, {})
             return None, f"cannot send the stream request: {ticket.error}"
@@ -684,6 +688,7 @@ class SessionManager:
         with self.lock:
             self._waiters.pop(("stream", request_id), None)
         if not data:
+            session.message_client.forget(reply_key(request_id))
             return None, f"no session_create_stream_ack within {self.STREAM_TIMEOUT:.0f} s"
         push, pull = data.get("push_url"), data.get("pull_url")
         if not push or not pull or not data.get("message_id"):
