@@ -170,7 +170,8 @@ class AuthClient:
         return creds
 
     def _fetch_issuer(self, url: str) -> bytes:
-        return fetch_issuer_http(url, timeout=self.timeout, verify=self.verify, session=self._session)
+        session = self._abortable if self._abortable is not None else self._session
+        return fetch_issuer_http(url, timeout=self.timeout, verify=self.verify, session=session)
 
     def abort(self) -> None:
         """Make a request of this client that another thread is blocked in fail at once (e.g. a slow sign-in

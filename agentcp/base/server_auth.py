@@ -35,7 +35,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from agentcp.context.exceptions import ServerAuthError
 
 from .credentials import cert_validity, split_pem_certificates
-from .http import DEFAULT_TIMEOUT, no_proxy_for, read_limited, resolve_verify
+from .http import DEFAULT_TIMEOUT, request_limited
 
 __all__ = [
     "AGENTUNION_ROOT_CA_PEM",
@@ -294,20 +294,15 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def fetch_issuer_http(url: str, *, timeout=DEFAULT_TIMEOUT, verify=None, session=None) -> bytes:
-    """GET an AIA caIssuers URL (timeout, TLS verified unless configured off, size-limited); the body bytes."""
-    import requests
-
+    """GET an AIA caIssuers URL: one total deadline (an ``AbortableSession`` cuts the socket at it), TLS verified
+    unless configured off, the body capped at ``MAX_ISSUER_BYTES``; the body bytes."""
     if not url.lower().startswith(("http://", "https://")):
         raise ValueError(f"unsupported AIA URL scheme in {url!r}")
-    getter = session.get if session is not None else requests.get
-    response = getter(url, timeout=timeout, verify=resolve_verify(verify), stream=True,
-                      proxies=no_proxy_for(url))
-    try:
-        if not 200 <= response.status_code < 300:
-            raise ValueError(f"HTTP {response.status_code}")
-        return read_limited(response, MAX_ISSUER_BYTES)
-    finally:
-        response.close()
+    response = request_limited(session, "GET", url, timeout=timeout, verify=verify, max_bytes=MAX_ISSUER_BYTES,
+                               bound="issuer_cert_max")
+    if not 200 <= response.status_code < 300:
+        raise ValueError(f"HTTP {response.status_code}")
+    return response.content
 
 
 # -- verification ---------------------------------------------------------------------------------------------
