@@ -387,7 +387,8 @@ class MessageClient(IClient):
         self.aid_path = aid_path
         self.seed_password = seed_password
         self.config = config or MessageClientConfig()
-        self.auth_client = cache_auth_client or AuthClient(agent_id, self.server_url, aid_path, seed_password)
+        self.auth_client = cache_auth_client or AuthClient(agent_id, self.server_url, aid_path, seed_password,
+                                                           max_reply=limits.http_reply_max, on_limit=on_limit)
         self.timeout = self.auth_client.timeout
         self.verify = self.config.verify
         self.message_handler: Any = None

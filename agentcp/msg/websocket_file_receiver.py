@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import websocket
 
+from agentcp.base.http import connect_error_text
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.msg.ws import BoundedReader, notify_limit, sslopt
 from agentcp.msg.message_client import redact
@@ -107,8 +108,8 @@ def download_file_via_websocket(wss_url: str, save_path: str, *, timeout: float 
         log.warning("file stream %s into %s failed after %d bytes: %s", shown, save_path, received, exc)
         notify_limit(on_limit, exc, shown)
     except (websocket.WebSocketException, OSError, TimeoutError, ValueError) as exc:
-        log.warning("file stream %s into %s failed after %d bytes: %s: %s", shown, save_path, received,
-                    type(exc).__name__, redact(str(exc), None))
+        log.warning("file stream %s into %s failed after %d bytes: %s", shown, save_path, received,
+                    redact(connect_error_text(exc, shown), None))
     finally:
         if ws is not None:
             try:
