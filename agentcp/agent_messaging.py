@@ -166,10 +166,18 @@ class MessagingMixin:
         # agent that only idles holds no SQLite connection (memory per idle agent).
         sm = SessionManager(self.id, message_server, certs, self.seed_password, _OpenOnUse(self._db), config=config)
         sm.confirm_handled = True  # a message dropped by offline() before its handler ran is asked for again
+        # trust.md rules 1 and 4: sign-ins and stream tokens go only to trusted hosts; message clients are bounded.
+        sm.trust_check = self._check_trusted
+        sm.max_clients = self.limits.message_clients_max
+        sm.on_limit = self._limit_crossed
         sm.set_on_message_receive(self._on_incoming)
         sm.set_on_session_message_ack(self._on_message_ack)
         sm.set_on_invite_ack(self._on_invite_ack)
         sm.on_invite = self._on_ws_invite_joined
+        # Bounds on what the servers and peers can make this agent hold (trust.md rule 4).
+        sm.client_options = {"limits": self.limits, "on_limit": self._limit_crossed,
+                             "backpressure": self._backlog_room}
+        sm.stream_options = {"limits": self.limits, "on_limit": self._limit_crossed}
         if old is not None:  # a new message server (config changed): carry the sessions over
             self._remember_sessions(old)
             old.stop()
@@ -180,7 +188,8 @@ class MessagingMixin:
             sm.adopt_sessions(remembered.values())
         if self._dispatcher is None or self._dispatcher.stopped:
             self._dispatcher = Dispatcher(f"agentcp-handlers-{self.id}", self.HANDLER_WORKERS, self.HANDLER_TIMEOUT,
-                                          agent_id=self.id)
+                                          agent_id=self.id, backlog_messages=self.limits.handler_backlog_messages,
+                                          backlog_bytes=self.limits.handler_backlog_bytes)
         self.session_manager = sm
         sm.start()
     def _remember_sessions(self, sm: SessionManager) -> None:
@@ -204,6 +213,11 @@ class MessagingMixin:
         dispatcher = self._dispatcher
         if dispatcher is not None:
             dispatcher.submit(session_id, work)
+    def _backlog_room(self, timeout: float) -> bool:
+        """Reader thread, before it hands over a message: wait (bounded) for room in the handler backlog. While
+        False the reader does not read its socket (back-pressure; nothing is dropped)."""
+        dispatcher = self._dispatcher
+        return dispatcher is None or dispatcher.wait_for_room(timeout)
     def _on_incoming(self, data: dict) -> None:
         """Reader thread: queue the message for its session (history, ping reply, handlers run there)."""
         with self._lock:
@@ -212,7 +226,10 @@ class MessagingMixin:
         sm = self.session_manager
         session = sm.get(session_id) if sm is not None else None
         dispatcher = self._dispatcher
-        if dispatcher is None or not dispatcher.submit(session_id, lambda: self._handle_incoming(data, sm, session)):
+        # Bytes it holds, for the backlog bound: its content dominates (the rest is ids and a timestamp).
+        size = len(str(data.get("message") or "")) + 256
+        if dispatcher is None or not dispatcher.submit(session_id, lambda: self._handle_incoming(data, sm, session),
+                                                       size):
             # offline() is under way: not handled, so not confirmed; the next online()'s re-join asks for it again
             with self._lock:
                 self._msg_counters["not_handled"] = self._msg_counters.get("not_handled", 0) + 1

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Any, Dict, List
 
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
@@ -187,9 +188,14 @@ class StreamsMixin:
         """Pull the text stream a ``text/event-stream`` announce points to: the concatenated
         ``choices[0].delta.content`` of its chunks (raw text for chunks that are not such JSON).
 
-        Blocks until the stream ends (``event: done``), with an overall deadline (``STREAM_PULL_TIMEOUTS``).
-        Returns ``""`` for a message that is not a stream announce, and on errors (logged and published), and
-        when the agent goes offline meanwhile.
+        Blocks until the stream ends (``event: done``) or its deadline (``STREAM_PULL_TIMEOUTS[2]``, measured on
+        the whole call: a server that trickles bytes cannot stretch it). Returns a :class:`StreamText` (a ``str``):
+        ``""`` for a message that is not a stream announce; otherwise what arrived, with ``.complete`` False and
+        ``.error`` saying why when the stream did not end properly (deadline, error, the agent went offline, a
+        line longer than ``limits.stream_chunk_max`` or more text than ``limits.stream_pull_max``). An incomplete
+        pull is also logged, published and counted (``status()["messaging"]["stream_pulls_incomplete"]``).
+        A pull URL outside the trust domain (trust.md rule 1: a peer chose it) is refused before anything is
+        sent, so the agent's token never goes there; counted in ``status()["trust"]["refused"]["stream pull"]``.
         """
         import requests
 
@@ -197,12 +203,14 @@ class StreamsMixin:
         from agentcp.msg.stream_client import StreamError, signed_url
 
         if not isinstance(message_data, dict):
-            return ""
+            return StreamText("")
         blocks = self.get_content_array_from_message(message_data)
         first = blocks[0] if blocks and isinstance(blocks[0], dict) else {}
         pull_url = first.get("content")
         if first.get("type") != "text/event-stream" or not isinstance(pull_url, str) or not pull_url:
-            return ""
+            return StreamText("")
+        if not self._check_trusted(pull_url, "stream pull"):   # a peer named it: our token goes only to our network
+            return StreamText("", complete=False, error="pull URL outside the trust domain")
         sm = self.session_manager
         client = sm.message_client_map.get(sm.server_url) if sm is not None else None
         auth = client.auth_client if client is not None else None
@@ -211,49 +219,83 @@ class StreamsMixin:
         connect, between, overall = self.STREAM_PULL_TIMEOUTS
         deadline = time.monotonic() + overall
         work = self._stream_work()
-        parts: List[str] = []
-        done = False
+        pull = _SsePull(self.limits.stream_chunk_max, self.limits.stream_pull_max)
         error = ""
         try:
-            with requests.get(url, stream=True, timeout=(connect, between), headers={"Accept": "text/event-stream"},
+            with requests.get(url, stream=True, timeout=(connect, min(between, overall)),
+                              headers={"Accept": "text/event-stream"},
                               verify=resolve_verify(auth.verify if auth is not None else None)) as resp:
                 with work.lock:
                     work.responses.add(resp)
                     closing = work.closing
                 if closing:  # offline() began while the request was in flight: it could not abort this one
                     _abort_response(resp)
+                # The deadline holds even while a read waits: at the deadline the socket is cut under it.
+                watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _abort_response, (resp,))
+                watchdog.daemon = True
+                watchdog.start()
                 try:
                     if resp.status_code != 200:
                         error = f"HTTP {resp.status_code}"
                     else:
-                        for raw in resp.iter_lines():
-                            if work.closing or time.monotonic() > deadline:
-                                error = "agent went offline" if work.closing else f"no end within {overall:.0f} s"
-                                break
-                            if _sse_line(raw.decode("utf-8", "replace"), parts):
-                                done = True
-                                break
-                        else:
-                            error = "the stream ended without 'event: done'"
+                        error = self._read_pull(resp, pull, work, deadline, overall)
                 finally:
+                    watchdog.cancel()
+                    watchdog.join()
                     with work.lock:
                         work.responses.discard(resp)
         except (requests.RequestException, OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        if done:
-            return "".join(parts)
+            if time.monotonic() >= deadline:
+                error = f"no end within {overall:g} s"
+        if pull.done:
+            return StreamText(pull.text())
+        if pull.crossed is not None:
+            self._limit_crossed(pull.crossed)
+            error = str(pull.crossed)
         from agentcp.msg.message_client import redact
 
-        text = redact(f"{self.id}: pulling the stream {shown} failed after {len(parts)} chunk(s): {error}",
+        text = redact(f"{self.id}: pulling the stream {shown} stopped after {len(pull.parts)} chunk(s), "
+                      f"returning what arrived, marked incomplete: {error}",
                       auth.signature if auth is not None else None)
+        with self._lock:
+            self._msg_counters["stream_pulls_incomplete"] = self._msg_counters.get("stream_pulls_incomplete", 0) + 1
         _log.warning("%s", text)
         err = StreamError(text)
         err.agent_id = self.id
         self._publish(err)
-        return ""
+        return StreamText(pull.text(), complete=False, error=error)
+    @staticmethod
+    def _read_pull(resp, pull: "_SsePull", work: "_StreamWork", deadline: float, overall: float) -> str:
+        """Feed what the server sends to ``pull`` until it is done; the reason it stopped otherwise."""
+        raw = resp.raw
+        read = getattr(raw, "read1", None) or raw.read  # read1: what has arrived, without waiting for more
+        while True:
+            if work.closing:
+                return "agent went offline"
+            if time.monotonic() >= deadline:
+                return f"no end within {overall:g} s"
+            try:
+                data = read(65536, decode_content=True)  # as iter_lines did: a gzip'd reply is unpacked
+            except Exception as exc:  # urllib3 wraps a socket cut at the deadline in several exception types
+                if time.monotonic() >= deadline:
+                    return f"no end within {overall:g} s"
+                if work.closing:
+                    return "agent went offline"
+                return f"{type(exc).__name__}: {exc}"
+            if not data:
+                if time.monotonic() >= deadline:
+                    return f"no end within {overall:g} s"
+                return "agent went offline" if work.closing else "the stream ended without 'event: done'"
+            if pull.feed(data):
+                return ""
+            if pull.crossed is not None:
+                return str(pull.crossed)
     def _on_stream_announce(self, data: dict, block: dict) -> None:
-        """Dispatcher worker: a stream announce runs its handlers on a thread of its own, as in 0.1.99 (they block
-        while pulling the stream), with a private event loop, tracked and joined by ``offline()``."""
+        """Dispatcher worker: a stream announce runs its handlers off the dispatcher (they block while pulling the
+        stream), each on a private event loop, in a bounded pool: at most ``limits.announce_workers`` threads, and
+        at most ``limits.announce_queue_max`` announces waiting; beyond that an announce is dropped, counted and
+        reported (0.1.99 started one thread per announce, without bound). Threads are joined by ``offline()``."""
         if not block.get("content"):
             _log.warning("%s: stream announce %s without a pull URL dropped", self.id, data.get("message_id"))
             return
@@ -264,19 +306,28 @@ class StreamsMixin:
         if not calls:
             return
         work = self._stream_work()
-
-        def run() -> None:
-            try:
-                if not dispatcher.stopped:
-                    _run_stream_handlers(dispatcher, calls, self.HANDLER_TIMEOUT)
-            finally:
-                with work.lock:
-                    work.threads.discard(threading.current_thread())
-
-        thread = threading.Thread(target=run, name=f"agentcp-stream-handler-{self.id}", daemon=True)
+        limits = self.limits
+        job = (dispatcher, calls, self.HANDLER_TIMEOUT)
         with work.lock:
-            work.threads.add(thread)
-        thread.start()
+            work.ended = {t for t in work.ended if t.is_alive()}
+            accepted = not work.closing and len(work.queue) < limits.announce_queue_max
+            thread = None
+            if accepted:
+                work.queue.append(job)
+                if len(work.threads) < limits.announce_workers:
+                    thread = threading.Thread(target=work.serve, name=f"agentcp-stream-handler-{self.id}",
+                                              daemon=True)
+                    work.threads.add(thread)
+        if thread is not None:
+            thread.start()
+        if not accepted:
+            from agentcp.base.limits import LimitExceeded
+
+            with self._lock:
+                self._msg_counters["announces_dropped"] = self._msg_counters.get("announces_dropped", 0) + 1
+            self._limit_crossed(LimitExceeded(
+                "announce_queue_max", limits.announce_queue_max, f"stream announce {data.get('message_id')} from "
+                f"{data.get('sender')}", got=f"{limits.announce_workers} handlers busy and the queue full; dropped"))
     def _stop_stream_work(self, timeout: float) -> None:
         """``offline()``: abort stream pulls in progress and join the stream handler threads (bounded)."""
         work = self.__dict__.get("_stream_work_state")
@@ -284,8 +335,10 @@ class StreamsMixin:
             return
         with work.lock:
             work.closing = True
+            work.queue.clear()  # announces not started: their handlers are not run (the agent goes offline)
             responses = list(work.responses)
-            threads = list(work.threads)
+            threads = list(work.threads | work.ended)
+            work.ended.clear()
         for resp in responses:
             _abort_response(resp)
         deadline = time.monotonic() + timeout
@@ -298,6 +351,62 @@ class StreamsMixin:
             work.closing = False
 
 
+class StreamText(str):
+    """What ``fetch_stream_message`` pulled: a ``str`` (0.1.99 compatible) that also says whether the stream
+    ended properly (``complete``) and, if not, why (``error``)."""
+
+    complete: bool
+    error: str
+
+    def __new__(cls, text: str = "", complete: bool = True, error: str = "") -> "StreamText":
+        obj = super().__new__(cls, text)
+        obj.complete = complete
+        obj.error = error
+        return obj
+
+
+class _SsePull:
+    """Bytes of a text pull -> SSE lines -> chunk texts, bounded per line and in total (pure, no I/O)."""
+
+    def __init__(self, line_max: int, total_max: int) -> None:
+        self.line_max = line_max
+        self.total_max = total_max
+        self.parts: List[str] = []
+        self.total = 0
+        self.done = False
+        self.crossed: Any = None  # the LimitExceeded that stopped it
+        self._line = bytearray()
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next bytes; True once ``event: done`` arrived. Stops (``crossed``) at a bound."""
+        from agentcp.base.limits import LimitExceeded
+
+        start = 0
+        while not self.done and self.crossed is None:
+            end = data.find(b"\n", start)
+            piece = data[start:] if end < 0 else data[start:end]
+            if len(self._line) + len(piece) > self.line_max:
+                self.crossed = LimitExceeded("stream_chunk_max", self.line_max, "stream pull",
+                                             got=f"a line of more than {len(self._line) + len(piece)} bytes")
+                self._line = bytearray()
+                break
+            self._line += piece
+            if end < 0:
+                break
+            line, self._line = bytes(self._line), bytearray()
+            before = len(self.parts)
+            self.done = _sse_line(line.decode("utf-8", "replace"), self.parts)
+            self.total += sum(len(p) for p in self.parts[before:])
+            if self.total > self.total_max:
+                self.crossed = LimitExceeded("stream_pull_max", self.total_max, "stream pull",
+                                             got=f"{self.total} characters")
+            start = end + 1
+        return self.done
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 class _StreamWork:
     """Stream handler threads and pulls in progress of one agent (so ``offline()`` can end and join them)."""
 
@@ -306,6 +415,23 @@ class _StreamWork:
         self.threads: set = set()
         self.responses: set = set()
         self.closing = False
+        #: Announces waiting for a pool thread: ``(dispatcher, calls, timeout)``.
+        self.queue: deque = deque()
+        #: Pool threads that left (no work) and were not joined yet.
+        self.ended: set = set()
+
+    def serve(self) -> None:
+        """A pool thread: run queued announces until none is left, then end."""
+        me = threading.current_thread()
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.threads.discard(me)  # no longer counts against the pool bound...
+                    self.ended.add(me)  # ...but is still joined by offline()
+                    return
+                dispatcher, calls, timeout = self.queue.popleft()
+            if not dispatcher.stopped:
+                _run_stream_handlers(dispatcher, calls, timeout)
 def _sse_line(line: str, parts: List[str]) -> bool:
     """Apply one line of a text pull (messaging.md §4.4) to ``parts``; True at ``event: done``."""
     line = line.rstrip("\r")

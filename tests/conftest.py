@@ -65,3 +65,15 @@ def until(pred, timeout: float = 5.0, what: str = "condition"):
             return value
         assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
         time.sleep(0.005)
+
+
+def pair_in_session(agents, network):
+    """``(alice, bob, session_id)``: two agents online, bob invited into alice's new session and joined."""
+    a, b = agents("alice"), agents("bob")
+    a.online()
+    b.online()
+    sid = a.create_session("chat", "")
+    assert sid and a.invite_member(sid, b.id)
+    until(lambda: b.session_manager.get(sid) is not None, what="b joined")
+    network.messages.wait_for(lambda: b.id in network.messages.members(sid))
+    return a, b, sid

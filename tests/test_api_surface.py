@@ -25,21 +25,10 @@ with open(os.path.join(HERE, "api_surface_0199.json"), encoding="utf-8") as _fh:
 
 TOTAL_NAMES = 594
 
-# Entries built on other branches (the local LLM gateway: engineer "llm"; the file client is in). Keys
-# are "module", "module:Name" or "module:Class.member"; a module key covers every entry in it. They are checked by
-# test_pending (xfail, not strict) until the branches are merged; the lead then empties this set.
-PENDING = frozenset(
-    {
-        # modules owned by the other branches
-        "agentcp.llm_server",
-        "agentcp.llm_agent_utils",
-        # AgentID members they own (AgentCP.get_llm_url / get_llm_api_key / run_llm_proxy and the port/run_proxy
-        # parameters already pass here)
-        "agentcp.agentcp:AgentID.add_llm_api_key",
-        "agentcp.agentcp:AgentID.get_llm_url",
-        "agentcp.agentcp:AgentID.get_llm_api_key",
-    }
-)
+# Entries built on other branches, checked by test_pending (xfail, not strict) until those branches are merged. Keys
+# are "module", "module:Name" or "module:Class.member"; a module key covers every entry in it. Empty: the file client
+# and the local LLM gateway are in.
+PENDING: frozenset = frozenset()
 
 Entry = Tuple[str, str, Optional[str]]  # (module, name, member or None)
 

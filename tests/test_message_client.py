@@ -337,6 +337,30 @@ def test_a_message_read_from_a_superseded_socket_is_not_marked_seen(make_client,
     assert [d["message_id"] for d in c.recorder.cmds("session_message")] == ["m1"]
 
 
+def test_a_queued_frame_that_cannot_be_encoded_fails_alone_and_the_rest_goes_out(make_client, msg_server):
+    """Defence in depth behind the send-boundary check: an item that fails to encode in the outbox writer fails by
+    itself, is forgotten (not in flight, never resent) and the items queued behind it still go out."""
+    from agentcp.msg.channel import OutItem
+    from agentcp.msg.message_client import Ticket
+
+    c = make_client("ann")
+    assert c.start_websocket_client()
+    msg_server.refuse(True)
+    msg_server.drop_all()
+    _until(lambda: c.state == "reconnecting")
+    bad = Ticket("bad")
+    with c._lock:  # as if it had slipped past send(): a lone surrogate in the frame text
+        assert c._machine.submit(OutItem('{"cmd":"x","data":{"v":"\ud800"}}', ack_key="bad", token=bad))
+    good = c.send({"cmd": "create_session_req", "data": {"request_id": "r1", "type": "public", "group_name": "g",
+                                                          "subject": "", "timestamp": "1"}})
+    assert good.status is SendStatus.QUEUED
+    msg_server.refuse(False)
+    c.recorder.wait(lambda: c.recorder.cmds("create_session_ack"))
+    assert bad.wait(5) and bad.status is SendStatus.FAILED and "could not be encoded" in bad.error
+    stats = c.stats()
+    assert stats["inflight"] == 0 and stats["queued"] == 0 and stats["unencodable"] == 1
+
+
 def test_a_text_frame_with_invalid_utf8_is_dropped_and_counted_the_connection_stays(make_client, msg_server):
     """UTF-8 is checked by the reader's own decode (websocket-client's pure-Python check cost ~0.3 ms a frame)."""
     from agentcp.testing.message_server import OP_TEXT

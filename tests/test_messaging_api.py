@@ -18,8 +18,11 @@ def _threads():
     return {t for t in threading.enumerate() if t.name.startswith("agentcp-") and t.name != "agentcp-error-context"}
 
 
-def _pair(agents, network):
+def _pair(agents, network, setup=None):
+    """alice and bob online, in a session alice created; ``setup(a, b)`` runs before they go online."""
     a, b = agents("alice"), agents("bob")
+    if setup is not None:
+        setup(a, b)
     a.online()
     b.online()
     assert a.status()["messaging"]["state"] == "connected"  # opened at online(), not on first send

@@ -12,18 +12,10 @@ import time
 
 import websocket
 
-from conftest import delivered, until as _until
+from conftest import delivered, pair_in_session, until as _until
 
 
-def _pair(agents, network):
-    a, b = agents("alice"), agents("bob")
-    a.online()
-    b.online()
-    sid = a.create_session("chat", "")
-    assert sid and a.invite_member(sid, b.id)
-    _until(lambda: b.session_manager.get(sid) is not None, what="b joined")
-    network.messages.wait_for(lambda: b.id in network.messages.members(sid))
-    return a, b, sid
+_pair = pair_in_session
 
 
 def _collect(aid):
@@ -138,3 +130,18 @@ def test_await_and_callbacks_on_a_result(agents, network):
     late = []
     settled.add_done_callback(late.append)
     assert late == [settled]
+
+
+def test_requests_sent_into_a_dying_connection_are_sent_again(agents, network):
+    """create_session / get_member_list right after the server cut every connection: the request may be written
+    into the dead socket before the client notices; it must go out again after the reconnect (found by the README
+    check: create_session after drop_all got no answer for 10 s)."""
+    a, b, sid = _pair(agents, network)
+    for _ in range(6):
+        network.messages.drop_all()
+        started = time.monotonic()
+        new_sid = a.create_session("after a drop", "")
+        assert new_sid, "create_session got no answer"
+        assert time.monotonic() - started < 5
+        network.messages.drop_all()
+        assert a.get_session_member_list(new_sid) is not None

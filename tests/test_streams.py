@@ -278,7 +278,9 @@ def test_offline_aborts_a_pull_in_progress_and_joins_the_handler(pair, network):
     started = time.monotonic()
     b.offline()  # the stream never ends: offline must not wait for it
     assert time.monotonic() - started < 3.0
-    assert results == [""]  # an unfinished stream is not passed off as complete
+    # An unfinished stream is not passed off as complete: what arrived, marked incomplete (trust.md rule 4).
+    assert len(results) == 1 and results[0] in ("", "partial") and not results[0].complete
+    assert results[0].error == "agent went offline"
     assert not [t for t in _stream_threads() if t.name.endswith(b.id)]
 
 

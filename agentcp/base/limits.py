@@ -30,8 +30,12 @@ class Limits:
     file_stream_max: int = 2 * GiB
     #: a file downloaded from the file server (``download_file``; crossing: fail, delete the partial)
     file_transfer_max: int = 2 * GiB
+    #: text gathered by one ``fetch_stream_message`` (crossing: it returns what arrived, marked incomplete)
+    stream_pull_max: int = 64 * MiB
     #: one HTTP reply body (sign-in, access point, CA)
     http_reply_max: int = 1 * MiB
+    #: one public file downloaded from the access point by ``sync_public_files`` (read into memory)
+    public_file_max: int = 16 * MiB
     #: one issuer certificate fetched for server authentication
     issuer_cert_max: int = 64 * KiB
     #: distinct message servers (message clients) per agent; an invite naming another one is refused

@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.http import AbortableSession, VerifySetting, no_proxy_for, read_limited, resolve_verify
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded
+from agentcp.base.names import resolve_inside
 from agentcp.base.reporting import publish
 from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError, _is_ip, _is_loopback, url_host
 from agentcp.ca.identity_store import _fsync_dir
@@ -117,11 +118,7 @@ def confine_path(save_path: str, base: Optional[str] = None) -> str:
         raise ValueError("the target path contains a NUL character")
     if os.path.isabs(path):
         return os.path.abspath(path)
-    root = os.path.realpath(base or os.getcwd())
-    target = os.path.realpath(os.path.join(root, path))
-    if target == root or not target.startswith(root.rstrip(os.sep) + os.sep):
-        raise ValueError(f"the relative target path {path!r} leads outside {root}")
-    return target
+    return resolve_inside(base or os.getcwd(), path, field="the relative target path")
 
 
 class _MultipartFile:

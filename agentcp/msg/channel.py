@@ -400,6 +400,25 @@ class Channel:
             self.counters.acked += 1
         return item
 
+    def discard(self, item: OutItem) -> None:
+        """``item`` can never be written (e.g. it cannot be encoded): forget it, wherever it waits."""
+        if self._inflight.pop(id(item), None) is not None:
+            same = self._by_ack_key.get(item.ack_key)
+            if same is not None and item in same:
+                same.remove(item)
+                if not same:
+                    del self._by_ack_key[item.ack_key]
+        try:
+            self._outbox.remove(item)
+        except ValueError:
+            pass  # not queued (the usual case: it was being written)
+
+    def reading_paused(self, now: float) -> None:
+        """The shell does not read the socket on purpose (the consumer's backlog is full): frames may be
+        waiting unread, so silence is not death. Treated like a frame: no ping is outstanding."""
+        self.last_frame_at = now
+        self._ping_outstanding = False
+
     def oldest_inflight(self, predicate: Callable[[OutItem], bool]) -> Optional[Hashable]:
         """The ack key of the oldest in-flight item matching ``predicate`` (for acks that carry no id)."""
         for item in self._inflight.values():

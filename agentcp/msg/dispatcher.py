@@ -6,7 +6,11 @@
   them (bounded by ``handler_timeout``), so the order of a session holds for async handlers too.
 * A handler that raises is reported (log + :class:`~agentcp.context.ErrorContext`), is called once, and never
   stops dispatching.
-* :meth:`Dispatcher.stop`: nothing new starts, queued work is dropped, every thread is joined.
+* :meth:`Dispatcher.stop`: nothing new starts, queued work is dropped, every thread is joined (by a reaper thread
+  when a handler itself calls it, so it never waits for itself).
+* The backlog (work queued or running) is bounded by ``backlog_messages`` items and ``backlog_bytes`` (the sizes
+  the producer declares). :meth:`submit` never blocks and never drops; the producer asks :meth:`wait_for_room`
+  first and stops reading its source while there is none (back-pressure, trust.md rule 4).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import inspect
 import logging
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Set, Tuple
 
 from agentcp.base.reporting import publish
 from agentcp.context.exceptions import SDKError
@@ -63,32 +67,47 @@ class Dispatcher:
     """Keyed serial executor for handler calls (see the module docstring)."""
 
     def __init__(self, name: str, workers: int = 4, handler_timeout: float = 60.0,
-                 agent_id: str = "") -> None:
+                 agent_id: str = "", *, backlog_messages: Optional[int] = None,
+                 backlog_bytes: Optional[int] = None) -> None:
         self.name = name
         self.agent_id = agent_id
         self.max_workers = max(1, int(workers))
         self.handler_timeout = handler_timeout
-        self._lock = threading.Condition()
-        self._queues: Dict[Hashable, Deque[Callable[[], None]]] = {}
+        #: Bounds of the backlog (None: unbounded), see :meth:`wait_for_room`.
+        self.backlog_messages = backlog_messages
+        self.backlog_bytes = backlog_bytes
+        mutex = threading.Lock()
+        self._lock = threading.Condition(mutex)  # workers wait on it for work
+        self._room = threading.Condition(mutex)  # producers wait on it for room in the backlog
+        self._pending = 0  # items queued or running
+        self._pending_bytes = 0
+        self._queues: Dict[Hashable, Deque[Tuple[Callable[[], None], int]]] = {}
         self._ready: Deque[Hashable] = deque()
         self._busy: Set[Hashable] = set()
         self._threads: List[threading.Thread] = []
         self._stopped = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
+        self._reaper: Optional[threading.Thread] = None
         self._logged: Set[str] = set()
-        self.counters: Dict[str, int] = {"dispatched": 0, "handler_errors": 0, "timeouts": 0, "dropped": 0}
+        self.counters: Dict[str, int] = {"dispatched": 0, "handler_errors": 0, "timeouts": 0, "dropped": 0,
+                                         "backlog_peak": 0, "backlog_full": 0}
 
     # -- public -------------------------------------------------------------------------------------------------
-    def submit(self, key: Hashable, work: Callable[[], None]) -> bool:
-        """Queue ``work`` behind earlier work of ``key``; False once stopped."""
+    def submit(self, key: Hashable, work: Callable[[], None], size: int = 0) -> bool:
+        """Queue ``work`` behind earlier work of ``key``; False once stopped. ``size``: bytes it holds (counted
+        in the backlog until it has run). Never blocks: bounded producers call :meth:`wait_for_room` first."""
         with self._lock:
             if self._stopped:
                 return False
             queue_ = self._queues.get(key)
             if queue_ is None:
                 queue_ = self._queues[key] = deque()
-            queue_.append(work)
+            queue_.append((work, size))
+            self._pending += 1
+            self._pending_bytes += size
+            if self._pending > self.counters["backlog_peak"]:
+                self.counters["backlog_peak"] = self._pending
             if key not in self._busy and len(queue_) == 1:
                 self._ready.append(key)
             if len(self._threads) < self.max_workers and len(self._ready) > self._idle_workers():
@@ -100,17 +119,67 @@ class Dispatcher:
     def stopped(self) -> bool:
         return self._stopped
 
-    def stop(self, timeout: Optional[float] = 30.0) -> None:
-        """Drop queued work, wait for running handlers, stop the loop and join every thread. Idempotent."""
+    def _has_room(self) -> bool:
+        if self._stopped:
+            return True  # nothing will be queued any more: the producer must not wait for it
+        if self.backlog_messages is not None and self._pending >= self.backlog_messages:
+            return False
+        return self.backlog_bytes is None or self._pending_bytes < self.backlog_bytes
+
+    def wait_for_room(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to ``timeout`` until the backlog is below its bounds (or the dispatcher stopped); True if so."""
+        with self._room:
+            if self._has_room():
+                return True
+            self.counters["backlog_full"] += 1
+            return self._room.wait_for(self._has_room, timeout)
+
+    def backlog(self) -> Dict[str, int]:
+        """Items and bytes queued or running now."""
+        with self._lock:
+            return {"messages": self._pending, "bytes": self._pending_bytes}
+
+    def halt(self) -> None:
+        """Non-blocking: nothing new starts from now on and queued work is dropped; running handlers finish."""
         with self._lock:
             self._stopped = True
             dropped = sum(len(q) for q in self._queues.values())
             self.counters["dropped"] += dropped
+            for queue_ in self._queues.values():
+                for _work, size in queue_:
+                    self._pending -= 1
+                    self._pending_bytes -= size
             self._queues.clear()
             self._ready.clear()
-            threads = list(self._threads)
             self._lock.notify_all()
+            self._room.notify_all()
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Drop queued work, wait for running handlers, stop the loop and join every thread. Idempotent.
+
+        Called from a handler (one of this dispatcher's threads, or a coroutine on its loop) it must not wait for
+        itself: it halts, returns at once and leaves the joins to a short-lived reaper thread (joined by the next
+        ``stop()``, or at interpreter exit), which finishes once that handler has returned.
+        """
+        self.halt()
         current = threading.current_thread()
+        with self._lock:
+            own = current in self._threads or current is self._loop_thread
+            reaper = self._reaper
+            if own:
+                if reaper is None or not reaper.is_alive():
+                    # Not a daemon: the interpreter waits for it (bounded by ``timeout``) at exit.
+                    self._reaper = threading.Thread(target=self._join_all, args=(timeout, None),
+                                                    name=f"{self.name}-reaper")
+                    self._reaper.start()
+                return
+        if reaper is not None and reaper is not current:
+            reaper.join(timeout)
+        self._join_all(timeout, current)
+
+    def _join_all(self, timeout: Optional[float], current: Optional[threading.Thread]) -> None:
+        with self._lock:
+            threads = list(self._threads)
         for thread in threads:
             if thread is not current:
                 thread.join(timeout)
@@ -186,7 +255,7 @@ class Dispatcher:
                 queue_ = self._queues.get(key)
                 if not queue_:
                     continue
-                work = queue_.popleft()
+                work, size = queue_.popleft()
                 self._busy.add(key)
             try:
                 work()
@@ -196,6 +265,9 @@ class Dispatcher:
                 log.exception("%s: dispatch failed: %r", self.name, exc)
             finally:
                 with self._lock:
+                    self._pending -= 1
+                    self._pending_bytes -= size
+                    self._room.notify_all()
                     self._busy.discard(key)
                     queue_ = self._queues.get(key)
                     if queue_:

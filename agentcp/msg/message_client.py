@@ -16,6 +16,11 @@ Compatible with 0.1.99's ``agentcp.msg.message_client`` (``ConnectionState``, ``
   :class:`OutboxFullError`. Session messages not acked when a connection is lost are sent again.
 * ``stop_websocket_client()`` closes the socket and joins every thread; no handler call starts after it returns.
 * The signature is never logged: URLs in logs read ``signature=***``.
+* Hostile input is bounded (trust.md rules 4 and 7): an incoming message larger than ``limits.ws_message_max``
+  (all fragments together, checked from each frame header) closes the connection with 1009, is reported through
+  ``on_limit`` and the client reconnects; a frame that cannot be encoded as UTF-8 (e.g. a peer's lone surrogate
+  echoed into a reply) fails its send at once and never enters the outbox. With a ``backpressure`` gate the reader
+  stops reading while the consumer's backlog is full (the connection is kept alive meanwhile).
 """
 from __future__ import annotations
 
@@ -28,17 +33,19 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import websocket
 
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
+from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.client import IClient
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
-from agentcp.msg.ws import WsConnection as _Conn, sslopt
+from agentcp.base.http import connect_error_text
+from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, notify_limit, sslopt, utf8_error
 
 log = logging.getLogger("agentcp.msg")
 
@@ -326,6 +333,18 @@ class Ticket:
 _TICKET_LOCK = threading.Lock()
 
 
+#: Server answers that carry the ``request_id`` of the request they answer (messaging.md §2).
+REPLY_CMDS = frozenset({"create_session_ack", "session_create_stream_ack", "invite_agent_ack",
+                        "get_member_list_ack", "get_member_list_resp", "member_list"})
+
+
+def reply_key(request_id: str) -> Tuple[str, str]:
+    """The ``ack_key`` of a request answered by one of :data:`REPLY_CMDS`: such a request stays in flight until
+    its answer arrives, and is sent again after a reconnect if the connection was lost first (a request written
+    into a connection the server had already cut is otherwise lost, and its caller waits in vain)."""
+    return ("reply", request_id)
+
+
 def replay_key(data: Dict[str, Any]) -> Tuple[str, str, str, bytes]:
     """What identifies one incoming message, so that only a *replay* of it (the same message delivered again
     after a re-join) counts as a duplicate: session, sender, message id and a digest of what it says.
@@ -369,13 +388,23 @@ class MessageClient(IClient):
         config: Optional[MessageClientConfig] = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        limits: Limits = DEFAULT_LIMITS,
+        on_limit: Optional[Callable[[LimitExceeded], Any]] = None,
+        backpressure: Optional[Callable[[float], bool]] = None,
     ) -> None:
+        """``limits``: bounds on incoming messages; ``on_limit(err)`` is told of every crossing (AgentID counts
+        it in ``status()``). ``backpressure(timeout) -> bool``: waits up to ``timeout`` for room in the consumer's
+        backlog (True: room); while it says False the socket is not read (nothing is dropped)."""
         self.agent_id = agent_id
+        self.limits = limits
+        self.on_limit = on_limit
+        self.backpressure = backpressure
         self.server_url = (server_url or "").rstrip("/")
         self.aid_path = aid_path
         self.seed_password = seed_password
         self.config = config or MessageClientConfig()
-        self.auth_client = cache_auth_client or AuthClient(agent_id, self.server_url, aid_path, seed_password)
+        self.auth_client = cache_auth_client or AuthClient(agent_id, self.server_url, aid_path, seed_password,
+                                                           max_reply=limits.http_reply_max, on_limit=on_limit)
         self.timeout = self.auth_client.timeout
         self.verify = self.config.verify
         self.message_handler: Any = None
@@ -397,7 +426,10 @@ class MessageClient(IClient):
         self._readers: List[threading.Thread] = []
         self._report = FaultReporter(log, agent_id, MessageChannelError,
                                      redact=lambda text: redact(text, self.auth_client.signature))
-        self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0, "ack_timeouts": 0}
+        self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0, "ack_timeouts": 0,
+                                       "too_big": 0, "unencodable": 0, "backpressure_waits": 0}
+        #: True while the reader holds a message back because the consumer's backlog is full.
+        self.reading_paused = False
         self._lost_at: Optional[float] = None
         #: Seconds from each lost connection to the next successful handshake (the last 32).
         self.resume_times: List[float] = []
@@ -609,6 +641,8 @@ class MessageClient(IClient):
     @property
     def acks_expected(self) -> bool:
         """False once the server has let ``ACK_PROBES`` waits time out without ever acking a message."""
+        if self.reading_paused:
+            return False  # acks wait in the socket until the backlog drains: waiting for one would only stall
         return self._machine.counters.acked > 0 or self._extra.get("ack_timeouts", 0) < self.ACK_PROBES
 
     def note_ack_timeout(self) -> None:
@@ -628,15 +662,24 @@ class MessageClient(IClient):
             snap["server_url"] = self.server_url
         return snap
 
-    def send(self, msg: Union[str, dict], *, ack_key: Optional[str] = None, message_id: str = "",
+    def send(self, msg: Union[str, dict], *, ack_key: Optional[Hashable] = None, message_id: str = "",
              session_id: str = "") -> Ticket:
         """Send one frame (JSON text or a dict); the :class:`Ticket` tells what became of it.
 
-        ``ack_key``: the frame expects a ``session_message_ack`` for this key (the message id); it stays tracked
-        until then and is sent again if the connection is lost first. Never blocks on a connect.
+        ``ack_key``: the frame expects a ``session_message_ack`` for this key (the message id), or an answer
+        (:func:`reply_key`); it stays tracked until then and is sent again if the connection is lost first.
+        Never blocks on a connect.
         """
         text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)
         ticket = Ticket(message_id or (ack_key or ""), session_id)
+        problem = utf8_error(text)
+        if problem is not None:
+            # Refused here, at the boundary: an unencodable frame in the outbox would fail at every reconnect and
+            # block everything queued behind it (trust.md rule 7).
+            with self._lock:
+                self._extra["unencodable"] += 1
+            ticket._finish(SendStatus.FAILED, problem)
+            return ticket
         item = OutItem(text, ack_key=ack_key, token=ticket)
         with self._send_lock:
             with self._lock:
@@ -657,11 +700,25 @@ class MessageClient(IClient):
             try:
                 conn.send(text)
                 ticket._mark_sent()
+            except (UnicodeError, TypeError, ValueError) as exc:
+                self._unsendable(item, exc)
             except (websocket.WebSocketException, OSError) as exc:
                 # An item expecting an ack is in flight: the loss handling puts it back at the head of the outbox.
                 self._requeue_unsent(item)
                 self._connection_lost(conn, f"send failed: {type(exc).__name__}")
         return ticket
+
+    def _unsendable(self, item: OutItem, exc: BaseException) -> None:
+        """Encoding ``item`` failed (nothing was written): fail it alone and forget it, never retry it."""
+        with self._lock:
+            self._extra["unencodable"] += 1
+            self._machine.discard(item)
+        ticket = item.token
+        if isinstance(ticket, Ticket) and not ticket.done:
+            ticket._finish(SendStatus.FAILED, f"the frame could not be encoded ({type(exc).__name__}: {exc}); "
+                                              "it was not sent")
+        self._report.note("unencodable", f"message channel {self.agent_id}: a frame could not be encoded and was "
+                                         f"dropped ({type(exc).__name__}); later frames are unaffected", exc)
 
     def _requeue_unsent(self, item: OutItem) -> None:
         """Writing ``item`` failed: one without an ack goes back to the head of the outbox (it is not in flight)."""
@@ -783,7 +840,7 @@ class MessageClient(IClient):
                              MessageChannelError(f"handshake rejected with HTTP {status}"))
             return
         except (websocket.WebSocketException, OSError, ValueError) as exc:
-            text = redact(f"{type(exc).__name__}: {exc}", token)
+            text = redact(connect_error_text(exc, self._redacted_url()), token)  # TLS: names AGENTCP_TLS_VERIFY
             with self._lock:
                 self._machine.connect_failed(self._clock(), text)
             self._report.note("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
@@ -853,6 +910,9 @@ class MessageClient(IClient):
                     self._machine.written(item)
                 try:
                     conn.send(item.text)
+                except (UnicodeError, TypeError, ValueError) as exc:
+                    self._unsendable(item, exc)  # that item fails; the ones behind it still go out
+                    continue
                 except (websocket.WebSocketException, OSError) as exc:
                     self._requeue_unsent(item)
                     self._connection_lost(conn, f"send failed: {type(exc).__name__}")
@@ -887,14 +947,21 @@ class MessageClient(IClient):
     # ------------------------------------------------------------------------------------------------------------
     def _read_loop(self, conn: _Conn) -> None:
         reason = "closed"
+        frames = BoundedReader(conn.ws, self.limits.ws_message_max, "ws_message_max",
+                               f"message server {self.server_url}")
         try:
             while not self._stop.is_set():
                 try:
-                    opcode, frame = conn.ws.recv_data_frame(True)
+                    opcode, data = frames.recv()
                 except websocket.WebSocketTimeoutException:
                     continue  # idle; the driver's pings decide whether the connection is dead
                 except websocket.WebSocketConnectionClosedException:
                     reason = "closed by peer"
+                    break
+                except LimitExceeded as exc:
+                    self._too_big(exc)  # counted before the peer sees the close
+                    frames.close_too_big()
+                    reason = "message too big (closed with 1009)"
                     break
                 except (websocket.WebSocketException, OSError, ValueError, AttributeError) as exc:
                     reason = f"receive failed: {type(exc).__name__}"
@@ -907,7 +974,6 @@ class MessageClient(IClient):
                     reason = "closed by server"
                     break
                 if opcode == websocket.ABNF.OPCODE_TEXT:
-                    data = frame.data
                     text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
                     self._on_text(conn, text)
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
@@ -918,6 +984,37 @@ class MessageClient(IClient):
                 conn.ws.shutdown()
             except Exception:  # closing is best effort; the descriptor is released either way
                 log.debug("closing the WebSocket failed", exc_info=True)
+
+    def _too_big(self, err: LimitExceeded) -> None:
+        with self._lock:
+            self._extra["too_big"] += 1
+        if not notify_limit(self.on_limit, err, self.agent_id):
+            self._report.note("too_big", str(err), err)
+
+    def _wait_for_room(self, conn: _Conn) -> bool:
+        """Back-pressure: hold the message in hand (and read nothing more) until the consumer has room.
+
+        While waiting, the connection is not declared dead for missing pongs (they wait unread in the socket).
+        False if the client stopped or the connection was replaced meanwhile."""
+        gate = self.backpressure
+        if gate is None or gate(0.0):
+            return True
+        with self._lock:
+            self.reading_paused = True
+            self._extra["backpressure_waits"] += 1
+        self._report.log_once("backpressure", logging.INFO, "message channel %s: handler backlog full; not reading "
+                              "until it drains (further pauses are only counted: backpressure_waits)", self.agent_id)
+        slice_ = max(0.05, self.config.channel_config().effective_pong_timeout() / 2)
+        try:
+            while True:
+                with self._lock:
+                    if self._stop.is_set() or self._conn is not conn:
+                        return False
+                    self._machine.reading_paused(self._clock())
+                if gate(slice_):
+                    return True
+        finally:
+            self.reading_paused = False
 
     def _on_text(self, conn: _Conn, text: str) -> None:
         try:
@@ -933,9 +1030,14 @@ class MessageClient(IClient):
         cmd, data = frame["cmd"], frame["data"]
         if cmd == "session_message_ack":
             self._on_ack(data)
+        elif cmd in REPLY_CMDS and data.get("request_id"):
+            self._on_reply(str(data["request_id"]))
         handler = self.message_handler
         on_message = getattr(handler, "on_message", None)
         if on_message is None:
+            return
+        # Only messages fill the consumer's backlog; acks and answers before them are not held back.
+        if cmd == "session_message" and not self._wait_for_room(conn):
             return
         with self._lock:
             if self._stop.is_set() or self._conn is not conn:
@@ -956,6 +1058,26 @@ class MessageClient(IClient):
             with self._lock:
                 self._extra["handler_errors"] += 1
             self._report.note("handler", f"message handler of {self.agent_id} raised: {exc!r}", exc, exc_info=True)
+
+    def forget(self, ack_key: Hashable, error: str = "no answer in time") -> None:
+        """Stop tracking a frame whose answer the caller no longer waits for (it is not sent again)."""
+        with self._lock:
+            item = self._machine.acked(ack_key)
+            if not (self._machine.inflight or self._machine.queued):
+                self._drained.set()
+        ticket = item.token if item is not None else None
+        if isinstance(ticket, Ticket):
+            ticket._finish(SendStatus.FAILED, error)
+
+    def _on_reply(self, request_id: str) -> None:
+        """The answer to a request sent with ``ack_key=reply_key(request_id)`` arrived: it is no longer in flight."""
+        with self._lock:
+            item = self._machine.acked(reply_key(request_id))
+            if not (self._machine.inflight or self._machine.queued):
+                self._drained.set()
+        ticket = item.token if item is not None else None
+        if isinstance(ticket, Ticket):
+            ticket._finish(SendStatus.DELIVERED)
 
     def _on_ack(self, data: Dict[str, Any]) -> None:
         key = data.get("message_id") or data.get("request_id")

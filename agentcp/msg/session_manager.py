@@ -28,12 +28,15 @@ import urllib.parse
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from agentcp.base.limits import LimitExceeded
+from agentcp.base.trust import UntrustedHostError
 from agentcp.msg.message_client import (
     MessageClient,
     MessageClientConfig,
     SendResult,
     SendStatus,
     Ticket,
+    reply_key,
 )
 
 log = logging.getLogger("agentcp.msg")
@@ -305,6 +308,13 @@ class SessionManager:
     #: True: ``Session.last_msg_id`` advances only through :meth:`handled` (the consumer confirms each message it
     #: handled), not when a message is read from the socket. AgentID sets it.
     confirm_handled: bool = False
+    #: ``trust_check(url, purpose) -> bool``: may a sign-in proof or token go to ``url`` (trust.md rule 1)? False
+    #: means refused (the callee counted and logged it). None: every URL is accepted, as in 0.1.99. AgentID sets it.
+    trust_check: Optional[Callable[[str, str], bool]] = None
+    #: Message clients (distinct message servers, the default one included) at most; None: unbounded (0.1.99).
+    max_clients: Optional[int] = None
+    #: Called with the :class:`LimitExceeded` of an invite refused by ``max_clients`` (AgentID counts it).
+    on_limit: Optional[Callable[[LimitExceeded], Any]] = None
 
     def __init__(self, agent_id: str, server_url: str, aid_path: str, seed_password: str, db_mananger: Any = None,
                  *, config: Optional[MessageClientConfig] = None) -> None:
@@ -314,6 +324,10 @@ class SessionManager:
         self.seed_password = seed_password
         self.db_mananger = db_mananger
         self.config = config or MessageClientConfig()
+        #: Extra keyword arguments of every MessageClient (AgentID: ``limits``, ``on_limit``, ``backpressure``).
+        self.client_options: Dict[str, Any] = {}
+        #: Extra keyword arguments of every StreamClient (AgentID: ``limits``, ``on_limit``).
+        self.stream_options: Dict[str, Any] = {}
         self.lock = threading.RLock()
         self.sessions: Dict[str, Session] = {}
         self.message_client_map: Dict[str, MessageClient] = {}
@@ -333,18 +347,58 @@ class SessionManager:
         self.forgotten: Set[str] = set()
 
     # -- clients ------------------------------------------------------------------------------------------------
-    def _client(self, server_url: Optional[str] = None) -> MessageClient:
+    def _client(self, server_url: Optional[str] = None, purpose: str = "message server") -> MessageClient:
+        """The client of ``server_url`` (default: this manager's server), created and started on first use.
+
+        A client for another server signs in there, so it is created only for a trusted URL (``trust_check``,
+        else :class:`UntrustedHostError`) and only while fewer than ``max_clients`` exist (else
+        :class:`LimitExceeded`, reported through ``on_limit``).
+        """
         url = (server_url or self.server_url).rstrip("/")
         with self.lock:
             if self._stopped:
                 raise RuntimeError("the session manager was stopped (agent offline)")
             client = self.message_client_map.get(url)
-            if client is None:
-                client = MessageClient(self.agent_id, url, self.aid_path, self.seed_password, config=self.config)
+            if client is not None:
+                return client
+        other = url != self.server_url
+        check = self.trust_check
+        # Asked without this manager's lock: the check calls into the agent, which takes its own lock and, while
+        # holding it, takes this one (offline, a new message server).
+        if other and check is not None and not check(url, purpose):
+            raise UntrustedHostError(f"refused for {purpose}: {url.split('?', 1)[0]} is outside the trust domain",
+                                     purpose=purpose)
+        crossed: Optional[LimitExceeded] = None
+        with self.lock:
+            if self._stopped:
+                raise RuntimeError("the session manager was stopped (agent offline)")
+            client = self.message_client_map.get(url)
+            if client is None and other:
+                crossed = self._over_cap(purpose)
+            if client is None and crossed is None:
+                client = MessageClient(self.agent_id, url, self.aid_path, self.seed_password, config=self.config,
+                                       **self.client_options)
                 client.set_message_handler(self)
                 self.message_client_map[url] = client
                 client.start()
-        return client
+        if crossed is not None:
+            if self.on_limit is not None:
+                self.on_limit(crossed)
+            else:
+                log.warning("%s: %s", self.agent_id, crossed.message)
+            raise crossed
+        return client  # type: ignore[return-value]
+
+    def _over_cap(self, purpose: str) -> Optional[LimitExceeded]:
+        """Lock held: the crossing if one more client for another server would exceed ``max_clients``."""
+        cap = self.max_clients
+        if cap is None:
+            return None
+        others = sum(1 for u in self.message_client_map if u != self.server_url)
+        if others + 1 < cap:   # one slot always belongs to the default server
+            return None
+        return LimitExceeded("message_clients_max", cap, source=f"{purpose} naming another message server",
+                             got=others + 2)
 
     @property
     def message_client(self) -> MessageClient:
@@ -404,7 +458,7 @@ class SessionManager:
         waiter = self._wait_for("create", request_id)
         ticket = message_client.send({"cmd": "create_session_req", "data": {
             "request_id": request_id, "type": session_type or "public", "group_name": name, "subject": subject or "",
-            "timestamp": str(_ms())}})
+            "timestamp": str(_ms())}}, ack_key=reply_key(request_id))
         if ticket.status is SendStatus.FAILED:
             self._complete("create", request_id, {})
             log.error("create_session of %s failed: %s", self.agent_id, ticket.error)
@@ -413,6 +467,7 @@ class SessionManager:
         with self.lock:
             self._waiters.pop(("create", request_id), None)
         if not data:
+            message_client.forget(reply_key(request_id))
             log.error("create_session of %s: no create_session_ack within %.0f s", self.agent_id, self.CREATE_TIMEOUT)
             return None, None
         if str(data.get("status_code", "200")) not in ("200", "0") or not data.get("session_id"):
@@ -455,7 +510,11 @@ class SessionManager:
                 if not session.session_id or session.session_id in self.sessions:
                     continue
                 old_url = getattr(session.message_client, "server_url", "") or None
-                client = self._client(old_url)
+                try:
+                    client = self._client(old_url, "session re-join")
+                except (UntrustedHostError, LimitExceeded) as exc:  # counted where refused; the session stays out
+                    log.warning("%s: session %s not carried over: %s", self.agent_id, session.session_id, exc)
+                    continue
                 session.message_client = client
                 session.manager = self
                 session.joined = False
@@ -504,10 +563,19 @@ class SessionManager:
         return known
 
     def join_session(self, req: Any) -> Session:
-        """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join."""
-        client = self._client(getattr(req, "MessageServer", "") or None)
+        """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join.
+
+        Raises ``ValueError`` for an invite without a session id (nothing to join, nothing to re-join later),
+        :class:`UntrustedHostError` when it names a message server outside the trust domain (signing in there
+        would hand it the agent's proof) and :class:`LimitExceeded` when it would need one message client more
+        than ``max_clients``.
+        """
+        session_id = str(getattr(req, "SessionId", "") or "")
+        if not session_id:
+            raise ValueError("invite without a session id ignored")
+        client = self._client(str(getattr(req, "MessageServer", "") or "") or None, "invite")
         session = self.session_class(self.agent_id, client)
-        session.session_id = str(getattr(req, "SessionId", ""))
+        session.session_id = session_id
         session.manager = self
         inviter = str(getattr(req, "InviterAgentId", ""))
         session.members = [a for a in (inviter, self.agent_id) if a]
@@ -580,7 +648,8 @@ class SessionManager:
         client = session.message_client if session is not None else self.message_client
         request_id = str(next(self._ids)) + "-" + str(_ms())
         waiter = self._wait_for("members", request_id)
-        ticket = client.send({"cmd": "get_member_list", "data": {"session_id": session_id, "request_id": request_id}})
+        ticket = client.send({"cmd": "get_member_list", "data": {"session_id": session_id, "request_id": request_id}},
+                             ack_key=reply_key(request_id))
         if ticket.status is SendStatus.FAILED:
             self._complete("members", request_id, {})
             return None
@@ -588,6 +657,7 @@ class SessionManager:
         with self.lock:
             self._waiters.pop(("members", request_id), None)
         if not data:
+            client.forget(reply_key(request_id))
             return None
         raw = data.get("member_list", data.get("members", data.get("data")))
         members: List[Dict[str, Any]] = []
@@ -628,7 +698,7 @@ class SessionManager:
         ticket = session.message_client.send({"cmd": "session_create_stream_req", "data": {
             "session_id": session_id, "request_id": request_id, "ref_msg_id": ref_msg_id or "",
             "sender": self.agent_id, "receiver": ",".join(to_aid_list), "content_type": content_type,
-            "timestamp": str(_ms())}})
+            "timestamp": str(_ms())}}, ack_key=reply_key(request_id))
         if ticket.status is SendStatus.FAILED:
             self._complete("stream", request_id, {})
             return None, f"cannot send the stream request: {ticket.error}"
@@ -637,10 +707,14 @@ class SessionManager:
         with self.lock:
             self._waiters.pop(("stream", request_id), None)
         if not data:
+            session.message_client.forget(reply_key(request_id))
             return None, f"no session_create_stream_ack within {self.STREAM_TIMEOUT:.0f} s"
         push, pull = data.get("push_url"), data.get("pull_url")
         if not push or not pull or not data.get("message_id"):
             return None, str(data.get("error") or data.get("message") or "stream creation refused")
+        check = self.trust_check
+        if check is not None and not check(str(push), "stream push"):   # the push socket carries our token
+            return None, f"refused: the stream push URL is on an untrusted host ({str(push).split('?', 1)[0]})"
         from agentcp.msg.stream_client import StreamClient, StreamClientConfig
 
         auth = session.message_client.auth_client
@@ -648,7 +722,7 @@ class SessionManager:
         if config.verify is None:
             config.verify = getattr(auth, "verify", None)
         client = StreamClient(self.agent_id, session_id, str(push), auth.signature, config=config,
-                              signature_provider=lambda: auth.signature)
+                              signature_provider=lambda: auth.signature, **self.stream_options)
         if not await loop.run_in_executor(None, client.start_websocket_client):
             # 0.1.99 retried once after 1 s; the client has been retrying with backoff meanwhile: give it that.
             if client.failed is None:
@@ -791,4 +865,9 @@ class SessionManager:
             return
         # join_session may create a client for another server (that starts a thread): not on the reader thread's
         # critical path, but quick (no network wait).
-        self.join_session(req)
+        try:
+            self.join_session(req)
+        except (UntrustedHostError, LimitExceeded) as exc:  # counted and logged where it was refused
+            log.debug("%s: invite to session %s refused: %s", self.agent_id, req.SessionId, exc)
+        except RuntimeError as exc:  # stopped meanwhile (offline)
+            log.debug("%s: invite to session %s ignored: %s", self.agent_id, req.SessionId, exc)

@@ -24,6 +24,9 @@ and the attributes ``ws_url``, ``ws_is_running``, ``ws``; api.md §8.4). What ch
   ``file_window`` bytes are unconfirmed, and room comes back as the server's pongs confirm chunks.
 * ``close_stream`` sends ``{"cmd":"close_stream_req"}``, waits (bounded) for it to be confirmed, closes the socket
   and joins every thread; ``stop_websocket_client`` does the same without the close request.
+* Hostile input is bounded (trust.md rules 4 and 7): a frame from the server larger than
+  ``limits.stream_chunk_max`` is refused from its header (close 1009, the stream fails, ``on_limit`` is told);
+  text that cannot be encoded as UTF-8 is refused at the send call and never queued.
 """
 from __future__ import annotations
 
@@ -40,10 +43,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 import websocket
 
 from agentcp.base.backoff import RECONNECT_BACKOFF, Backoff
+from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import SDKError
 from agentcp.msg.message_client import SendResult, SendStatus, redact
-from agentcp.msg.ws import WsConnection as _Conn, sslopt
+from agentcp.base.http import connect_error_text
+from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, notify_limit, sslopt, utf8_error
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
     MSG_TYPE_FILE,
@@ -150,8 +155,12 @@ class StreamClient:
     def __init__(self, agent_id: str, session_id, server_url: str, signature: str, *,
                  config: Optional[StreamClientConfig] = None,
                  signature_provider: Optional[Callable[[], Optional[str]]] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, limits: Limits = DEFAULT_LIMITS,
+                 on_limit: Optional[Callable[[LimitExceeded], Any]] = None) -> None:
         self.agent_id = agent_id
+        #: Bounds on what the server may send on this socket; ``on_limit(err)`` is told of a crossing.
+        self.limits = limits
+        self.on_limit = on_limit
         self.session_id = session_id
         self.server_url = server_url
         self.signature = signature
@@ -245,6 +254,9 @@ class StreamClient:
         if isinstance(msg, dict):
             msg = json.dumps(msg, ensure_ascii=False)
         opcode = _BINARY if isinstance(msg, (bytes, bytearray)) else _TEXT
+        problem = utf8_error(str(msg)) if opcode == _TEXT else None
+        if problem is not None:
+            return self._unencodable(problem)
         return self._enqueue(_Frame(opcode, bytes(msg) if opcode == _BINARY else str(msg), "raw"),
                              self.config.max_queue_bytes)
 
@@ -259,6 +271,9 @@ class StreamClient:
         JSON-encoded first. The result is ``queued`` or ``failed`` (never a silent drop).
         """
         text = chunk if isinstance(chunk, str) else json.dumps(chunk, ensure_ascii=False, default=_plain)
+        problem = utf8_error(text)
+        if problem is not None:
+            return self._unencodable(problem)
         frame = json.dumps({"cmd": "push_text_stream_req", "data": {"chunk": urllib.parse.quote_plus(text)}},
                            ensure_ascii=False)
         return self._enqueue(_Frame(_TEXT, frame, "text"), self.config.max_queue_bytes)
@@ -275,6 +290,12 @@ class StreamClient:
         except (TypeError, ValueError) as exc:  # offset beyond 4 GiB, not bytes
             return SendResult(SendStatus.FAILED, error=f"cannot encode the file chunk at {offset}: {exc}")
         return self._enqueue(_Frame(_BINARY, frame, "file"), self.config.file_window, file=True)
+
+    def _unencodable(self, problem: str) -> SendResult:
+        with self._cond:
+            self.counters["failed"] += 1
+            self.counters["unencodable"] = self.counters.get("unencodable", 0) + 1
+        return SendResult(SendStatus.FAILED, error=problem)
 
     def close_stream(self, stream_url: str = "", timeout: Optional[float] = None) -> bool:
         """End the stream: send ``{"cmd":"close_stream_req"}`` after every queued chunk, wait (up to
@@ -544,7 +565,7 @@ class StreamClient:
             self._connect_failed(f"handshake rejected with HTTP {status}")
             return
         except (websocket.WebSocketException, OSError, ValueError) as exc:
-            self._connect_failed(redact(f"{type(exc).__name__}: {exc}", signature))
+            self._connect_failed(redact(connect_error_text(exc, stream_ws_url(self.server_url)), signature))
             return
         try:
             ws.settimeout(cfg.send_timeout)
@@ -596,6 +617,19 @@ class StreamClient:
                 conn.ws.send_binary(frame.payload)
             else:
                 conn.ws.send(frame.payload)
+        except (UnicodeError, TypeError, ValueError) as exc:
+            # Nothing was written: this frame fails alone (the stream is then incomplete); the rest goes on.
+            with self._cond:
+                if frame in self._inflight:
+                    self._inflight.remove(frame)
+                    self._release(frame)
+                self.counters["failed"] += 1
+                if self._failed_reason is None:
+                    self._failed_reason = f"a frame could not be encoded ({type(exc).__name__}) and was not sent"
+                self._cond.notify_all()
+            self._report.note("unencodable", f"stream {self.ws_url} of {self.agent_id}: a frame could not be "
+                                             f"encoded ({exc!r}); it was dropped", exc)
+            return
         except (websocket.WebSocketException, OSError) as exc:
             self._lost(conn, f"write failed: {type(exc).__name__}")
             return
@@ -657,17 +691,24 @@ class StreamClient:
     # ------------------------------------------------------------------------------------------------------------
     def _read_loop(self, conn: _Conn) -> None:
         reason = "closed"
+        frames = BoundedReader(conn.ws, self.limits.stream_chunk_max, "stream_chunk_max",
+                               f"stream {self.ws_url}")
         try:
             while True:
                 with self._cond:
                     if self._conn is not conn:
                         break
                 try:
-                    opcode, frame = conn.ws.recv_data_frame(True)
+                    opcode, data = frames.recv()
                 except websocket.WebSocketTimeoutException:
                     continue  # idle: the driver's pings decide whether the connection is dead
                 except websocket.WebSocketConnectionClosedException:
                     reason = "closed by the server"
+                    break
+                except LimitExceeded as exc:
+                    self._too_big(exc)  # counted before the peer sees the close
+                    frames.close_too_big()
+                    reason = "frame too big (closed with 1009)"
                     break
                 except (websocket.WebSocketException, OSError, ValueError, AttributeError) as exc:
                     reason = f"receive failed: {type(exc).__name__}"
@@ -675,13 +716,22 @@ class StreamClient:
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     reason = "closed by the server"
                     break
-                self._on_frame(conn, opcode, frame.data)
+                self._on_frame(conn, opcode, data)
         finally:
             self._lost(conn, reason)
             try:
                 conn.ws.shutdown()
             except Exception:  # best effort: the descriptor is released either way
                 log.debug("closing the stream socket failed", exc_info=True)
+
+    def _too_big(self, err: LimitExceeded) -> None:
+        """The server crossed a bound: the stream fails truthfully (a server that misbehaves once is not
+        reconnected to), and the crossing is reported."""
+        with self._cond:
+            self.counters["too_big"] = self.counters.get("too_big", 0) + 1
+            self._fail_pending(str(err))
+            self._stop = True
+        notify_limit(self.on_limit, err, self.agent_id)  # without one, _fail_pending reported it
 
     def _on_frame(self, conn: _Conn, opcode: int, data: Any) -> None:
         with self._cond:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
+from agentcp.base.log import redact_secrets
+
 from ._loop import IOLoop
 
 logger = logging.getLogger("agentcp.testing")
@@ -189,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
                 close()  # a generator's cleanup runs even when the client went away
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
-        logger.debug("http %s %s", self.address_string(), format % args)
+        # The request line carries the clients' tokens in query strings (stream pulls, downloads): never log them.
+        logger.debug("http %s %s", self.address_string(), redact_secrets(format % args))
 
 
 class _Connection:

@@ -71,10 +71,19 @@ def _ms() -> str:
     return str(int(time.time() * 1000))
 
 
-def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
-    """One final WebSocket frame (server frames are unmasked; ``mask=True`` for tests acting as a client)."""
-    head = bytearray([0x80 | opcode])
-    n = len(payload)
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key`` (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def encode_frame(opcode: int, payload: bytes, mask: bool = False, *, fin: bool = True,
+                 length: Optional[int] = None) -> bytes:
+    """One WebSocket frame (server frames are unmasked; ``mask=True`` for tests acting as a client).
+
+    Attacker knobs: ``fin=False`` starts or continues a fragmented message; ``length`` announces another payload
+    length than ``len(payload)`` in the header (e.g. 2**40 with a short payload)."""
+    head = bytearray([(0x80 if fin else 0) | opcode])
+    n = len(payload) if length is None else int(length)
     bit = 0x80 if mask else 0
     if n < 126:
         head.append(bit | n)
@@ -155,6 +164,9 @@ class _Conn:
             item = self.out.get()
             if item is _STOP:
                 return
+            if isinstance(item, threading.Event):  # send_raw(wait=True): everything before it was written
+                item.set()
+                continue
             try:
                 self.sock.sendall(item)  # type: ignore[arg-type]
             except OSError:
@@ -233,6 +245,8 @@ class MessageServer:
             "delivered": 0, "replayed": 0, "pings": 0, "pongs_withheld": 0, "invites_udp": 0, "invites_ws": 0,
             "drops": 0, "joins": 0,
         }
+        #: Close frames received from agents, as ``(agent_id, status code or None)``.
+        self.close_codes: List[Tuple[str, Optional[int]]] = []
         #: Every command received, as ``(agent_id, cmd, data)`` (most recent 10000).
         self.received: Deque[Tuple[str, str, Dict[str, Any]]] = deque(maxlen=10000)
         from .stream_server import StreamServer
@@ -337,6 +351,26 @@ class MessageServer:
     def wait_connected(self, agent_id: str, timeout: float = 5.0) -> None:
         self.wait_for(lambda: agent_id in self._conns, timeout)
 
+    def connection(self, agent_id: str) -> Any:
+        """``agent_id``'s current connection (an opaque handle for :meth:`send_raw`), or None."""
+        with self._lock:
+            return self._conns.get(agent_id)
+
+    def send_raw(self, agent_id: str, data: bytes, *, wait: float = 5.0, connection: Any = None) -> bool:
+        """Attacker knob: write ``data`` (frames the test built with :func:`encode_frame`) to ``agent_id``'s
+        connection, in order with the server's own frames (pongs go between, never inside, them). Waits up to
+        ``wait`` seconds until it was written (so an endless attacker holds no more than one piece in memory).
+        False if the agent is not connected (or no longer on ``connection``, when given) or the write did not
+        complete in time (e.g. the agent closed)."""
+        with self._lock:
+            conn = self._conns.get(agent_id)
+        if conn is None or not conn.alive or (connection is not None and conn is not connection):
+            return False
+        written = threading.Event()
+        conn.out.put(data)
+        conn.out.put(written)
+        return written.wait(wait) and conn.alive
+
     def push(self, agent_id: str, cmd: str, data: Dict[str, Any]) -> bool:
         """Send an arbitrary frame to ``agent_id`` (False if it is not connected)."""
         with self._lock:
@@ -370,7 +404,7 @@ class MessageServer:
         if not key or (request.header("sec-websocket-version") or "13") != "13":
             self._http_reply(sock, 400, "bad WebSocket handshake")
             return
-        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+        accept = accept_key(key)
         conn = _Conn(agent_id, sock)
         # Registered before the 101 goes out: once the client sees "connected", fault controls reach it.
         with self._cond:
@@ -440,6 +474,10 @@ class MessageServer:
             if opcode == OP_PONG:
                 continue
             if opcode == OP_CLOSE:
+                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+                with self._cond:
+                    self.close_codes.append((conn.agent_id, code))
+                    self._cond.notify_all()
                 conn.send_frame(OP_CLOSE, payload[:2])
                 return
             if opcode in (OP_TEXT, OP_BINARY):
@@ -518,13 +556,15 @@ class MessageServer:
         delivered = False
         online = getattr(self.server, "is_online", None)
         if self.invite_via != "ws" and online is not None and online(acceptor):
+            with self._lock:  # counted before it is sent: the invitee may have joined before send_invite returns
+                self.counters["invites_udp"] += 1
             try:
                 self.server.send_invite(acceptor, conn.agent_id, session_id, invite_code=code, message_server=self.url)
                 delivered = True
-                with self._lock:
-                    self.counters["invites_udp"] += 1
             except (LookupError, OSError, RuntimeError):
                 delivered = False
+                with self._lock:
+                    self.counters["invites_udp"] -= 1
         if not delivered and target is not None and self.invite_via != "udp":
             target.send_json("invite_agent_req", {"session_id": session_id, "inviter_id": conn.agent_id,
                                                   "invite_code": code, "acceptor_id": acceptor,

@@ -20,8 +20,6 @@ socket), :meth:`StreamServer.refuse` (answer new push handshakes with 503) and :
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import socket
@@ -180,13 +178,13 @@ class StreamServer:
 
     @staticmethod
     def _accept(request: HttpRequest, sock: socket.socket) -> bool:
-        from .message_server import _WS_GUID
+        from .message_server import accept_key
 
         key = request.header("sec-websocket-key") or ""
         if not key:
             StreamServer._reply(sock, 400, "bad WebSocket handshake")
             return False
-        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+        accept = accept_key(key)
         try:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
