@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -351,7 +352,11 @@ class Worker:
         self.pid = proc.pid
 
     def next(self, timeout: float = 60.0) -> dict:
-        answer = self.lines.next(timeout)
+        try:
+            answer = self.lines.next(timeout)
+        except RuntimeError:
+            self.dump_stacks()
+            raise
         if answer.get("event") == "error" or answer.get("error"):
             raise RuntimeError(f"worker {self.pid}: {answer}; stderr:\n" + "".join(self.lines.stderr))
         return answer
@@ -363,6 +368,15 @@ class Worker:
 
     def stop(self) -> None:
         self.lines.stop()
+
+    def dump_stacks(self) -> None:
+        """Print where the threads of a worker that stopped answering are (faulthandler, SIGUSR1)."""
+        if self.lines.proc.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        if os.environ.get("BENCH_VERBOSE_HANG"):
+            print("".join(self.lines.stderr), file=sys.stderr, flush=True)
 
 
 def proc_status(pid: int, key: str) -> int:

@@ -12,14 +12,18 @@ stdout (other output, e.g. a library's logging, is ignored by the parent).
 ``ap_url`` is given for our agentcp; 0.1.99 has no such parameter and reaches the devserver through the redirect
 ``sitecustomize`` of ``tests/peer0199.py``.
 """
+import faulthandler
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
 
 from agentcp import AgentCP
+
+faulthandler.register(signal.SIGUSR1)  # the benchmark asks a process that hangs where its threads are
 
 SEED = "bench seed"
 

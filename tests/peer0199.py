@@ -107,7 +107,7 @@ def peer_env(harness: Path, ap_url: str, extra: Optional[Dict[str, str]] = None)
 
 class LineProcess:
     """A child process driven line by line: ``ask(cmd)`` writes a command line and returns the next answer, one
-    ``<prefix>{json}`` line on its stdout (other output, e.g. a library's logging, is skipped; stderr is kept)."""
+    ``<prefix>{json}`` on its stdout (other output, e.g. a library's logging, is skipped; stderr is kept)."""
 
     def __init__(self, proc: subprocess.Popen, prefix: str) -> None:
         self.proc = proc
@@ -122,8 +122,11 @@ class LineProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            if line.startswith(self.prefix):
-                self.lines.put(json.loads(line[len(self.prefix):]))
+            # anywhere in the line: the child's own output (0.1.99 prints without a newline now and then) may
+            # precede the answer on the same line
+            at = line.find(self.prefix + "{")
+            if at >= 0:
+                self.lines.put(json.loads(line[at + len(self.prefix):]))
 
     def _drain_stderr(self) -> None:
         for line in self.proc.stderr:
