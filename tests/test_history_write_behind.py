@@ -200,3 +200,26 @@ def test_a_burst_has_the_writer_thread_write_early_not_the_sender(tmp_path):
         assert db.write_behind_stats()["write_through"] == 0
     finally:
         db.close()
+
+
+def test_rows_buffered_when_the_process_exits_are_written(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        from agentcp.db import DBManager
+        from agentcp.db.write_behind import WriteBehindPolicy
+        db = DBManager({str(tmp_path)!r}, {ME!r})
+        db.write_behind = WriteBehindPolicy(max_rows=1000, max_delay=3600.0)
+        for i in range(3):
+            db.save_message_later({{"session_id": {SID!r}, "sender": {BOB!r}, "message_id": "m%d" % i,
+                                    "message": "[]"}})
+        # no flush, no close: the interpreter's exit writes them
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    conn = sqlite3.connect(str(tmp_path / "data" / "agentid_data.db"))
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 3
+    finally:
+        conn.close()
