@@ -95,7 +95,7 @@ def _is_guest_request(agent_name: str) -> bool:
 # ==================================================================================================================
 
 
-class _AgentCP(abc.ABC):
+class _AgentCP(abc.ABC):  # noqa: B024 (0.1.99: an abc.ABC base without abstract methods; kept for isinstance)
     """Process lifetime: ``shutdown_flag``, ``register_signal_handler``, ``signal_handle``, ``serve_forever``."""
 
     def __init__(self) -> None:

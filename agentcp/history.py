@@ -247,7 +247,7 @@ class HistoryMixin:
         ``filename`` may name a subdirectory but must stay inside the public directory. (0.1.99 always raised
         ``AttributeError`` here.)
         """
-        public = os.path.realpath(getattr(self, "public_data_path"))
+        public = os.path.realpath(self.public_data_path)
         target = os.path.realpath(os.path.join(public, str(filename)))
         if not filename or os.path.commonpath([public, target]) != public or target == public:
             raise ValueError(f"filename {filename!r} must name a file inside the public directory")

@@ -64,7 +64,7 @@ class Mermaid:
         """The text of ``<dir_path>/<file_name>.mmd`` with ``&nbsp;`` and NBSP removed; ``""`` if unreadable."""
         path = os.path.join(dir_path, f"{file_name}.mmd")
         try:
-            with open(path, "r", encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 text = fh.read()
         except OSError as exc:
             _log.error("cannot read mermaid file %s: %s", path, exc)

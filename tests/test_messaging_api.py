@@ -113,7 +113,7 @@ def test_thousand_messages_five_drops_none_lost_none_duplicated(agents, network)
     ms = network.messages
     drops = 0
     for mark in (150, 300, 450, 600, 750):
-        _until(lambda: sum(seen[a.id].values()) + sum(seen[b.id].values()) >= mark, timeout=20, what=f"{mark}")
+        _until(lambda mark=mark: sum(seen[a.id].values()) + sum(seen[b.id].values()) >= mark, timeout=20, what=f"{mark}")
         ms.drop_all()
         drops += 1
     for t in threads:
@@ -136,7 +136,7 @@ def test_receive_only_agent_reconnects_and_rejoins(agents, network):
     b.add_message_handler(lambda msg: got.append(b.get_content_from_message(msg)))
     for i in range(3):
         network.messages.drop_all()
-        _until(lambda: b.status()["messaging"]["losses"] == i + 1 and b.status()["messaging"]["state"] == "connected")
+        _until(lambda i=i: b.status()["messaging"]["losses"] == i + 1 and b.status()["messaging"]["state"] == "connected")
     network.messages.wait_for(lambda: network.messages.is_connected(b.id))
     t0 = time.monotonic()
     assert a.send_message_content(sid, [b.id], "still there?")

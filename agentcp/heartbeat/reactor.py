@@ -229,11 +229,11 @@ class HeartbeatReactor:
                 if client is None:
                     self._drain_wake()
                     continue
-                self._guard(client, lambda c=client, s=key.fileobj: c._reactor_readable(s, now))
+                self._guard(client, lambda c=client, s=key.fileobj, t=now: c._reactor_readable(s, t))
             now = self._clock()
             due = [c for c, at in self._timers.items() if at <= now + c._timer_slack()]
             for client in due:
-                self._guard(client, lambda c=client: c._reactor_timer(now))
+                self._guard(client, lambda c=client, t=now: c._reactor_timer(t))
 
     def _guard(self, client: Any, fn: Callable[[], Optional[float]]) -> None:
         """Run a client callback; a bug in one client must not stop the others."""

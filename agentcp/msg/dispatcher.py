@@ -51,7 +51,7 @@ def call_arity(handler: Callable[..., Any]) -> Optional[int]:
 def is_coroutine_handler(handler: Callable[..., Any]) -> bool:
     target = handler
     for _ in range(8):  # functools.wraps chains
-        if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None)):
+        if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):  # async __call__
             return True
         target = getattr(target, "__wrapped__", None)
         if target is None:
