@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.context import exceptions
@@ -27,6 +27,33 @@ _log = logging.getLogger("agentcp.agent")
 
 class MessagingMixin:
     """Messaging methods of :class:`~agentcp.agentcp.AgentID`."""
+
+    # Provided by AgentID (declared for the type checker; no values here).
+    id: str
+    seed_password: str
+    private_data_path: str
+    db_manager: Any
+    session_manager: Optional[SessionManager]
+    message_config: Optional[MessageClientConfig]
+    message_handlers: List[Callable]
+    message_handlers_session_map: Dict[str, Callable]
+    message_handlers_router_map: Dict[str, Callable]
+    message_from_acp: bool
+    is_online_success: bool
+    online: Callable[[], Any]
+    _stop: Any
+    _phase: str
+    MESSAGE_CONFIG: Optional[MessageClientConfig]
+    HANDLER_WORKERS: int
+    HANDLER_TIMEOUT: float
+    _lock: Any
+    _dispatcher: Optional[Dispatcher]
+    _msg_counters: Dict[str, int]
+    _msg_logged: set
+    _remembered_sessions: Dict[str, Any]
+    _forgotten_sessions: Set[str]
+    _publish: Callable[[SDKError], None]
+    _on_stream_announce: Callable[[dict, dict], None]
 
     # --- handlers -----------------------------------------------------------------------------------------------
     def message_handler(self, router: str = ""):
@@ -234,7 +261,7 @@ class MessagingMixin:
         for handler in handlers:
             arity = call_arity(handler)
             if arity == 1:
-                args = [data]
+                args: List[Any] = [data]
             elif arity == 2 or arity == -1:
                 args = [self, data]
             else:
@@ -296,7 +323,7 @@ class MessagingMixin:
         return SendResult(SendStatus.FAILED, message_id, error)
     # --- messaging: 0.1.99 API --------------------------------------------------------------------------------
     def send_message(self, sessionId: str, to_aid_list: list, message, ref_msg_id: str = "", message_id: str = "",
-                     agent_cmd_block: AgentInstructionBlock = None, insert_message: bool = True):
+                     agent_cmd_block: Optional[AgentInstructionBlock] = None, insert_message: bool = True):
         """Send ``message`` into session ``sessionId`` to ``to_aid_list``; a :class:`SendResult`.
 
         The result is truthy unless the message failed (not online, outbox full, refused, empty); ``.status``

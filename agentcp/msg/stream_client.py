@@ -147,7 +147,7 @@ class _Frame:
 class StreamClient:
     """The push WebSocket of one stream (``server_url`` is the ``push_url`` of ``session_create_stream_ack``)."""
 
-    def __init__(self, agent_id: str, session_id, server_url: str, signature: str, *,
+    def __init__(self, agent_id: str, session_id, server_url: str, signature: Optional[str], *,
                  config: Optional[StreamClientConfig] = None,
                  signature_provider: Optional[Callable[[], Optional[str]]] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -244,9 +244,11 @@ class StreamClient:
         """Queue one raw frame (str/dict: text, bytes: binary)."""
         if isinstance(msg, dict):
             msg = json.dumps(msg, ensure_ascii=False)
-        opcode = _BINARY if isinstance(msg, (bytes, bytearray)) else _TEXT
-        return self._enqueue(_Frame(opcode, bytes(msg) if opcode == _BINARY else str(msg), "raw"),
-                             self.config.max_queue_bytes)
+        if isinstance(msg, (bytes, bytearray)):
+            frame = _Frame(_BINARY, bytes(msg), "raw")
+        else:
+            frame = _Frame(_TEXT, str(msg), "raw")
+        return self._enqueue(frame, self.config.max_queue_bytes)
 
     def send_msg(self, msg: Union[str, bytes, dict]) -> SendResult:
         """Alias of :meth:`send_wss_message` (0.1.99 name)."""
@@ -592,7 +594,7 @@ class StreamClient:
 
     def _do_write(self, conn: _Conn, frame: _Frame) -> None:
         try:
-            if frame.opcode == _BINARY:
+            if isinstance(frame.payload, bytes):
                 conn.ws.send_binary(frame.payload)
             else:
                 conn.ws.send(frame.payload)
