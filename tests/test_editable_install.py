@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from _subproc import run_until_ready
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -42,39 +39,11 @@ pytestmark = [
 ]
 
 
-def _start_until_ready(script: Path, cwd: Path, env: dict, timeout: float = 20.0) -> str:
+def _start_until_ready(script: Path, cwd: Path, env: dict) -> str:
     """Run ``script`` until it prints its ready line, then SIGTERM it; returns everything it printed."""
-    proc = subprocess.Popen([sys.executable, script.name, "--data", "./"], cwd=str(cwd), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: "queue.Queue[str]" = queue.Queue()
-    out = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.append(line)
-            lines.put(line)
-        lines.put("")
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        while True:
-            line = lines.get(timeout=timeout)
-            if not line or line.startswith("ready "):
-                break
-    except queue.Empty:
-        pass
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        reader.join(5)
-    return "".join(out)
+    _, out, err = run_until_ready([sys.executable, script.name, "--data", "./"], str(cwd), env,
+                                  ready=lambda line: line.startswith("ready "), within=20.0)
+    return out + err
 
 
 @pytest.fixture

@@ -17,17 +17,16 @@ How a block is run is chosen by an HTML comment on the line right before its ope
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
+from _subproc import run_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 README = Path(os.environ.get("README_TEST_FILE") or ROOT / "README.md")
@@ -129,49 +128,6 @@ def _env(devserver_url: str) -> dict:
     return env
 
 
-def _serve(script: Path, cwd: Path, env: dict, first_line_within: float = 30.0, then: float = 1.0):
-    """Start a long-running block; returns (still_running, stdout, stderr) after its first line + ``then`` s."""
-    proc = subprocess.Popen([sys.executable, script.name], cwd=str(cwd), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines: "queue.Queue[Optional[str]]" = queue.Queue()
-    out: List[str] = []
-    err: List[str] = []
-
-    def pump(stream, sink: List[str], notify: bool) -> None:
-        for line in stream:
-            sink.append(line)
-            if notify:
-                lines.put(line)
-        if notify:
-            lines.put(None)
-
-    readers = [threading.Thread(target=pump, args=(proc.stdout, out, True), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err, False), daemon=True)]
-    for reader in readers:
-        reader.start()
-    try:
-        try:
-            lines.get(timeout=first_line_within)
-        except queue.Empty:
-            pass
-        try:
-            proc.wait(then)
-        except subprocess.TimeoutExpired:
-            pass
-        running = proc.poll() is None
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        for reader in readers:
-            reader.join(5)
-    return running, "".join(out), "".join(err)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("block", python_blocks(), ids=lambda b: f"README.md:{b.line}")
 def test_readme_python_block_runs(block: Block, tmp_path, request):
@@ -182,7 +138,8 @@ def test_readme_python_block_runs(block: Block, tmp_path, request):
     script.write_text(block.code, encoding="utf-8")
     where = f"README.md line {block.line} ({block.mode})"
     if block.mode == "serve":
-        running, out, err = _serve(script, tmp_path, _env(url))
+        running, out, err = run_until_ready([sys.executable, script.name], str(tmp_path), _env(url), then=1.0,
+                                            stop=signal.SIGINT)
         assert out and running and "Traceback" not in err, f"{where}\n--- stdout\n{out}\n--- stderr\n{err[-3000:]}"
         return
     args = [sys.executable, script.name]
