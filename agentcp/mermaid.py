@@ -60,8 +60,7 @@ class Mermaid:
         """``Mermaid`` of ``<dir_path>/<file_name>.mmd`` (a missing file gives an empty graph)."""
         return cls(Mermaid.read_mermaid_code(dir_path, file_name))
 
-    @staticmethod
-    def read_mermaid_code(dir_path: str, file_name: str) -> str:
+    def read_mermaid_code(dir_path: str, file_name: str) -> str:  # type: ignore[misc]  # noqa: N805 - plain function, as in 0.1.99
         """The text of ``<dir_path>/<file_name>.mmd`` with ``&nbsp;`` and NBSP removed; ``""`` if unreadable."""
         path = os.path.join(dir_path, f"{file_name}.mmd")
         try:

@@ -45,9 +45,8 @@ class Workflow:
         # (id(agent), method name) -> list of bound input-port methods
         self.port_mapping: Dict[Any, list] = defaultdict(list)
 
-    # --- decorators (static, used as @Workflow.output_port(...)) ---------------------------------------------
-    @staticmethod
-    def output_port(description: str):
+    # --- decorators (plain functions in the class body, used as @Workflow.output_port(...)) --------------------
+    def output_port(description: str):  # type: ignore[misc]  # noqa: N805 (0.1.99: a plain function in the class)
         """Mark a method as the output port ``description``; its result is forwarded to the bound input port."""
 
         def decorator(func):
@@ -99,8 +98,7 @@ class Workflow:
 
         return decorator
 
-    @staticmethod
-    def input_port(param: str):
+    def input_port(param: str):  # type: ignore[misc]  # noqa: N805 (0.1.99: a plain function in the class)
         """Mark a method as the input port ``param`` (the edge description it listens on)."""
 
         def decorator(func):
