@@ -71,8 +71,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy on agentcp/ (config: [tool.mypy] in pyproject.toml)."""
-    session.install(*MYPY)
+    """mypy on agentcp/ (config: [tool.mypy] in pyproject.toml), with the runtime and test dependencies installed."""
+    session.install("-e", ".[test]", *MYPY)
     session.run("mypy", *session.posargs)
 
 
