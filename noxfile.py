@@ -74,6 +74,8 @@ def types(session: nox.Session) -> None:
     """mypy on agentcp/ (config: [tool.mypy] in pyproject.toml), with the runtime and test dependencies installed."""
     session.install("-e", ".[test]", *MYPY)
     session.run("mypy", *session.posargs)
+    # The examples are user code: through py.typed they type-check against the public API.
+    session.run("mypy", "examples")
 
 
 FORBIDDEN_IN_WHEEL = ("tests/", "benchmarks/", "examples/", "__pycache__", ".pyc", ".pytest_cache", ".mypy_cache",
