@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,8 +202,12 @@ def test_upgrade_in_place_from_0_1_99(side_venv, tmp_path):
         identities_before = _identity_files(_tree(data))
         assert identities_before, "0.1.99 wrote no identity files"
 
-        # Upgrade in place: this package over 0.1.99, in the same environment.
-        upgraded = _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-U", str(ROOT)])
+        # Upgrade in place: this package over 0.1.99, in the same environment. Built from a copy of the source,
+        # so the build leaves no build/ folder in the working tree.
+        source = tmp_path / "source"
+        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+            ".git", ".venv*", ".nox", "build", "dist", "*.egg-info", "__pycache__", "*_cache"))
+        upgraded = _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-U", str(source)])
         assert upgraded.returncode == 0, upgraded.stderr[-3000:]
 
         # Phase 2: the upgraded package on the same data folder; AGENTCP_AP_URL is the only setting.
