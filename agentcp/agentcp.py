@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, cast
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
+from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
+from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.ca.ca_client import CAClient
 from agentcp.ca.ca_root import CARoot
@@ -41,9 +43,15 @@ from agentcp.base.reporting import publish
 from agentcp.context import ErrorContext, exceptions  # noqa: F401  (re-exported, as 0.1.99 did)
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+from agentcp.agent_files import FileClient, FilesMixin  # noqa: F401  (FileClient re-exported, as 0.1.99 did)
 from agentcp.agent_messaging import MessagingMixin
 from agentcp.agent_streams import StreamsMixin
 from agentcp.history import HistoryMixin
+from agentcp import llm_server
+from agentcp.llm_server import (  # noqa: F401  (re-exported, as 0.1.99 did)
+    add_llm_aid, add_llm_api_key, get_base_url, get_llm_api_key, llm_request, llm_server_is_running, run_server,
+    shutdown_server,
+)
 from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
 from agentcp.msg.dispatcher import Dispatcher
 from agentcp.msg.message_client import MessageClientConfig
@@ -55,8 +63,6 @@ __all__ = ["AgentCP", "AgentID", "AP_URL_ENV"]
 
 #: Environment variable that points every AID at one access point, e.g. ``http://127.0.0.1:8765``.
 AP_URL_ENV = "AGENTCP_AP_URL"
-
-_proxy_notice_logged = False
 
 
 def _last_two_labels(name: str) -> str:
@@ -174,10 +180,11 @@ class AgentCP(_AgentCP):
         self.aid_map: Dict[str, "AgentID"] = {}
         self.exit_hook_func = None
         self._agents: "weakref.WeakSet[AgentID]" = weakref.WeakSet()
-        global _proxy_notice_logged
-        if run_proxy and not _proxy_notice_logged:
-            _proxy_notice_logged = True
-            _log.debug("the local LLM proxy (run_proxy/port) is not part of this release; nothing was started")
+        if run_proxy:
+            try:
+                self.run_llm_proxy(port)
+            except OSError as exc:  # the agents work without it; get_llm_url() says it is not running
+                _log.error("the local LLM gateway could not listen on 127.0.0.1:%s: %s", port, exc)
 
     # --- addressing ---------------------------------------------------------------------------------------------
     @property
@@ -341,15 +348,18 @@ class AgentCP(_AgentCP):
     def get_aid(self, aid_str: str) -> Optional["AgentID"]:
         return self.aid_map.get(aid_str)
 
-    # --- LLM proxy (not in this release) ------------------------------------------------------------------------
+    # --- the local LLM gateway (agentcp.llm_server) --------------------------------------------------------------
     def run_llm_proxy(self, port) -> None:
-        _log.debug("the local LLM proxy is not part of this release; run_llm_proxy(%s) does nothing", port)
+        """Start the process's OpenAI-compatible gateway on 127.0.0.1:``port`` (0: free) unless it runs."""
+        llm_server.run_server(self.debug, port, owner=self)
 
-    def get_llm_url(self, target_aid: str):
-        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+    def get_llm_url(self, target_aid: str) -> str:
+        """``http://127.0.0.1:<port>/<target_aid>``: the ``base_url`` of an OpenAI client for that agent."""
+        return llm_server.get_base_url(None, target_aid)
 
-    def get_llm_api_key(self, aid_str: str):
-        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+    def get_llm_api_key(self, aid_str: str) -> str:
+        """The bearer key with which a client calls as ``aid_str`` (made on first request)."""
+        return llm_server.get_llm_api_key(aid_str)
 
     # --- context manager ----------------------------------------------------------------------------------------
     def __enter__(self):
@@ -363,6 +373,7 @@ class AgentCP(_AgentCP):
                 agent.offline()
             except Exception:
                 _log.exception("offline() of %s failed", agent)
+        llm_server.release_server(self)
         return None
 
 
@@ -371,7 +382,7 @@ class AgentCP(_AgentCP):
 # ==================================================================================================================
 
 
-class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
+class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
     """One agent identity. Obtained from ``AgentCP.load_aid``/``create_aid``/``get_guest_aid``."""
 
     #: How long ``online()`` waits for the first connection attempt before returning (seconds).
@@ -452,6 +463,11 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         # Notified on every phase change and heartbeat state change: wait_online() sleeps on it (no polling).
         # Innermost lock: it is taken with self._lock held, and never the other way round.
         self._state_cond = threading.Condition(threading.Lock())
+        #: Bounds on what servers and peers can make this agent hold or wait for (trust.md rule 4).
+        self.limits: Limits = DEFAULT_LIMITS
+        # Secrets refused to hosts outside the trust domain, by purpose (trust.md rule 1), and bounds crossed.
+        self._trust_refusals = RefusalLog()
+        self._limit_crossings: Dict[str, int] = {}
 
     def __str__(self) -> str:
         return self.id
@@ -467,6 +483,33 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
 
     def _entry_url(self) -> str:
         return self.ep_url or entry_url(self.id, _env_override())
+
+    # --- trust and bounds (trust.md) ----------------------------------------------------------------------------
+    @property
+    def trust(self) -> TrustPolicy:
+        """The hosts this agent may send secrets to: its access point's domain, the servers of its config and
+        ``AGENTCP_TRUSTED_HOSTS`` (trust.md §2). Recomputed from the current config (cheap, pure)."""
+        with self._lock:
+            config_hosts = [h for h in (self.heartbeat_server, self.message_server) if h]
+        return TrustPolicy.from_ap_url(self._entry_url(), config_hosts)
+
+    def _check_trusted(self, url: str, purpose: str) -> bool:
+        """True if secrets may go to ``url``; otherwise the refusal is counted, logged once per host, published
+        through ``ErrorContext``, and False is returned."""
+        try:
+            self.trust.check(url, purpose)
+            return True
+        except UntrustedHostError as err:
+            self._trust_refusals.refuse(err)
+            publish(err, self.id)
+            return False
+
+    def _limit_crossed(self, err: LimitExceeded) -> None:
+        """Count one crossing of a bound (trust.md rule 4) for ``status()``; log it and publish it."""
+        with self._lock:
+            self._limit_crossings[err.bound] = self._limit_crossings.get(err.bound, 0) + 1
+        _log.warning("%s: %s", self.id, err.message)
+        publish(err, self.id)
 
     def get_agent_public_path(self):
         return self.public_data_path
@@ -498,6 +541,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         the background and becomes online when it returns; the heartbeat client heals heartbeat faults itself.
         """
         try:
+            llm_server.add_llm_aid(self)  # a caller of the local LLM gateway (api.md §3.9)
             with self._lock:
                 running = self._conn_thread is not None and self._conn_thread.is_alive()
                 if running and self._phase == "started":
@@ -549,6 +593,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 self.is_online_success = False
                 self._online_since = None
                 self._set_phase("offline")
+            llm_server.agent_offline(self)  # its LLM gateway requests in flight answer 503 now
             # Handlers first: nothing new starts, running ones finish; then the message connection closes.
             if dispatcher is not None:
                 dispatcher.stop(self.JOIN_TIMEOUT)
@@ -592,6 +637,9 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         if sm is not None:
             client = sm.message_client_map.get(sm.server_url)
         snap["messaging"] = None if client is None else dict(client.stats(), **self._msg_counters)
+        with self._lock:
+            crossings = dict(self._limit_crossings)
+        snap["trust"] = {"refused": self._trust_refusals.snapshot(), "limits_crossed": crossings}
         if phase == "started" and hb is not None:
             snap["state"] = hb.state
             try:
@@ -752,6 +800,21 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             _log.info("%s: invite to session %s ignored: %s", self.id, getattr(invite, "SessionId", "?"), exc)
             return
         self._history("create_session", self.id, session.session_id, "", "", "public")
+
+    # --- the local LLM gateway (api.md §3.9) --------------------------------------------------------------------
+    def get_llm_url(self, target_aid: str) -> str:
+        """``http://127.0.0.1:<port>/<target_aid>``: an OpenAI client's ``base_url`` for that agent."""
+        return llm_server.get_base_url(self, target_aid)
+
+    def get_llm_api_key(self) -> str:
+        """The bearer key with which OpenAI clients call as this identity (64 hex characters)."""
+        llm_server.add_llm_aid(self)
+        return llm_server.get_llm_api_key(self.id)
+
+    def add_llm_api_key(self, aid_str: str, llm_api_key: str) -> bool:
+        """Accept ``llm_api_key`` as a key of this identity; False if ``aid_str`` is not this identity, or the key
+        is unusable (see ``llm_server.add_llm_api_key``)."""
+        return aid_str == self.id and llm_server.add_llm_api_key(self, llm_api_key)
 
     # --- access point -------------------------------------------------------------------------------------------
     def init_ap_client(self) -> None:

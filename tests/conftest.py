@@ -47,3 +47,21 @@ def agents(tmp_path, network):
     yield make
     for aid in made:
         aid.offline()
+
+
+def delivered(result, timeout: float = 5.0) -> bool:
+    """True if a live ``SendResult`` settles as delivered within ``timeout`` (sends return before the ack)."""
+    return result.wait(timeout) and result.status == "delivered"
+
+
+def until(pred, timeout: float = 5.0, what: str = "condition"):
+    """Poll ``pred`` until it returns something truthy (returned); fails the test after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.005)

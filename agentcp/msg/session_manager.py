@@ -280,6 +280,9 @@ class SessionManager:
     STREAM_TIMEOUT: float = 5.0
     #: Settings of the stream push sockets (None: defaults).
     stream_config: Any = None
+    #: The class of the sessions this manager creates (the 0.1.99 ``Group``/legacy ``Session`` adapters subclass
+    #: :class:`Session`).
+    session_class: type = Session
     #: True: ``Session.last_msg_id`` advances only through :meth:`handled` (the consumer confirms each message it
     #: handled), not when a message is read from the socket. AgentID sets it.
     confirm_handled: bool = False
@@ -404,7 +407,7 @@ class SessionManager:
         session_id, code = self.create_session_id(name, client, subject, session_type=session_type)
         if session_id is None:
             return None
-        session = Session(self.agent_id, client)
+        session = self.session_class(self.agent_id, client)
         session.session_id, session.identifying_code = session_id, code or ""
         session.name, session.subject, session.type = name, subject, session_type
         session.members = [self.agent_id]
@@ -467,7 +470,7 @@ class SessionManager:
         row = next((r for r in rows or [] if r.get("identifying_code")), None)
         if row is None:
             return None
-        session = Session(self.agent_id, self.message_client)
+        session = self.session_class(self.agent_id, self.message_client)
         session.session_id = session_id
         session.identifying_code = str(row["identifying_code"])
         session.name = str(row.get("name") or "")
@@ -484,7 +487,7 @@ class SessionManager:
     def join_session(self, req: Any) -> Session:
         """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join."""
         client = self._client(getattr(req, "MessageServer", "") or None)
-        session = Session(self.agent_id, client)
+        session = self.session_class(self.agent_id, client)
         session.session_id = str(getattr(req, "SessionId", ""))
         session.manager = self
         inviter = str(getattr(req, "InviterAgentId", ""))
@@ -587,7 +590,7 @@ class SessionManager:
         used as is, without joining, as 0.1.99 did."""
         session = self.restore_session(session_id)
         if session is None:
-            session = Session(self.agent_id, self.message_client)
+            session = self.session_class(self.agent_id, self.message_client)
             session.session_id = session_id
             session.manager = self
             with self.lock:
@@ -665,21 +668,21 @@ class SessionManager:
         with self.lock:
             return any(stream_url in s.stream_client_map for s in self.sessions.values())
 
-    # -- setters (0.1.99) ---------------------------------------------------------------------------------------
-    def set_on_message_receive(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_message_receive = fn
+    # -- setters (0.1.99 parameter names; on_message_recive sic) ------------------------------------------------------
+    def set_on_message_receive(self, on_message_recive: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_message_receive = on_message_recive
 
-    def set_on_invite_ack(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_invite_ack = fn
+    def set_on_invite_ack(self, on_invite_ack: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_invite_ack = on_invite_ack
 
-    def set_on_session_message_ack(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_session_message_ack = fn
+    def set_on_session_message_ack(self, on_session_message_ack: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_session_message_ack = on_session_message_ack
 
-    def set_on_system_message(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_system_message = fn
+    def set_on_system_message(self, on_system_message: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_system_message = on_system_message
 
-    def set_on_member_list_receive(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_member_list_receive = fn
+    def set_on_member_list_receive(self, on_member_list_receive: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_member_list_receive = on_member_list_receive
 
     # -- message client callbacks (reader / driver threads: quick, no waits) --------------------------------------
     def on_open(self, ws: Any) -> None:

@@ -20,7 +20,8 @@ Endpoints: ``sign_in`` (two steps, own sessions: an AP sign-in never ends the ag
 Certificates are issued by the server's agent CA, so the heartbeat sign-in accepts them.
 
 ``install()`` also mounts the message server (:class:`~agentcp.testing.message_server.MessageServer`, as
-``ap.messages``) at the ``message_server`` the config announces, unless an external one was given.
+``ap.messages``) at the ``message_server`` the config announces, unless an external one was given, and the file
+server (:class:`~agentcp.testing.oss_server.OssServer`, as ``ap.oss``) at ``<base>/api/oss``.
 
 Fault controls: :meth:`AccessPoint.set_available` (503 on every AP endpoint), :meth:`AccessPoint.expire_tokens`
 (the next authorised call gets 401), :meth:`AccessPoint.set_ca_available` (CA endpoints answer 503).
@@ -104,6 +105,9 @@ class AccessPoint:
         #: The :class:`~agentcp.testing.message_server.MessageServer` that :meth:`install` mounts at
         #: :attr:`message_server` (None if an external ``message_server`` was given).
         self.messages: Any = None
+        #: The file server (:class:`~agentcp.testing.oss_server.OssServer`) that :meth:`install` mounts at
+        #: ``<base>/api/oss``.
+        self.oss: Any = None
 
     # --- setup ----------------------------------------------------------------------------------------------------
     @property
@@ -143,6 +147,11 @@ class AccessPoint:
 
             self.messages = MessageServer(self.server, accept_any_issuer=self.accept_any_issuer,
                                           server_auth=self.server_auth).install()
+        if self.oss is None:
+            from .oss_server import OssServer
+
+            self.oss = OssServer(self.server, accept_any_issuer=self.accept_any_issuer,
+                                 server_auth=self.server_auth).install()
         self._installed = True
         return self
 
