@@ -327,7 +327,11 @@ class MessagingMixin:
 
     def _watch_result(self, result: SendResult) -> SendResult:
         """Count and report ``result`` if it fails, now or when it settles (sends return before the ack)."""
-        result.add_done_callback(lambda r: r.failed and self._note_send_failure(r.error or "send failed"))
+        def settled(r: SendResult) -> None:
+            if r.failed:
+                self._note_send_failure(r.error or "send failed")
+
+        result.add_done_callback(settled)
         return result
     # --- messaging: 0.1.99 API --------------------------------------------------------------------------------
     def send_message(self, sessionId: str, to_aid_list: list, message, ref_msg_id: str = "", message_id: str = "",
@@ -488,7 +492,7 @@ class MessagingMixin:
     #: What ``ping_aid`` returns when no answer came (0.1.99's value).
     PING_NO_ANSWER: float = 10000
 
-    def send_instruction_message(self, session_id: str, to_aid, agent_cmd_block: AgentInstructionBlock = None,
+    def send_instruction_message(self, session_id: str, to_aid, agent_cmd_block: Optional[AgentInstructionBlock] = None,
                                  ref_msg_id: str = ""):
         """Send the instruction ``agent_cmd_block`` (an :class:`AgentInstructionBlock` or a dict with ``cmd``) to
         ``to_aid`` (an AID or a list) in ``session_id``; a :class:`SendResult`, None if ``session_id`` is empty.
@@ -504,7 +508,7 @@ class MessagingMixin:
         if not isinstance(cmd, str) or not cmd:
             return self._failed(f"send_instruction_message needs an instruction with a cmd, got {agent_cmd_block!r}")
         receivers = [to_aid] if isinstance(to_aid, str) else list(to_aid or [])
-        text = instruction.get("description") or cmd
+        text = (instruction.get("description") if isinstance(instruction, dict) else None) or cmd
         block = {"type": "content", "status": "success", "timestamp": int(time.time() * 1000), "content": text}
         return self.send_message(session_id, receivers, [block], ref_msg_id or "", agent_cmd_block=instruction)
 
@@ -529,7 +533,7 @@ class MessagingMixin:
         creating the one-off session to the answer; ``PING_NO_ANSWER`` (10000) if it did not answer within
         ``timeout`` or is offline. The one-off session is left afterwards (0.1.99 kept one per ping)."""
         answered = threading.Event()
-        outcome = {}
+        outcome: Dict[str, Any] = {}
 
         def on_answer(reply):
             blocks = self.get_content_array_from_message(reply)
