@@ -242,7 +242,8 @@ def test_offline_from_a_callback(server, client):
             done.set()
 
     client.on_state_change = on_change
-    go_online(client)
+    client.initialize()
+    client.online()  # not go_online(): the callback may take it offline before wait_online() looks (a race)
     assert done.wait(5)
     assert wait_until(lambda: hb_threads() == [], timeout=2)
 
