@@ -5,10 +5,9 @@ installed into a side virtual environment; when that fails the test is skipped (
 as CI sets it, it fails instead).
 
 0.1.99 builds its access-point URL as ``https://acp3.<domain>`` (protocol notes, liveness.md section 1.2) and has
-no setting to change it. The harness redirects it without touching 0.1.99: the phase-1 process gets a
-``sitecustomize`` module (on PYTHONPATH) that wraps ``requests.Session.request`` (the HTTP library 0.1.99 uses
-for every call) and rewrites ``https://acp3.<domain>`` to the local devserver. Everything else (heartbeat and message
-server) 0.1.99 takes from the access point's config, which the devserver fills with local addresses. After the
+no setting to change it. The harness redirects it without touching 0.1.99 (``tests/peer0199.py``, shared with
+the interop tests): the phase-1 process gets a ``sitecustomize`` module that rewrites ``https://acp3.<domain>`` in
+``requests`` calls to the local devserver; the rest 0.1.99 takes from the access point's config. After the
 upgrade, our package is pointed at the devserver the supported way, ``AGENTCP_AP_URL``; the wrapper is gone.
 
 What 0.1.99 writes to the agent database: its tables (history writes are stubs in 0.1.99, protocol notes api.md
@@ -21,14 +20,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict
 
 import pytest
+from peer0199 import make_side_venv, peer_env, run
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLISHED = "agentcp==0.1.99"
 AIDS = ["alice.agentunion.cn", "bob.agentunion.cn"]
 SEED = "upgrade seed"
 
@@ -38,25 +36,6 @@ pytestmark = [
     pytest.mark.skipif(os.name != "posix", reason="side virtual environment layout is POSIX"),
 ]
 
-REDIRECT = '''\
-"""Test harness only: send agentcp 0.1.99's access-point calls (https://acp3.<domain>) to the local devserver."""
-import os
-import re
-
-_target = os.environ.get("UPGRADE_TEST_AP_URL", "").rstrip("/")
-if _target:
-    import requests.sessions
-
-    _pattern = re.compile(r"^https://acp3\\.[A-Za-z0-9.-]+")
-    _request = requests.sessions.Session.request
-
-    def _redirected(self, method, url, *args, **kwargs):
-        if isinstance(url, str):
-            url = _pattern.sub(_target, url, count=1)
-        return _request(self, method, url, *args, **kwargs)
-
-    requests.sessions.Session.request = _redirected
-'''
 
 # Phase 1, run by agentcp 0.1.99: create both identities in the data folder "./" (as 0.1.99 users do), bring
 # them online, write the friend list, go offline.
@@ -131,11 +110,6 @@ print("REPORT " + json.dumps(report, default=str), flush=True)
 '''
 
 
-def _run(args, **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("timeout", 600)
-    return subprocess.run(args, capture_output=True, text=True, **kwargs)
-
-
 def _report(proc: subprocess.CompletedProcess) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("REPORT "):
@@ -155,23 +129,11 @@ def _identity_files(tree: Dict[str, str]) -> Dict[str, str]:
     return {k: v for k, v in tree.items() if not k.endswith((".db", ".db-journal", ".db-wal", ".db-shm"))}
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("AGENTCP_UPGRADE_REQUIRED") == "1":
-        pytest.fail(f"upgrade test required but {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def side_venv(tmp_path_factory) -> Path:
-    """A virtual environment with the published 0.1.99 installed (skip if PyPI cannot provide it)."""
-    venv = tmp_path_factory.mktemp("side") / "venv"
-    made = _run([sys.executable, "-m", "venv", str(venv)])
-    if made.returncode != 0:
-        _unavailable(f"cannot create a virtual environment: {made.stderr[-500:]}")
-    py = venv / "bin" / "python"
-    installed = _run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PUBLISHED])
-    if installed.returncode != 0:
-        _unavailable(f"cannot install {PUBLISHED} into a side venv: {installed.stderr[-800:]}")
+    """A fresh virtual environment with the published 0.1.99 (not the shared interop one: it gets upgraded)."""
+    venv = tmp_path_factory.mktemp("upgrade") / "venv"
+    make_side_venv(venv)  # skips (or fails, with AGENTCP_UPGRADE_REQUIRED=1) when 0.1.99 cannot be installed
     return venv
 
 
@@ -183,16 +145,14 @@ def test_upgrade_in_place_from_0_1_99(side_venv, tmp_path):
     home.mkdir()
     harness = tmp_path / "harness"
     harness.mkdir()
-    (harness / "sitecustomize.py").write_text(REDIRECT, encoding="utf-8")
     (home / "old_agent.py").write_text(PHASE_OLD.format(aids=AIDS, seed=SEED), encoding="utf-8")
     (home / "new_agent.py").write_text(PHASE_NEW.format(aids=AIDS, seed=SEED), encoding="utf-8")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTCP_", "PYTHON", "UPGRADE_TEST_"))}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTCP_", "PYTHON", "PEER0199_"))}
 
     server, access_point = start_dev_network(port=0)
     try:
         # Phase 1: agentcp 0.1.99 makes the identities, against the devserver through the harness redirect.
-        old_env = dict(base_env, PYTHONPATH=str(harness), UPGRADE_TEST_AP_URL=access_point.url)
-        old = _run([py, "old_agent.py"], cwd=str(home), env=old_env, timeout=180)
+        old = run([py, "old_agent.py"], cwd=str(home), env=peer_env(harness, access_point.url), timeout=180)
         before = _report(old)
         assert before["version"] != "0.2.0", before
         assert before["online"] == {a: True for a in AIDS}, (before, old.stderr[-3000:])
@@ -207,12 +167,12 @@ def test_upgrade_in_place_from_0_1_99(side_venv, tmp_path):
         source = tmp_path / "source"
         shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
             ".git", ".venv*", ".nox", "build", "dist", "*.egg-info", "__pycache__", "*_cache"))
-        upgraded = _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-U", str(source)])
+        upgraded = run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-U", str(source)])
         assert upgraded.returncode == 0, upgraded.stderr[-3000:]
 
         # Phase 2: the upgraded package on the same data folder; AGENTCP_AP_URL is the only setting.
         new_env = dict(base_env, AGENTCP_AP_URL=access_point.url)
-        new = _run([py, "new_agent.py"], cwd=str(home), env=new_env, timeout=180)
+        new = run([py, "new_agent.py"], cwd=str(home), env=new_env, timeout=180)
         after = _report(new)
         assert after["version"] == "0.2.0" and str(side_venv) in after["file"], after
         assert after["loaded"] == {a: a for a in AIDS}, after
@@ -224,10 +184,10 @@ def test_upgrade_in_place_from_0_1_99(side_venv, tmp_path):
         assert _identity_files(tree_after) == identities_before, "identity files changed by the upgrade"
 
         # pip uninstall removes the package and leaves the data folder alone.
-        removed = _run([py, "-m", "pip", "uninstall", "--yes", "agentcp"])
+        removed = run([py, "-m", "pip", "uninstall", "--yes", "agentcp"])
         assert removed.returncode == 0, removed.stderr[-2000:]
         assert _tree(data) == tree_after, "pip uninstall touched the data folder"
-        gone = _run([py, "-c", "import agentcp, sys; sys.exit(0 if getattr(agentcp, '__file__', None) else 3)"],
+        gone = run([py, "-c", "import agentcp, sys; sys.exit(0 if getattr(agentcp, '__file__', None) else 3)"],
                     cwd=str(tmp_path))
         assert gone.returncode != 0, "agentcp is still importable after pip uninstall"
     finally:
