@@ -60,7 +60,9 @@ _add_pyenv_interpreters()
 def tests(session: nox.Session) -> None:
     """The whole suite (editable install, as a contributor has it)."""
     session.install("-e", ".[test]")
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    # In CI the interop tests with the published 0.1.99 must run, not skip (tests/peer0199.py).
+    env = {"AGENTCP_0199_REQUIRED": "1"} if os.environ.get("CI") else {}
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env=env)
 
 
 @nox.session
