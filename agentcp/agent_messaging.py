@@ -458,9 +458,9 @@ class MessagingMixin:
         session_id = self.create_session("quick session", "")
         if not session_id:
             raise Exception("failed to create session")
-        self.invite_member(session_id, to_aid)
-        if asnyc_message_result is not None:
+        if asnyc_message_result is not None:  # before the invite: a "not online" notice can come right after it
             self._one_shot(session_id, asnyc_message_result)
+        self.invite_member(session_id, to_aid)
         self.send_message(session_id, [to_aid], message, insert_message=insert_message)
         return session_id
     def _one_shot(self, session_id: str, callback) -> None:
@@ -479,9 +479,9 @@ class MessagingMixin:
         session_id = self.create_session("quick session", "")
         if not session_id:
             raise Exception("failed to create session")
-        self.invite_member(session_id, to_aid)
-        if asnyc_message_result is not None:
+        if asnyc_message_result is not None:  # before the invite, as in quick_send_message
             self._one_shot(session_id, asnyc_message_result)
+        self.invite_member(session_id, to_aid)
         return self.send_message_content(session_id, [to_aid], message_content)
 
     # The names agents in the wild call (three s's; api.md §13).

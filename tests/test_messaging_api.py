@@ -119,7 +119,10 @@ def test_thousand_messages_five_drops_none_lost_none_duplicated(agents, network)
     assert order[b.id] == [f"a{i}" for i in range(n)]  # per-session order holds across the drops
     assert order[a.id] == [f"b{i}" for i in range(n)]
     assert all(r for r in results["a"] + results["b"])  # no send failed
-    assert a.status()["messaging"]["losses"] >= 5 and b.status()["messaging"]["losses"] >= 5
+    # Every drop cut at least one side; a side still reconnecting from the previous drop has nothing to lose
+    # (under load, a drop can land in that window: one side counted 4 of 5 once in CI).
+    lost_a, lost_b = a.status()["messaging"]["losses"], b.status()["messaging"]["losses"]
+    assert lost_a >= 1 and lost_b >= 1 and lost_a + lost_b >= 5, (lost_a, lost_b)
 
 
 def test_receive_only_agent_reconnects_and_rejoins(agents, network):
