@@ -136,6 +136,7 @@ class HistoryMixin:
 
     id: str
     db_manager: Any
+    public_data_path: str
 
     # --- plumbing -------------------------------------------------------------------------------------------
     def _history_db(self):

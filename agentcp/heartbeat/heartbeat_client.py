@@ -582,13 +582,13 @@ class HeartbeatClient:
             infos = socket.getaddrinfo(server_ip, port, socket.AF_INET, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
             raise TransientAuthError(f"cannot resolve heartbeat server address {server_ip!r}: {exc}") from exc
-        addr = infos[0][4][:2]
+        addr = (str(infos[0][4][0]), int(infos[0][4][1]))
         with self._lock:
             self.server_ip, self.port, self.sign_cookie = server_ip, port, cookie
-            self._server_addr = (addr[0], addr[1])
+            self._server_addr = addr
             self._have_session = True
         log.info("heartbeat sign-in for %s ok: beating %s:%d", self.agent_id, addr[0], addr[1])
-        return self._server_addr
+        return addr
 
     @staticmethod
     def _parse_sign_in_reply(reply: Any) -> Tuple[str, int, int]:
@@ -624,12 +624,12 @@ class HeartbeatClient:
                 self._callback_thread.start()
             self._callbacks.put((fn, args))
 
-    def _callback_loop(self, q: "queue.Queue[object]") -> None:
+    def _callback_loop(self, q: "queue.Queue[Any]") -> None:
         while True:
             item = q.get()
             if item is _STOP:
                 return
-            fn, args = item  # type: ignore[misc]
+            fn, args = item
             if self._stop.is_set():
                 continue  # offline(): drop what is queued, run no callback after it returns
             try:

@@ -12,6 +12,7 @@ only on the reactor thread; other threads talk to it through :meth:`HeartbeatRea
 """
 from __future__ import annotations
 
+import functools
 import logging
 import selectors
 import socket
@@ -139,7 +140,7 @@ class HeartbeatReactor:
         assert self._selector is not None
         self._selector.register(sock, selectors.EVENT_READ, client)
 
-    def unwatch(self, sock: socket.socket) -> None:
+    def unwatch(self, sock: Any) -> None:
         if self._selector is None:
             return
         try:
@@ -229,11 +230,11 @@ class HeartbeatReactor:
                 if client is None:
                     self._drain_wake()
                     continue
-                self._guard(client, lambda c=client, s=key.fileobj: c._reactor_readable(s, now))
+                self._guard(client, functools.partial(client._reactor_readable, key.fileobj, now))
             now = self._clock()
             due = [c for c, at in self._timers.items() if at <= now + c._timer_slack()]
             for client in due:
-                self._guard(client, lambda c=client: c._reactor_timer(now))
+                self._guard(client, functools.partial(client._reactor_timer, now))
 
     def _guard(self, client: Any, fn: Callable[[], Optional[float]]) -> None:
         """Run a client callback; a bug in one client must not stop the others."""
@@ -255,5 +256,5 @@ class HeartbeatReactor:
                 self.unwatch(sock)
                 client = key.data
                 if client is not None and client in self.clients:
-                    self._guard(client, lambda c=client: c._reactor_socket_dead(self._clock()))
+                    self._guard(client, functools.partial(client._reactor_socket_dead, self._clock()))
         log.debug("heartbeat reactor select failed (%s); pruned dead sockets", exc)

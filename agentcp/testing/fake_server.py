@@ -658,7 +658,8 @@ class FakeACPServer:
         except HttpError as exc:
             self._record_sign_in("", 0, exc.status, received, exc.message)
             raise
-        agent_id = body.get("agent_id") if isinstance(body.get("agent_id"), str) else ""
+        agent_id = body.get("agent_id")
+        agent_id = agent_id if isinstance(agent_id, str) else ""
         step = 2 if "nonce" in body else 1
         with self._lock:
             mode, delay = self._sign_in_mode, self._sign_in_delay
