@@ -16,13 +16,14 @@ import errno
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agentcp.base.auth_client import AuthClient
-from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
+from agentcp.base.backoff import BLACKOUT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
 from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
@@ -99,15 +100,27 @@ class HeartbeatClient:
     MAX_INTERVAL: float = 60.0
     #: A reply later than this after its beat counts as missed; misses are re-probed right away.
     REPLY_TIMEOUT: float = 1.0
-    #: Consecutive misses that mean "the server is gone": sign in again and rebuild the socket.
+    #: Consecutive misses that mean "the server is gone" on a clean path. On a lossy path the count grows with
+    #: the measured loss (up to MAX_PROBE_BUDGET), so that loss alone makes a false verdict about FALSE_ALARM likely.
     MAX_MISSES: int = 3
-    #: Waits between reconnect attempts while the server is away, and after permanent sign-in errors.
-    RECONNECT_BACKOFF: Backoff = RECONNECT_BACKOFF
+    MAX_PROBE_BUDGET: int = 10
+    FALSE_ALARM: float = 1e-4
+    #: Waits between sign-in attempts while the server's sign-in fails. None: [1.4, 1.9] x MIN_INTERVAL
+    #: (7-9.5 s): slow on average, back within 10 s of the server's return.
+    RECONNECT_BACKOFF: Optional[Backoff] = None
+    #: Sign-in retries while neither HTTP nor the UDP probes get an answer (a blackout).
+    BLACKOUT_BACKOFF: Backoff = BLACKOUT_BACKOFF
     PERMANENT_BACKOFF: Backoff = PERMANENT_ERROR_BACKOFF
-    #: A beat may go out this fraction of the interval early (at most MAX_BEAT_SLACK seconds), so that the beats
-    #: of many agents in one process share wake-ups.
-    BEAT_SLACK: float = 0.1
-    MAX_BEAT_SLACK: float = 0.5
+    #: Each gap between beats is drawn from [1 - JITTER, 1] x interval, and the beat after a session's first reply
+    #: from [FIRST_BEAT_MIN, 1] x interval: agents keep their own phases.
+    JITTER: float = 0.1
+    FIRST_BEAT_MIN: float = 0.1
+    #: The first sign-in after a 401 waits a random [0, min(REAUTH_SPREAD, MIN_INTERVAL / 10)] seconds.
+    REAUTH_SPREAD: float = 0.5
+    #: Beats due within this fraction of the interval (at most MAX_BEAT_SLACK seconds) share a wake-up. A few
+    #: milliseconds at most: grouping must never move a beat noticeably, or phases would collapse together.
+    BEAT_SLACK: float = 0.001
+    MAX_BEAT_SLACK: float = 0.005
     RECV_BUFFER: int = 1536
     #: Datagrams read per readiness event before other clients get their turn.
     RECV_BATCH: int = 64
@@ -122,7 +135,10 @@ class HeartbeatClient:
         auth_client: Optional[AuthClient] = None,
         reactor: Optional[HeartbeatReactor] = None,
         clock: Callable[[], float] = time.monotonic,
+        rand: Optional[Callable[[], float]] = None,
     ) -> None:
+        """``rand``: the source of the client's jitter (``random.random`` by default; pass a seeded one to
+        replay a run)."""
         self.agent_id = agent_id
         self.server_url = server_url.rstrip("/") if isinstance(server_url, str) else server_url
         self.aid_path = aid_path
@@ -150,6 +166,7 @@ class HeartbeatClient:
         #: Called with each :class:`~agentcp.heartbeat.liveness.Event` of the fault timeline (off-thread).
         self.on_event: Optional[Callable[[Event], Any]] = None
         self._clock = clock
+        self._rand = rand or random.random
         self._reactor = reactor or HeartbeatReactor.shared()
         self._lock = threading.RLock()
         self._machine = self._new_machine()
@@ -446,17 +463,28 @@ class HeartbeatClient:
     # Sockets
     # ------------------------------------------------------------------------------------------------------------
     def _new_machine(self, previous: Optional[Liveness] = None) -> Liveness:
+        floor = self.MIN_INTERVAL
+        reconnect = self.RECONNECT_BACKOFF or Backoff(base=0.5 * floor, cap=1.9 * floor, floor=1.4 * floor)
         config = LivenessConfig(
-            min_interval=self.MIN_INTERVAL,
+            min_interval=floor,
             max_interval=self.MAX_INTERVAL,
             reply_timeout=self.REPLY_TIMEOUT,
+            max_reply_timeout=max(self.REPLY_TIMEOUT, 3 * self.REPLY_TIMEOUT),
             max_misses=self.MAX_MISSES,
-            reconnect_backoff=self.RECONNECT_BACKOFF,
+            max_probe_budget=self.MAX_PROBE_BUDGET,
+            false_alarm=self.FALSE_ALARM,
+            jitter=self.JITTER,
+            first_beat_min=self.FIRST_BEAT_MIN,
+            reauth_spread=min(self.REAUTH_SPREAD, 0.1 * floor),
+            blackout_probe=(0.4 * floor, 0.6 * floor),
+            reconnect_backoff=reconnect,
+            blackout_backoff=self.BLACKOUT_BACKOFF,
             permanent_backoff=self.PERMANENT_BACKOFF,
         )
-        machine = Liveness(config)
-        if previous is not None:  # counters and the timeline survive offline()/online() cycles
+        machine = Liveness(config, rand=self._rand)
+        if previous is not None:  # counters, the timeline and what was learnt of the path survive online() cycles
             machine.counters = previous.counters
+            machine.loss, machine.srtt, machine.rttvar = previous.loss, previous.srtt, previous.rttvar
             machine.history = previous.history
             machine.state = previous.state
         return machine
@@ -558,6 +586,8 @@ class HeartbeatClient:
                 self._machine.sign_in_failed(
                     now, str(error), permanent=getattr(error, "permanent", False),
                     retry_after=getattr(error, "retry_after", 0.0) or 0.0,
+                    # No HTTP status: the request got no answer at all (timeout, refused, unreachable).
+                    network=isinstance(error, AuthError) and not getattr(error, "status", 0),
                 )
             self._flush_state_changes()
         if error is not None:
