@@ -39,6 +39,7 @@ from agentcp.msg.message_serialize import (
     MalformedDatagram,
     peek_message_type,
     to_bytes,
+    uint64_to_varint,
 )
 
 log = logging.getLogger("agentcp.heartbeat")
@@ -167,6 +168,8 @@ class HeartbeatClient:
         self.on_event: Optional[Callable[[Event], Any]] = None
         self._clock = clock
         self._rand = rand or random.random
+        self._beat_template: Optional[Tuple[Tuple[str, int], bytes]] = None
+        self._slack_for, self._slack = -1.0, 0.0
         self._reactor = reactor or HeartbeatReactor.shared()
         self._lock = threading.RLock()
         self._machine = self._new_machine()
@@ -318,7 +321,10 @@ class HeartbeatClient:
     # Reactor thread: everything below until "Sign-in worker" runs there
     # ------------------------------------------------------------------------------------------------------------
     def _timer_slack(self) -> float:
-        return min(self.MAX_BEAT_SLACK, self.BEAT_SLACK * self._machine.interval)
+        interval = self._machine.interval
+        if interval != self._slack_for:  # cached: the reactor asks on every wake-up near this client's timer
+            self._slack_for, self._slack = interval, min(self.MAX_BEAT_SLACK, self.BEAT_SLACK * interval)
+        return self._slack
 
     def _reactor_start(self) -> None:
         self._reactor.add_client(self)
@@ -378,14 +384,23 @@ class HeartbeatClient:
     def _send_beat(self, now: float) -> None:
         """Lock held."""
         self.msg_seq += 1
-        req = HeartbeatMessageReq()
-        req.header.MessageSeq = self.msg_seq
-        req.AgentId = self.agent_id
-        req.SignCookie = self.sign_cookie
         # Recorded before the send, so a reply can never be processed before its beat is known.
         self._machine.beat_sent(now)
         self.last_hb = int(now * 1000)
-        self._send(to_bytes(req))
+        self._send(self._beat_bytes(self.msg_seq))
+
+    def _beat_bytes(self, seq: int) -> bytes:
+        """The HeartbeatReq datagram. The serialised form with sequence 0 is cached per (AID, cookie): only the
+        one-byte uvarint 0 of MessageSeq (second byte, after MessageMask 0) changes from beat to beat."""
+        key = (self.agent_id, self.sign_cookie)
+        if self._beat_template is None or self._beat_template[0] != key:
+            req = HeartbeatMessageReq()
+            req.header.MessageSeq = 0
+            req.AgentId = self.agent_id
+            req.SignCookie = self.sign_cookie
+            self._beat_template = (key, to_bytes(req))
+        template = self._beat_template[1]
+        return template[:1] + uint64_to_varint(seq) + template[2:]
 
     def _send(self, data: bytes) -> None:
         sock = self.udp_socket
@@ -442,7 +457,7 @@ class HeartbeatClient:
                         return
                     self._machine.reply(now, resp.NextBeat)
                     self.heartbeat_interval = int(self._machine.interval * 1000)
-                    if self._machine.state is State.ONLINE:
+                    if self._machine.state is State.ONLINE and not self._online_event.is_set():
                         self._online_event.set()
                     self._flush_state_changes()
             elif msg_type == MSG_INVITE_REQ:
