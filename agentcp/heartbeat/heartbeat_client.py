@@ -491,7 +491,7 @@ class HeartbeatClient:
             jitter=self.JITTER,
             first_beat_min=self.FIRST_BEAT_MIN,
             reauth_spread=min(self.REAUTH_SPREAD, 0.1 * floor),
-            blackout_probe=(0.4 * floor, 0.6 * floor),
+            blackout_probe=(0.3 * floor, 0.5 * floor),
             reconnect_backoff=reconnect,
             blackout_backoff=self.BLACKOUT_BACKOFF,
             permanent_backoff=self.PERMANENT_BACKOFF,
