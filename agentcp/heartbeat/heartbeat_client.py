@@ -26,7 +26,7 @@ from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import BLACKOUT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
-from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
+from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, SignInHealth, State
 from agentcp.heartbeat.reactor import HeartbeatReactor
 from agentcp.msg.message_serialize import *  # noqa: F401,F403  (0.1.99 re-exported these names here)
 from agentcp.msg.message_serialize import (
@@ -116,8 +116,9 @@ class HeartbeatClient:
     #: from [FIRST_BEAT_MIN, 1] x interval: agents keep their own phases.
     JITTER: float = 0.1
     FIRST_BEAT_MIN: float = 0.1
-    #: The first sign-in after a 401 waits a random [0, min(REAUTH_SPREAD, MIN_INTERVAL / 10)] seconds.
-    REAUTH_SPREAD: float = 0.5
+    #: The first sign-in after a 401 waits a random [0, min(REAUTH_SPREAD, MIN_INTERVAL / 10)] seconds; if other
+    #: agents of the process just failed to sign in to the same server, [0.2, 1.85] x MIN_INTERVAL instead.
+    REAUTH_SPREAD: float = 0.4
     #: Beats due within this fraction of the interval (at most MAX_BEAT_SLACK seconds) share a wake-up. A few
     #: milliseconds at most: grouping must never move a beat noticeably, or phases would collapse together.
     BEAT_SLACK: float = 0.001
@@ -326,6 +327,19 @@ class HeartbeatClient:
             self._slack_for, self._slack = interval, min(self.MAX_BEAT_SLACK, self.BEAT_SLACK * interval)
         return self._slack
 
+    def _sign_in_health(self) -> SignInHealth:
+        """Reactor thread: the process-wide record of sign-ins to this client's server URL (shared by agents)."""
+        registry = self._reactor.sign_in_health
+        health = registry.get(self.server_url)
+        if health is None:
+            if len(registry) >= 1024:  # bounded: forget the oldest server URL
+                registry.pop(next(iter(registry)))
+            health = registry[self.server_url] = SignInHealth(memory=2 * self.MIN_INTERVAL)
+        return health
+
+    def _peers_failing(self, now: float) -> bool:
+        return self._machine.signing_in and self._sign_in_health().failing(now)
+
     def _reactor_start(self) -> None:
         self._reactor.add_client(self)
         with self._lock:
@@ -346,7 +360,7 @@ class HeartbeatClient:
             for _ in range(16):  # each action changes the machine; a handful always suffices
                 if self._stop.is_set():
                     return None
-                decision = self._machine.poll(now, self._timer_slack())
+                decision = self._machine.poll(now, self._timer_slack(), self._peers_failing(now))
                 if decision.action is Action.SEND_BEAT:
                     self._send_beat(now)
                 elif decision.action is Action.REBUILD_SOCKET:
@@ -492,6 +506,7 @@ class HeartbeatClient:
             first_beat_min=self.FIRST_BEAT_MIN,
             reauth_spread=min(self.REAUTH_SPREAD, 0.1 * floor),
             blackout_probe=(0.3 * floor, 0.5 * floor),
+            outage_defer=(0.2 * floor, 1.85 * floor),
             reconnect_backoff=reconnect,
             blackout_backoff=self.BLACKOUT_BACKOFF,
             permanent_backoff=self.PERMANENT_BACKOFF,
@@ -597,7 +612,10 @@ class HeartbeatClient:
                     error = exc
                 else:
                     self._machine.signed_in(now)
+                    self._sign_in_health().record(now, ok=True)
             else:
+                if not getattr(error, "permanent", False):
+                    self._sign_in_health().record(now, ok=False)
                 self._machine.sign_in_failed(
                     now, str(error), permanent=getattr(error, "permanent", False),
                     retry_after=getattr(error, "retry_after", 0.0) or 0.0,

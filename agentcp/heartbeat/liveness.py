@@ -41,7 +41,8 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from agentcp.base.backoff import BLACKOUT_BACKOFF, HEARTBEAT_RECONNECT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.msg.message_serialize import NEXT_BEAT_REAUTH
 
-__all__ = ["Action", "Decision", "Liveness", "LivenessConfig", "State", "Event", "Reason"]
+__all__ = ["Action", "Decision", "Liveness", "LivenessConfig", "State", "Event", "Reason", "SignInHealth",
+           "probe_budget"]
 
 
 class State(str, enum.Enum):
@@ -111,9 +112,12 @@ class LivenessConfig:
     #: The beat after a session's first reply goes out after a random [first_beat_min, 1] * interval.
     first_beat_min: float = 0.1
     #: The first sign-in after a 401 / ICMP unreachable waits a random [0, reauth_spread] seconds.
-    reauth_spread: float = 0.5
+    reauth_spread: float = 0.4
     #: While a sign-in after silence is pending, the old session is probed every [lo, hi] seconds.
     blackout_probe: Tuple[float, float] = (2.0, 3.0)
+    #: A first sign-in due while other agents of this process just failed to sign in to the same server (an
+    #: outage) is deferred by a random [lo, hi] seconds instead: the fleet's first wave is spread thin.
+    outage_defer: Tuple[float, float] = (1.0, 9.25)
     reconnect_backoff: Backoff = HEARTBEAT_RECONNECT_BACKOFF
     #: Sign-in retries when the network itself failed (no HTTP answer) while UDP is silent too.
     blackout_backoff: Backoff = BLACKOUT_BACKOFF
@@ -186,6 +190,7 @@ class Liveness:
         self._next_beat_at = 0.0
         self._misses = 0
         self._first_reply = True  # the next reply is the first of this session: randomise the phase after it
+        self._deferred = False  # this fault's first sign-in was already deferred because peers were failing
         self._silence_stage = 0  # 0: healthy; 1: socket rebuilt after silence, probing; 2: sign-in pending, probing
         self._fault: Optional[Tuple[Reason, float]] = None  # the fault being healed, and when it was seen
         self._pending_states: List[Tuple[State, State]] = []
@@ -329,6 +334,7 @@ class Liveness:
         self._need_rebuild = False
         self._repair_running = False
         self._sign_in_failures = 0
+        self._deferred = False
         self._silence_stage = 0
         self._outstanding = False
         self._misses = 0
@@ -459,16 +465,24 @@ class Liveness:
         self._set_state(State.ONLINE, now)
 
     # -- the one question ---------------------------------------------------------------------------------------
-    def poll(self, now: float, beat_slack: float = 0.0) -> Decision:
+    def poll(self, now: float, beat_slack: float = 0.0, peers_failing: bool = False) -> Decision:
         """What should the shell do at ``now``? Call again at ``wake_at`` or after any input.
 
         A beat due within ``beat_slack`` seconds is sent now, so that beats of many clients in one process that
         are due at (nearly) the same moment share a wake-up (reply deadlines and repairs are never advanced).
+        ``peers_failing``: other agents' sign-ins to this server just failed (see :class:`SignInHealth`); a first
+        sign-in attempt is then deferred once by ``outage_defer``.
         """
         if self.state in (State.OFFLINE, State.STOPPED):
             return Decision(Action.NONE, None)
         if self._need_sign_in or self._need_rebuild:
             if now >= self._repair_at:
+                if self._need_sign_in and peers_failing and self._sign_in_failures == 0 and not self._deferred:
+                    self._deferred = True
+                    lo, hi = self.config.outage_defer
+                    self._repair_at = now + lo + (hi - lo) * self.rand()
+                    self._record(Event(now, "sign_in_deferred", f"{self._repair_at - now:.1f} s"))
+                    return self.poll(now, beat_slack)
                 return Decision(Action.SIGN_IN if self._need_sign_in else Action.REBUILD_SOCKET)
             wake = self._repair_at if self._repair_at != float("inf") else None
             if self._silence_stage == 2 and self._need_sign_in and self._have_session:
@@ -532,6 +546,31 @@ class Liveness:
             "last_reply_age": None if self.last_reply_at is None else max(0.0, now - self.last_reply_at),
             "last_error": self.last_error,
         }
+
+
+class SignInHealth:
+    """What the agents of one process learnt about a sign-in server: is it failing right now?
+
+    "Failing" means the latest sign-in outcome was a transient failure (no answer, 5xx, 429) less than ``memory``
+    seconds ago. Pure: times are arguments; the shell keeps one per server URL and serialises access.
+    """
+
+    def __init__(self, memory: float = 10.0) -> None:
+        self.memory = memory
+        self._last_failure: Optional[float] = None
+        self._last_success: Optional[float] = None
+
+    def record(self, now: float, ok: bool) -> None:
+        if ok:
+            self._last_success = now
+        else:
+            self._last_failure = now
+
+    def failing(self, now: float) -> bool:
+        f = self._last_failure
+        if f is None or now - f > self.memory:
+            return False
+        return self._last_success is None or self._last_success < f
 
 
 def _earliest(a: Optional[float], b: float) -> float:

@@ -73,6 +73,8 @@ class HeartbeatReactor:
         self._heap: List[Tuple[float, int, Any]] = []  # (at, tie-breaker, client); stale entries skipped lazily
         self._seq = itertools.count()
         self.clients: set = set()
+        #: Server URL -> SignInHealth shared by this reactor's clients (reactor thread only; see HeartbeatClient).
+        self.sign_in_health: Dict[str, Any] = {}
         self.wakeups = 0
         self.errors = 0
 
