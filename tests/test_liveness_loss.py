@@ -148,10 +148,10 @@ def test_20_percent_loss_each_way_causes_no_sign_in(seed):
     sim = Sim(seed, loss=0.2).run(4 * 3600.0)  # four agent-hours
     assert sim.sign_ins == []
     assert sim.m.state is State.ONLINE
-    assert 0.25 < sim.m.loss < 0.5 and abs(sim.m.loss - rt_loss) < 0.12
+    assert 0.2 < sim.m.loss < 0.6 and abs(sim.m.loss - rt_loss) < 0.2
     # The server heard from the agent at least every 1.5 intervals (7.5 s) nearly all the time.
     gaps = [b - a for a, b in zip(sim.beats, sim.beats[1:])]
-    assert sum(g - 7.5 for g in gaps if g > 7.5) / (4 * 3600.0) < 0.005
+    assert sum(g - 7.5 for g in gaps if g > 7.5) / (4 * 3600.0) < 0.001
 
 
 def test_5_percent_loss_causes_no_verdict_at_all():

@@ -10,7 +10,7 @@ Timing rules (liveness.md §3.7, §4; issues "resilient liveness core" and "live
 
 * Beats. ``interval`` is the server's NextBeat clamped to ``[min_interval, max_interval]``; NextBeat 401 is never
   an interval, it means "sign in again". Each gap between beats is drawn from ``[1 - jitter, 1] * interval`` (never
-  later than the server asked), and the beat after the first reply of a session goes out at a random point of the
+  later than the server asked; on a lossy path shortened by the loss rate, so lost beats are re-sent in time), and the beat after the first reply of a session goes out at a random point of the
   first interval, so agents in one process keep apart phases instead of beating (and re-signing-in) in lock-step.
 * Loss versus silence. A reply not received ``reply_timeout`` (or a few smoothed round-trip times, if longer)
   after its beat is a *miss*, and the server is re-probed at once. The machine keeps an exponentially weighted
@@ -107,8 +107,10 @@ class LivenessConfig:
     loss_alpha: float = 0.05
     #: Upper bound of the adaptive reply timeout (a few smoothed round-trip times on a slow path).
     max_reply_timeout: float = 3.0
-    #: Each gap between beats is drawn from [1 - jitter, 1] * interval.
+    #: Each gap between beats is drawn from [1 - jitter, 1] * interval, then shortened by the estimated round-trip
+    #: loss rate, at most by loss_early (30 %).
     jitter: float = 0.1
+    loss_early: float = 0.3
     #: The beat after a session's first reply goes out after a random [first_beat_min, 1] * interval.
     first_beat_min: float = 0.1
     #: The first sign-in after a 401 / ICMP unreachable waits a random [0, reauth_spread] seconds.
@@ -457,6 +459,9 @@ class Liveness:
             self._first_reply = False
         else:
             fraction = 1.0 - self.config.jitter * self.rand()
+        # On a lossy path beat a little early (by the loss rate, at most loss_early), so that a lost beat can be
+        # re-probed several times before the server's wait for it runs out.
+        fraction *= 1.0 - min(self.config.loss_early, self.loss)
         self._next_beat_at = base + self.interval * fraction
         if self._fault is not None:
             reason, since = self._fault

@@ -206,6 +206,8 @@ class HeartbeatReactor:
     # The loop
     # ----------------------------------------------------------------------------------------------------------
     def _run_commands(self) -> None:
+        if not self._commands:
+            return  # fast path, unlocked: a command queued meanwhile also pokes the wake socket, so it is not missed
         while True:
             with self._lock:
                 if not self._commands:
@@ -223,6 +225,8 @@ class HeartbeatReactor:
                     done.set()
 
     def _exit_if_idle(self) -> bool:
+        if self.clients:
+            return False  # fast path, unlocked: only this thread removes clients, so a busy reactor stays busy
         with self._lock:
             if self.clients or self._commands:
                 return False
