@@ -135,10 +135,10 @@ def run_fleet(fleet: List[Sim], until: float) -> None:
 
 
 def test_probe_budget_grows_with_loss_and_is_bounded():
-    assert probe_budget(0.0, 1e-4, 3, 10) == 3  # a clean path: today's 3 misses
-    assert 4 <= probe_budget(0.0975, 1e-4, 3, 10) <= 6  # 5 % each way
-    assert probe_budget(0.36, 1e-4, 3, 10) == 10  # 20 % each way: capped
-    assert probe_budget(0.99, 1e-4, 3, 10) == 10
+    assert probe_budget(0.0, 1e-5, 3, 10) == 3  # a clean path: today's 3 misses
+    assert 4 <= probe_budget(0.0975, 1e-5, 3, 10) <= 6  # 5 % each way
+    assert probe_budget(0.36, 1e-5, 3, 10) == 10  # 20 % each way: capped
+    assert probe_budget(0.99, 1e-5, 3, 10) == 10
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -270,3 +270,13 @@ def test_a_valid_reply_cancels_a_pending_blackout_sign_in():
     m.reply(t + 10.05, 5000)
     assert m.state is State.ONLINE and not m.signing_in
     assert m.counters.silence_healed_by_probe == 1
+
+
+def test_a_young_loss_estimate_is_a_plain_mean():
+    """The estimate starts as the mean of the first outcomes: an agent new on a bad path is not judged by a
+    near-zero estimate (old: no estimate; an EWMA from zero would take ~60 beats to get there)."""
+    m = Liveness(LivenessConfig(), rand=lambda: 0.5)
+    m._fold_outcome(1)  # one miss, then a reply
+    m._fold_outcome(0)
+    assert m.loss == pytest.approx(1 / 3) and m.loss_samples == 3
+    assert m.budget >= 6

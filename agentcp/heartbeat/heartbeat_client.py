@@ -105,7 +105,7 @@ class HeartbeatClient:
     #: the measured loss (up to MAX_PROBE_BUDGET), so that loss alone makes a false verdict about FALSE_ALARM likely.
     MAX_MISSES: int = 3
     MAX_PROBE_BUDGET: int = 10
-    FALSE_ALARM: float = 1e-4
+    FALSE_ALARM: float = 1e-5
     #: Waits between sign-in attempts while the server's sign-in fails. None: [1.4, 1.9] x MIN_INTERVAL
     #: (7-9.5 s): slow on average, back within 10 s of the server's return.
     RECONNECT_BACKOFF: Optional[Backoff] = None
@@ -515,6 +515,7 @@ class HeartbeatClient:
         if previous is not None:  # counters, the timeline and what was learnt of the path survive online() cycles
             machine.counters = previous.counters
             machine.loss, machine.srtt, machine.rttvar = previous.loss, previous.srtt, previous.rttvar
+            machine.loss_samples = previous.loss_samples
             machine.history = previous.history
             machine.state = previous.state
         return machine

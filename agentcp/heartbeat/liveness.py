@@ -102,7 +102,7 @@ class LivenessConfig:
     max_misses: int = 3
     max_probe_budget: int = 10
     #: Acceptable chance that loss alone makes a run of misses as long as the budget (per beat).
-    false_alarm: float = 1e-4
+    false_alarm: float = 1e-5
     #: Weight of one beat's outcome in the loss estimate (about 1/alpha beats of memory).
     loss_alpha: float = 0.05
     #: Upper bound of the adaptive reply timeout (a few smoothed round-trip times on a slow path).
@@ -173,6 +173,7 @@ class Liveness:
         self.last_error: Optional[str] = None
         #: Estimated round-trip loss rate (0..1) and smoothed RTT / deviation (seconds); survive reconnects.
         self.loss = 0.0
+        self.loss_samples = 0
         self.srtt: Optional[float] = None
         self.rttvar = 0.0
         self._pending_events: List[Event] = []
@@ -275,11 +276,16 @@ class Liveness:
         return lo + (hi - lo) * self.rand()
 
     def _fold_outcome(self, misses: int) -> None:
-        """A run of ``misses`` misses ended with a reply: update the loss estimate."""
-        a = self.config.loss_alpha
-        for _ in range(min(misses, self.config.max_probe_budget)):
-            self.loss += a * (1.0 - self.loss)
-        self.loss -= a * self.loss
+        """A run of ``misses`` misses ended with a reply: update the loss estimate.
+
+        A plain mean over the first 1/alpha outcomes (so a young estimate is not biased towards zero), an
+        exponentially weighted one after that.
+        """
+        outcomes = [1.0] * min(misses, self.config.max_probe_budget) + [0.0]
+        for lost in outcomes:
+            self.loss_samples += 1
+            a = max(self.config.loss_alpha, 1.0 / self.loss_samples)
+            self.loss += a * (lost - self.loss)
 
     def _reply_timeout(self) -> float:
         """``reply_timeout``, or a few smoothed round-trip times if the path is slower (bounded)."""
