@@ -140,6 +140,10 @@ class MessagingMixin:
         # The history restores ownership of sessions on demand (after a restart), so open it now.
         sm = SessionManager(self.id, message_server, certs, self.seed_password, self._db(), config=config)
         sm.confirm_handled = True  # a message dropped by offline() before its handler ran is asked for again
+        # trust.md rules 1 and 4: sign-ins and stream tokens go only to trusted hosts; message clients are bounded.
+        sm.trust_check = self._check_trusted
+        sm.max_clients = self.limits.message_clients_max
+        sm.on_limit = self._limit_crossed
         sm.set_on_message_receive(self._on_incoming)
         sm.set_on_session_message_ack(self._on_message_ack)
         sm.set_on_invite_ack(self._on_invite_ack)
@@ -287,13 +291,21 @@ class MessagingMixin:
         raise TypeError(f"unsupported message type {type(message).__name__}: pass a str, a block (dict or "
                         "AssistantMessageBlock) or a list of blocks")
     def _failed(self, error: str, message_id: str = "") -> SendResult:
+        self._note_send_failure(error)
+        return SendResult(SendStatus.FAILED, message_id, error)
+
+    def _note_send_failure(self, error: str) -> None:
         with self._lock:
             self._msg_counters["send_failures"] += 1
         _log.warning("%s: send failed: %s", self.id, error)
         err = exceptions.SendMsgError(error)
         err.agent_id = self.id
         self._publish(err)
-        return SendResult(SendStatus.FAILED, message_id, error)
+
+    def _watch_result(self, result: SendResult) -> SendResult:
+        """Count and report ``result`` if it fails, now or when it settles (sends return before the ack)."""
+        result.add_done_callback(lambda r: r.failed and self._note_send_failure(r.error or "send failed"))
+        return result
     # --- messaging: 0.1.99 API --------------------------------------------------------------------------------
     def send_message(self, sessionId: str, to_aid_list: list, message, ref_msg_id: str = "", message_id: str = "",
                      agent_cmd_block: AgentInstructionBlock = None, insert_message: bool = True):
@@ -320,8 +332,9 @@ class MessagingMixin:
             return self._failed(str(exc), message_id)
         if result is None:
             return self._failed(f"empty message to session {sessionId}: nothing sent", message_id)
+        self._watch_result(result)
         if result.status is SendStatus.FAILED:
-            return self._failed(result.error or "send failed", result.message_id)
+            return result
         if insert_message:
             self._history("save_message", {
                 "session_id": sessionId, "message_id": result.message_id, "sender": self.id,
@@ -447,3 +460,76 @@ class MessagingMixin:
     # The names agents in the wild call (three s's; api.md §13).
     quick_send_messsage = quick_send_message
     quick_send_messsage_content = quick_send_message_content
+
+    # --- instructions, forms, ping (0.1.99 API) -------------------------------------------------------------------
+    #: What ``ping_aid`` returns when no answer came (0.1.99's value).
+    PING_NO_ANSWER: float = 10000
+
+    def send_instruction_message(self, session_id: str, to_aid, agent_cmd_block: AgentInstructionBlock = None,
+                                 ref_msg_id: str = ""):
+        """Send the instruction ``agent_cmd_block`` (an :class:`AgentInstructionBlock` or a dict with ``cmd``) to
+        ``to_aid`` (an AID or a list) in ``session_id``; a :class:`SendResult`, None if ``session_id`` is empty.
+
+        The instruction travels as ``data.instruction``; the peer's handler for its ``cmd`` (``router=``) gets it.
+        One ``content`` block carrying the instruction's description (else its ``cmd``) goes with it, so peers
+        that drop a message without blocks (0.1.99) receive it too. (0.1.99 sent nothing at all.)
+        """
+        if not session_id:
+            return None
+        instruction = to_plain(agent_cmd_block) if agent_cmd_block is not None else None
+        cmd = instruction.get("cmd") if isinstance(instruction, dict) else None
+        if not isinstance(cmd, str) or not cmd:
+            return self._failed(f"send_instruction_message needs an instruction with a cmd, got {agent_cmd_block!r}")
+        receivers = [to_aid] if isinstance(to_aid, str) else list(to_aid or [])
+        text = instruction.get("description") or cmd
+        block = {"type": "content", "status": "success", "timestamp": int(time.time() * 1000), "content": text}
+        return self.send_message(session_id, receivers, [block], ref_msg_id or "", agent_cmd_block=instruction)
+
+    def send_form_message(self, session_id: str, to_aid_list: list, result: list, ref_msg_id: str = ""):
+        """Answer a ``form`` block: send ``[{"type": "form_result", "content": {"result": result}}]`` to
+        ``to_aid_list`` in ``session_id``, referring to the form's message ``ref_msg_id``; a :class:`SendResult`.
+
+        ``result`` is a list of :class:`~agentcp.message.AgentFormItemResultBlock` or dicts (``id``, ``result``).
+        (0.1.99 first looked the form up in its history, which never found it, so nothing was ever sent.)
+        """
+        if not session_id:
+            return self._failed("send_form_message needs a session id")
+        items = to_plain(list(result or []))
+        if not all(isinstance(item, dict) and "id" in item for item in items):
+            return self._failed(f"send_form_message: each result needs an id, got {items!r}")
+        block = {"type": "form_result", "status": "success", "timestamp": int(time.time() * 1000),
+                 "content": {"result": items}}
+        return self.send_message(session_id, list(to_aid_list or []), [block], ref_msg_id or "")
+
+    def ping_aid(self, aid: str, *, timeout: float = 10.0) -> float:
+        """Seconds until ``aid`` answered a ``ping`` (its SDK answers by itself; handlers are not involved), from
+        creating the one-off session to the answer; ``PING_NO_ANSWER`` (10000) if it did not answer within
+        ``timeout`` or is offline. The one-off session is left afterwards (0.1.99 kept one per ping)."""
+        answered = threading.Event()
+        outcome = {}
+
+        def on_answer(reply):
+            blocks = self.get_content_array_from_message(reply)
+            first = blocks[0] if blocks and isinstance(blocks[0], dict) else {}
+            outcome["at"] = time.monotonic()
+            outcome["type"] = first.get("type")
+            answered.set()
+
+        block = {"type": "ping", "status": "success", "timestamp": int(time.time() * 1000), "content": "ping"}
+        start = time.monotonic()
+        try:
+            session_id = self.quick_send_message(aid, [block], on_answer, insert_message=False)
+        except Exception as exc:  # noqa: BLE001 - no session: the ping has no answer, as 0.1.99 reported
+            _log.warning("%s: ping of %s not sent: %s", self.id, aid, exc)
+            return self.PING_NO_ANSWER
+        try:
+            if not answered.wait(timeout):
+                _log.info("%s: no answer to the ping of %s within %.1f s", self.id, aid, timeout)
+                return self.PING_NO_ANSWER
+            if outcome.get("type") == "error":  # the synthetic "not online" notice
+                _log.info("%s: ping of %s: it is not online", self.id, aid)
+                return self.PING_NO_ANSWER
+            return max(0.0, outcome["at"] - start)
+        finally:
+            self.remove_message_handler(None, session_id)
+            self.close_session(session_id)

@@ -189,7 +189,9 @@ class StreamsMixin:
 
         Blocks until the stream ends (``event: done``), with an overall deadline (``STREAM_PULL_TIMEOUTS``).
         Returns ``""`` for a message that is not a stream announce, and on errors (logged and published), and
-        when the agent goes offline meanwhile.
+        when the agent goes offline meanwhile. A pull URL outside the trust domain (trust.md rule 1: a peer chose
+        it) is refused before anything is sent, so the agent's token never goes there; counted in
+        ``status()["trust"]["refused"]["stream pull"]``.
         """
         import requests
 
@@ -202,6 +204,8 @@ class StreamsMixin:
         first = blocks[0] if blocks and isinstance(blocks[0], dict) else {}
         pull_url = first.get("content")
         if first.get("type") != "text/event-stream" or not isinstance(pull_url, str) or not pull_url:
+            return ""
+        if not self._check_trusted(pull_url, "stream pull"):   # a peer named it: our token goes only to our network
             return ""
         sm = self.session_manager
         client = sm.message_client_map.get(sm.server_url) if sm is not None else None

@@ -27,6 +27,10 @@ from typing import Any, Callable, Dict, List, Optional
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.html_util import parse_html
+from agentcp.base.names import check_aid, is_valid_aid, resolve_inside
+from agentcp.base.http import release_idle_threads
+from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
+from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.ca.ca_client import CAClient
 from agentcp.ca.ca_root import CARoot
@@ -41,9 +45,15 @@ from agentcp.base.reporting import publish
 from agentcp.context import ErrorContext, exceptions  # noqa: F401  (re-exported, as 0.1.99 did)
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+from agentcp.agent_files import FileClient, FilesMixin  # noqa: F401  (FileClient re-exported, as 0.1.99 did)
 from agentcp.agent_messaging import MessagingMixin
 from agentcp.agent_streams import StreamsMixin
 from agentcp.history import HistoryMixin
+from agentcp import llm_server
+from agentcp.llm_server import (  # noqa: F401  (re-exported, as 0.1.99 did)
+    add_llm_aid, add_llm_api_key, get_base_url, get_llm_api_key, llm_request, llm_server_is_running, run_server,
+    shutdown_server,
+)
 from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
 from agentcp.msg.dispatcher import Dispatcher
 from agentcp.msg.message_client import MessageClientConfig
@@ -55,8 +65,6 @@ __all__ = ["AgentCP", "AgentID", "AP_URL_ENV"]
 
 #: Environment variable that points every AID at one access point, e.g. ``http://127.0.0.1:8765``.
 AP_URL_ENV = "AGENTCP_AP_URL"
-
-_proxy_notice_logged = False
 
 
 def _last_two_labels(name: str) -> str:
@@ -83,6 +91,22 @@ def entry_url(aid_or_domain: str, override: Optional[str] = None) -> str:
     if override:
         return override
     return "https://acp3." + _last_two_labels(aid_or_domain)
+
+
+class _Stopping:
+    """What ``offline()`` detached from the agent and still has to join and close."""
+
+    __slots__ = ("thread", "sm", "dispatcher", "hb", "ap")
+
+    def __init__(self, thread, sm, dispatcher, hb, ap) -> None:
+        self.thread, self.sm, self.dispatcher, self.hb, self.ap = thread, sm, dispatcher, hb, ap
+
+
+def _in_sdk_thread() -> bool:
+    """True on one of the SDK's own threads (handler workers and their asyncio loop, heartbeat callbacks, stream
+    handlers, connection threads): every thread the SDK starts is named ``agentcp-...``. A callback running there
+    must not wait in ``offline()`` for threads that wait for it."""
+    return threading.current_thread().name.startswith("agentcp-")
 
 
 def _is_guest_request(agent_name: str) -> bool:
@@ -174,10 +198,11 @@ class AgentCP(_AgentCP):
         self.aid_map: Dict[str, "AgentID"] = {}
         self.exit_hook_func = None
         self._agents: "weakref.WeakSet[AgentID]" = weakref.WeakSet()
-        global _proxy_notice_logged
-        if run_proxy and not _proxy_notice_logged:
-            _proxy_notice_logged = True
-            _log.debug("the local LLM proxy (run_proxy/port) is not part of this release; nothing was started")
+        if run_proxy:
+            try:
+                self.run_llm_proxy(port)
+            except OSError as exc:  # the agents work without it; get_llm_url() says it is not running
+                _log.error("the local LLM gateway could not listen on 127.0.0.1:%s: %s", port, exc)
 
     # --- addressing ---------------------------------------------------------------------------------------------
     @property
@@ -193,6 +218,7 @@ class AgentCP(_AgentCP):
         return self.ca_client
 
     def __build_url(self, aid: str) -> CAClient:
+        check_aid(aid, field="agent_id")  # a DNS name: never a path outside the identity folder (trust.md rule 5)
         if len(aid.split(".")) < 3:
             raise RuntimeError(f"加载aid错误,请检查传入aid (AID load error: {aid!r} needs at least 3 labels)")
         return self._use_ca(self._entry_url(aid))
@@ -202,8 +228,10 @@ class AgentCP(_AgentCP):
         """The stored identity ``agent_id`` as an :class:`AgentID` (not online), or ``None`` if it is missing or
         its certificate expired and cannot be renewed. A valid stored certificate needs no network.
 
-        Raises ``RuntimeError`` for an AID with fewer than 3 labels and :class:`CredentialError` when the seed
-        password is wrong (the key cannot be decrypted) or key and certificate do not match.
+        Raises ``TypeError`` for a non-string, ``ValueError`` for an AID that is not a DNS name (``/``, ``..``,
+        NUL, ... — it could name a path outside the identity folder), ``RuntimeError`` for an AID with fewer than 3
+        labels and :class:`CredentialError` when the seed password is wrong (the key cannot be decrypted), the key
+        file is damaged, or key and certificate do not match.
         """
         ca = self.__build_url(agent_id)
         store = ca.store
@@ -237,12 +265,23 @@ class AgentCP(_AgentCP):
     def create_aid(self, ap: str, agent_name: str) -> "AgentID":
         """Create ``<agent_name>.<last two labels of ap>`` with the CA (or load it if it exists).
 
-        Raises ``RuntimeError`` with the CA's reason on refusal or when the CA is unreachable.
+        Raises ``RuntimeError`` with the CA's reason on refusal or when the CA is unreachable, and ``ValueError``
+        (before any network traffic) for a name that is not a DNS name: empty, ``/``, ``\\``, NUL, ``..``, labels
+        other than ``a-z``, ``0-9`` and ``-`` (upper case is folded to lower case for a new identity; an identity
+        already on disk is loaded under the name it was stored with).
         """
+        if not isinstance(agent_name, str):
+            raise TypeError(f"agent_name must be a string, got {type(agent_name).__name__}")
+        if not isinstance(ap, str):
+            raise TypeError(f"ap must be a domain string like 'agentunion.cn', got {type(ap).__name__}")
         if _is_guest_request(agent_name):
             return self.get_guest_aid(ap)
+        check_aid(agent_name, field="agent_name")  # path-safe; a new identity is held to the strict rule below
         domain = _last_two_labels(ap)
         aid = agent_name if agent_name.endswith("." + domain) else f"{agent_name}.{domain}"
+        store = self.store
+        if not (is_valid_aid(aid) and store.exists(aid) and store.has_cert(aid) and store.has_key(aid)):
+            aid = check_aid(aid, field="new AID", strict=True)  # a new identity: trust.md rule 5 exactly
         ca = self._use_ca(self._entry_url(domain))
         if ca.store.exists(aid) and ca.store.has_cert(aid) and ca.store.has_key(aid):
             return self.load_aid(aid)
@@ -341,15 +380,18 @@ class AgentCP(_AgentCP):
     def get_aid(self, aid_str: str) -> "AgentID":
         return self.aid_map.get(aid_str)
 
-    # --- LLM proxy (not in this release) ------------------------------------------------------------------------
+    # --- the local LLM gateway (agentcp.llm_server) --------------------------------------------------------------
     def run_llm_proxy(self, port) -> None:
-        _log.debug("the local LLM proxy is not part of this release; run_llm_proxy(%s) does nothing", port)
+        """Start the process's OpenAI-compatible gateway on 127.0.0.1:``port`` (0: free) unless it runs."""
+        llm_server.run_server(self.debug, port, owner=self)
 
-    def get_llm_url(self, target_aid: str):
-        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+    def get_llm_url(self, target_aid: str) -> str:
+        """``http://127.0.0.1:<port>/<target_aid>``: the ``base_url`` of an OpenAI client for that agent."""
+        return llm_server.get_base_url(None, target_aid)
 
-    def get_llm_api_key(self, aid_str: str):
-        raise NotImplementedError("the local LLM proxy is not part of this release of agentcp")
+    def get_llm_api_key(self, aid_str: str) -> str:
+        """The bearer key with which a client calls as ``aid_str`` (made on first request)."""
+        return llm_server.get_llm_api_key(aid_str)
 
     # --- context manager ----------------------------------------------------------------------------------------
     def __enter__(self):
@@ -363,6 +405,7 @@ class AgentCP(_AgentCP):
                 agent.offline()
             except Exception:
                 _log.exception("offline() of %s failed", agent)
+        llm_server.release_server(self)
         return None
 
 
@@ -371,7 +414,7 @@ class AgentCP(_AgentCP):
 # ==================================================================================================================
 
 
-class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
+class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
     """One agent identity. Obtained from ``AgentCP.load_aid``/``create_aid``/``get_guest_aid``."""
 
     #: How long ``online()`` waits for the first connection attempt before returning (seconds).
@@ -452,6 +495,15 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         # Notified on every phase change and heartbeat state change: wait_online() sleeps on it (no polling).
         # Innermost lock: it is taken with self._lock held, and never the other way round.
         self._state_cond = threading.Condition(threading.Lock())
+        #: Bounds on what servers and peers can make this agent hold or wait for (trust.md rule 4).
+        self.limits: Limits = DEFAULT_LIMITS
+        # Secrets refused to hosts outside the trust domain, by purpose (trust.md rule 1), and bounds crossed.
+        self._trust_refusals = RefusalLog()
+        self._limit_crossings: Dict[str, int] = {}
+        # Access point clients of connection attempts in flight (offline() aborts them), and the threads that
+        # finish an offline() called from a callback (joined by the next online()/offline()).
+        self._connecting_aps: set = set()
+        self._reapers: List[threading.Thread] = []
 
     def __str__(self) -> str:
         return self.id
@@ -467,6 +519,33 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
 
     def _entry_url(self) -> str:
         return self.ep_url or entry_url(self.id, _env_override())
+
+    # --- trust and bounds (trust.md) ----------------------------------------------------------------------------
+    @property
+    def trust(self) -> TrustPolicy:
+        """The hosts this agent may send secrets to: its access point's domain, the servers of its config and
+        ``AGENTCP_TRUSTED_HOSTS`` (trust.md §2). Recomputed from the current config (cheap, pure)."""
+        with self._lock:
+            config_hosts = [h for h in (self.heartbeat_server, self.message_server) if h]
+        return TrustPolicy.from_ap_url(self._entry_url(), config_hosts)
+
+    def _check_trusted(self, url: str, purpose: str) -> bool:
+        """True if secrets may go to ``url``; otherwise the refusal is counted, logged once per host, published
+        through ``ErrorContext``, and False is returned."""
+        try:
+            self.trust.check(url, purpose)
+            return True
+        except UntrustedHostError as err:
+            self._trust_refusals.refuse(err)
+            publish(err, self.id)
+            return False
+
+    def _limit_crossed(self, err: LimitExceeded) -> None:
+        """Count one crossing of a bound (trust.md rule 4) for ``status()``; log it and publish it."""
+        with self._lock:
+            self._limit_crossings[err.bound] = self._limit_crossings.get(err.bound, 0) + 1
+        _log.warning("%s: %s", self.id, err.message)
+        publish(err, self.id)
 
     def get_agent_public_path(self):
         return self.public_data_path
@@ -498,6 +577,8 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         the background and becomes online when it returns; the heartbeat client heals heartbeat faults itself.
         """
         try:
+            self._join_reapers()
+            llm_server.add_llm_aid(self)  # a caller of the local LLM gateway (api.md §3.9)
             with self._lock:
                 running = self._conn_thread is not None and self._conn_thread.is_alive()
                 if running and self._phase == "started":
@@ -511,7 +592,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                     self._ap_failures = 0
                     self._set_phase("connecting")
                     self._conn_thread = threading.Thread(
-                        target=self._run, name=f"agentcp-online-{self.id}", daemon=True
+                        target=self._run, args=(self._stop,), name=f"agentcp-online-{self.id}", daemon=True
                     )
                     self._conn_thread.start()
             self._attempted.wait(self.ONLINE_WAIT)
@@ -527,32 +608,85 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             self._publish(SDKError(f"online() of {self.id} failed: {exc}"))
 
     def offline(self) -> None:
-        """Stop everything ``online()`` started, join its threads and sign out. Idempotent; never raises."""
+        """Stop everything ``online()`` started, join its threads and sign out. Idempotent; never raises.
+
+        Called from a callback of the SDK (a sync or async message handler, a stream handler, ``on_state_change``,
+        a heartbeat ``on_event``: any of the SDK's own threads), it returns at once instead of waiting for the
+        callback that called it: the stop takes effect now (no new handler or callback starts, a request in
+        flight is aborted) and the joins and sign-outs finish on a short-lived reaper thread after the callback
+        returns. That thread is joined by the next ``online()``/``offline()`` of an application thread, or at
+        interpreter exit. No callback runs after the shutdown has completed.
+        """
         try:
+            stopping = self._halt()
+            if _in_sdk_thread():
+                reaper = threading.Thread(target=self._finish_offline, args=(stopping,),
+                                          name=f"agentcp-offline-{self.id}")  # not a daemon: joined at exit
+                with self._lock:
+                    self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
+                reaper.start()
+                return
+            self._join_reapers()
+            self._finish_offline(stopping)
+        except Exception:
+            _log.exception("offline() of %s failed", self.id)
+
+    def _join_reapers(self) -> None:
+        """Wait for the shutdowns that ``offline()`` left to reaper threads (not from an SDK thread: a callback
+        that called ``offline()`` and then ``online()`` must not wait for its own reaper)."""
+        if _in_sdk_thread():
             with self._lock:
-                self._stop.set()
-                self._wake.set()
-                thread = self._conn_thread
-            self._attempted.set()  # an online() waiting for the first attempt returns now
+                self._reapers = [t for t in self._reapers if t.is_alive()]
+            return
+        with self._lock:
+            reapers, self._reapers = self._reapers, []
+        for reaper in reapers:
+            reaper.join()
+
+    def _halt(self) -> "_Stopping":
+        """The non-blocking half of ``offline()``: stop, detach every component, abort requests in flight, and
+        make sure no new handler or heartbeat callback starts."""
+        with self._lock:
+            self._stop.set()
+            self._wake.set()
+            # Components are installed under this lock only while the stop is not set, so after it they are final.
+            thread, self._conn_thread = self._conn_thread, None
+            connecting, self._connecting_aps = list(self._connecting_aps), set()
+            sm, self.session_manager = self.session_manager, None
+            if sm is not None:
+                self._remember_sessions(sm)
+            self._retiring_sm = sm  # sends of handlers still running go out through it until it stops
+            dispatcher, self._dispatcher = self._dispatcher, None
+            hb, self.heartbeat_client = self.heartbeat_client, None
+            ap, self.ap_client = self.ap_client, None
+            self.is_online_success = False
+            self._online_since = None
+            self._set_phase("offline")
+        self._attempted.set()  # an online() waiting for the first attempt returns now
+        for client in connecting + ([ap] if ap is not None else []):
+            client.abort()  # an access point that trickles its reply must not hold offline() (trust.md rule 4)
+        abort_ca = getattr(self.ca_client, "abort", None)
+        if thread is not None and abort_ca is not None:
+            abort_ca()  # a certificate renewal in flight on the connect thread
+        llm_server.agent_offline(self)  # its LLM gateway requests in flight answer 503 now
+        if dispatcher is not None:
+            dispatcher.halt()
+        if hb is not None:
+            hb.halt()
+        return _Stopping(thread, sm, dispatcher, hb, ap)
+
+    def _finish_offline(self, stopping: "_Stopping") -> None:
+        """The blocking half of ``offline()``: join what ``_halt`` stopped, close connections, sign out."""
+        try:
+            thread = stopping.thread
             if thread is not None and thread is not threading.current_thread():
-                # The connect loop wakes on the stop at every wait; an HTTP call in flight ends within its timeout.
+                # It wakes on the stop at every wait, and its HTTP requests were aborted (or end at their deadline).
                 thread.join()
-            with self._lock:
-                sm, self.session_manager = self.session_manager, None
-                if sm is not None:
-                    self._remember_sessions(sm)
-                self._retiring_sm = sm  # sends of handlers still running go out through it until it stops
-                dispatcher, self._dispatcher = self._dispatcher, None
-                hb, self.heartbeat_client = self.heartbeat_client, None
-                ap, self.ap_client = self.ap_client, None
-                self._conn_thread = None
-                self.is_online_success = False
-                self._online_since = None
-                self._set_phase("offline")
-            # Handlers first: nothing new starts, running ones finish; then the message connection closes.
-            if dispatcher is not None:
-                dispatcher.stop(self.JOIN_TIMEOUT)
+            # Handlers first: running ones finish (and may still reply); then the message connection closes.
+            if stopping.dispatcher is not None:
+                stopping.dispatcher.stop(self.JOIN_TIMEOUT)
             self._stop_stream_work(self.JOIN_TIMEOUT)  # stream handlers and pulls (their own threads)
+            sm = stopping.sm
             try:
                 if sm is not None:
                     sm.stop()
@@ -560,17 +694,24 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 with self._lock:
                     if self._retiring_sm is sm:
                         self._retiring_sm = None
+            hb = stopping.hb
             if hb is not None:
                 hb.offline()
                 hb.sign_out()
+            ap = stopping.ap
             if ap is not None:
                 ap.sign_out()
                 ap.auth_client.close()
+            release_idle_threads()
         except Exception:
             _log.exception("offline() of %s failed", self.id)
 
     def status(self) -> Dict[str, Any]:
-        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat."""
+        """A snapshot: ``state`` (offline/connecting/online/reconnecting/stopped), access point and heartbeat.
+
+        Also ``trust`` (secrets refused to untrusted hosts by purpose, bounds crossed) and ``server_auth`` (how
+        each server signed in to proved itself, by URL: ``verified``, ``unauthenticated``, ``host-mismatch``).
+        """
         with self._lock:
             hb = self.heartbeat_client
             phase = self._phase
@@ -592,6 +733,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         if sm is not None:
             client = sm.message_client_map.get(sm.server_url)
         snap["messaging"] = None if client is None else dict(client.stats(), **self._msg_counters)
+        with self._lock:
+            crossings = dict(self._limit_crossings)
+        snap["trust"] = {"refused": self._trust_refusals.snapshot(), "limits_crossed": crossings}
+        snap["server_auth"] = self._server_auth_states(sm)
         if phase == "started" and hb is not None:
             snap["state"] = hb.state
             try:
@@ -603,6 +748,17 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             snap["heartbeat"] = None
         snap["online"] = snap["state"] == "online"
         return snap
+
+    def _server_auth_states(self, sm) -> Dict[str, Optional[str]]:
+        """How each server this agent signed in to proved itself (trust.md rule 3), by server URL: "verified",
+        "unauthenticated" (no signature), "host-mismatch" (a trusted certificate not naming it) or None."""
+        with self._lock:
+            clients = [self.ap_client, self.heartbeat_client]
+        auths = [getattr(c, "auth_client", None) for c in clients]
+        if sm is not None:
+            with sm.lock:
+                auths += [getattr(c, "auth_client", None) for c in sm.message_client_map.values()]
+        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", "")}
 
     @property
     def state(self) -> str:
@@ -642,11 +798,12 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
     def _publish(self, err: SDKError) -> None:
         publish(err, self.id)
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         try:
-            self._connect_loop(self._stop)
+            self._connect_loop(stop)
         finally:
-            self._attempted.set()  # also when stopped in a backoff wait: online() must not wait for a dead loop
+            if stop is self._stop:  # a loop that offline() already replaced must not wake the next online()
+                self._attempted.set()  # also when stopped in a backoff wait: online() must not wait for a dead loop
             self._notify_state()
 
     def _connect_loop(self, stop: threading.Event) -> None:
@@ -657,6 +814,9 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 self._attempted.set()
                 break
             except Exception as exc:
+                if stop.is_set():  # offline() aborted the attempt: not a failure of the access point
+                    _log.debug("%s: connection attempt ended by offline() (%s)", self.id, exc)
+                    break
                 failures += 1
                 permanent = bool(getattr(exc, "permanent", False))
                 with self._lock:
@@ -683,12 +843,19 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         with self._lock:
             self._ap_attempts += 1
         certs = self._certs_dir()
-        ap = ApClient(self.id, self._entry_url(), certs, self.seed_password)
+        ap = self._new_ap_client(certs)
+        with self._lock:
+            if stop.is_set():
+                return
+            self._connecting_aps.add(ap)  # offline() aborts it while it signs in or fetches the config
         try:
             ap.connect()
         except BaseException:
             ap.auth_client.close()
             raise
+        finally:
+            with self._lock:
+                self._connecting_aps.discard(ap)
         with self._lock:
             if stop.is_set():
                 ap.sign_out()
@@ -698,6 +865,8 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
             self.heartbeat_server = ap.heartbeat_server
             self.message_server = ap.message_server
             hb = HeartbeatClient(self.id, ap.heartbeat_server, certs, self.seed_password)
+            hb.auth_client.max_reply = self.limits.http_reply_max
+            hb.auth_client.on_limit = self._limit_crossed
             hb.set_on_recv_invite(self._on_invite)
             hb.on_state_change = self._on_heartbeat_state
             try:
@@ -740,23 +909,52 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 _log.exception("on_state_change callback of %s raised", self.id)
 
     def _on_invite(self, invite) -> None:
-        """A UDP invite from the heartbeat: join the session (0.1.99 auto-accepted every invite)."""
+        """A UDP invite from the heartbeat: join the session (0.1.99 auto-accepted every invite).
+
+        A datagram is forgeable, so it is only a hint (trust.md §1): it is acted on only if that sends nothing
+        secret to anyone new. An invite without a session id is ignored; one naming a message server outside the
+        trust domain is refused (counted under ``status()["trust"]["refused"]["invite"]``), so the agent never
+        signs in there; one that would need more than ``limits.message_clients_max`` message clients is refused
+        and counted under ``limits_crossed``. Nothing refused is retried.
+        """
+        session_id = str(getattr(invite, "SessionId", "") or "")
+        if not session_id:
+            _log.info("%s: UDP invite without a session id ignored", self.id)
+            return
         sm = self.session_manager
         if sm is None:
             _log.warning("%s: invite to session %s arrived while messaging is not running; ignored", self.id,
-                         getattr(invite, "SessionId", "?"))
+                         session_id)
             return
         try:
             session = sm.join_session(invite)
+        except (UntrustedHostError, LimitExceeded) as exc:  # counted and logged once where it was refused
+            _log.debug("%s: invite to session %s refused: %s", self.id, session_id, exc)
+            return
         except RuntimeError as exc:  # offline() stopped the session manager while the invite was on its way
-            _log.info("%s: invite to session %s ignored: %s", self.id, getattr(invite, "SessionId", "?"), exc)
+            _log.info("%s: invite to session %s ignored: %s", self.id, session_id, exc)
             return
         self._history("create_session", self.id, session.session_id, "", "", "public")
+
+    # --- the local LLM gateway (api.md §3.9) --------------------------------------------------------------------
+    def get_llm_url(self, target_aid: str) -> str:
+        """``http://127.0.0.1:<port>/<target_aid>``: an OpenAI client's ``base_url`` for that agent."""
+        return llm_server.get_base_url(self, target_aid)
+
+    def get_llm_api_key(self) -> str:
+        """The bearer key with which OpenAI clients call as this identity (64 hex characters)."""
+        llm_server.add_llm_aid(self)
+        return llm_server.get_llm_api_key(self.id)
+
+    def add_llm_api_key(self, aid_str: str, llm_api_key: str) -> bool:
+        """Accept ``llm_api_key`` as a key of this identity; False if ``aid_str`` is not this identity, or the key
+        is unusable (see ``llm_server.add_llm_api_key``)."""
+        return aid_str == self.id and llm_server.add_llm_api_key(self, llm_api_key)
 
     # --- access point -------------------------------------------------------------------------------------------
     def init_ap_client(self) -> None:
         """Create the access point client, sign in and fetch the config (one attempt; failures are logged)."""
-        ap = ApClient(self.id, self._entry_url(), self._certs_dir(), self.seed_password)
+        ap = self._new_ap_client(self._certs_dir())
         ap.initialize()
         with self._lock:
             self.ap_client = ap
@@ -764,6 +962,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
                 self.heartbeat_server = ap.heartbeat_server
             if ap.message_server:
                 self.message_server = ap.message_server
+
+    def _new_ap_client(self, certs: str) -> ApClient:
+        return ApClient(self.id, self._entry_url(), certs, self.seed_password, limits=self.limits,
+                        on_limit=self._limit_crossed)
 
     def _ap(self) -> ApClient:
         if self.ap_client is None:
@@ -794,7 +996,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin):
         return self._ap().sync_public_files(self.public_data_path)
 
     def delete_public_file(self, file_path: str) -> None:
-        path = file_path if os.path.isabs(file_path) else os.path.join(self.public_data_path, file_path)
+        """Delete ``file_path`` (relative to the public directory, or absolute inside it) locally and on the access
+        point. ``ValueError`` for a name outside the public directory once ``..`` and symlinks are resolved (0.1.99
+        deleted whatever the name pointed at, including the agent's own key)."""
+        path = resolve_inside(self.public_data_path, file_path, field="public file name")
         try:
             os.remove(path)
         except OSError as exc:

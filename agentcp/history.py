@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+from agentcp.base.names import resolve_inside
+
 _log = logging.getLogger("agentcp.history")
 
 __all__ = ["HistoryMixin", "blocks_text"]
@@ -247,10 +249,7 @@ class HistoryMixin:
         ``filename`` may name a subdirectory but must stay inside the public directory. (0.1.99 always raised
         ``AttributeError`` here.)
         """
-        public = os.path.realpath(getattr(self, "public_data_path"))
-        target = os.path.realpath(os.path.join(public, str(filename)))
-        if not filename or os.path.commonpath([public, target]) != public or target == public:
-            raise ValueError(f"filename {filename!r} must name a file inside the public directory")
+        target = resolve_inside(getattr(self, "public_data_path"), filename, field="public file name")
         if not os.path.isfile(file_path):
             _log.error("%s: save_public_file: %s is not a file", self.id, file_path)
             return False

@@ -47,3 +47,33 @@ def agents(tmp_path, network):
     yield make
     for aid in made:
         aid.offline()
+
+
+def delivered(result, timeout: float = 5.0) -> bool:
+    """True if a live ``SendResult`` settles as delivered within ``timeout`` (sends return before the ack)."""
+    return result.wait(timeout) and result.status == "delivered"
+
+
+def until(pred, timeout: float = 5.0, what: str = "condition"):
+    """Poll ``pred`` until it returns something truthy (returned); fails the test after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.005)
+
+
+def pair_in_session(agents, network):
+    """``(alice, bob, session_id)``: two agents online, bob invited into alice's new session and joined."""
+    a, b = agents("alice"), agents("bob")
+    a.online()
+    b.online()
+    sid = a.create_session("chat", "")
+    assert sid and a.invite_member(sid, b.id)
+    until(lambda: b.session_manager.get(sid) is not None, what="b joined")
+    network.messages.wait_for(lambda: b.id in network.messages.members(sid))
+    return a, b, sid

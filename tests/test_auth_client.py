@@ -72,11 +72,11 @@ def _pem(cert) -> str:
 
 @pytest.fixture(scope="module")
 def server_pki():
-    """A test root CA and a server certificate it signed directly (no AIA)."""
+    """A test root CA and a server certificate it signed directly (no AIA), naming the server's host."""
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _cert("Fake Test Root", root_key, ca=True)
     leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = _cert("fake-server", leaf_key, issuer=root, issuer_key=root_key)
+    leaf = _cert("fake-server", leaf_key, issuer=root, issuer_key=root_key, san_ip="127.0.0.1")
     return {"root": root, "leaf": leaf, "leaf_key": leaf_key}
 
 

@@ -1,6 +1,7 @@
 """examples/ run unmodified against ``python -m agentcp devserver``, each in its own process."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -91,28 +92,36 @@ class Proc:
         return f"--- stdout\n{''.join(self.out)}--- stderr\n{''.join(self.err[-60:])}"
 
 
-def test_examples_do_not_import_the_testing_package():
-    for script in ("echo_agent.py", "conversation.py"):
-        source = (EXAMPLES / script).read_text(encoding="utf-8")
-        assert "agentcp.testing" not in source and "from agentcp import AgentCP" in source
-
-
-@pytest.mark.skipif(not _messaging_available(), reason="messaging core (message server, AgentID sending) not in yet")
-def test_echo_conversation_over_the_devserver(tmp_path):
+@contextlib.contextmanager
+def echo_network(tmp_path: Path) -> Iterator[Tuple[dict, List[Proc], Proc, Proc]]:
+    """The devserver and ``echo_agent.py`` (online), each in its own process: ``(env, procs, server, echo)``.
+    ``env`` has the ``AGENTCP_AP_URL`` for more scripts; append them to ``procs``; all are killed at the end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTCP_")}
     env["PYTHONUNBUFFERED"] = "1"
     procs: List[Proc] = []
     try:
         server = Proc([sys.executable, "-m", "agentcp", "devserver", "--port", "0"], env, tmp_path)
         procs.append(server)
-        url = server.wait_for(r"^export AGENTCP_AP_URL=(\S+)", 10).group(1)
-        env["AGENTCP_AP_URL"] = url  # the only setting the scripts get
-
+        env["AGENTCP_AP_URL"] = server.wait_for(r"^export AGENTCP_AP_URL=(\S+)", 10).group(1)  # the only setting
         echo = Proc([sys.executable, str(EXAMPLES / "echo_agent.py"), "--data", str(tmp_path / "echo")], env,
                     tmp_path)
         procs.append(echo)
         echo.wait_for(r"^ready echo\.agentunion\.cn online=True", 15)
+        yield env, procs, server, echo
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
 
+
+def test_examples_do_not_import_the_testing_package():
+    for script in ("echo_agent.py", "conversation.py", "llm_gateway.py"):
+        source = (EXAMPLES / script).read_text(encoding="utf-8")
+        assert "agentcp.testing" not in source and "from agentcp import AgentCP" in source
+
+
+@pytest.mark.skipif(not _messaging_available(), reason="messaging core (message server, AgentID sending) not in yet")
+def test_echo_conversation_over_the_devserver(tmp_path):
+    with echo_network(tmp_path) as (env, procs, server, echo):
         talk = Proc([sys.executable, str(EXAMPLES / "conversation.py"), "--data", str(tmp_path / "alice"),
                      "--peer", "echo.agentunion.cn", "--count", "5", "--timeout", "8"], env, tmp_path)
         procs.append(talk)
@@ -139,28 +148,12 @@ def test_echo_conversation_over_the_devserver(tmp_path):
         assert "echo agent stopped" in "".join(echo.out)
         assert "Traceback" not in "".join(echo.err), echo.transcript()
         assert server.stop(signal.SIGTERM) == 0, server.transcript()
-    finally:
-        for proc in reversed(procs):
-            proc.kill()
 
 
 def test_echo_agent_goes_online_and_stops_cleanly_on_sigterm(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTCP_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    procs: List[Proc] = []
-    try:
-        server = Proc([sys.executable, "-m", "agentcp", "devserver", "--port", "0"], env, tmp_path)
-        procs.append(server)
-        env["AGENTCP_AP_URL"] = server.wait_for(r"^export AGENTCP_AP_URL=(\S+)", 10).group(1)
-        echo = Proc([sys.executable, str(EXAMPLES / "echo_agent.py"), "--data", str(tmp_path / "echo")], env,
-                    tmp_path)
-        procs.append(echo)
-        echo.wait_for(r"^ready echo\.agentunion\.cn online=True", 15)
+    with echo_network(tmp_path) as (_env, _procs, server, echo):
         started = time.monotonic()
         assert echo.stop(signal.SIGTERM) == 0, echo.transcript()
         assert time.monotonic() - started < 8
         assert "echo agent stopped" in "".join(echo.out) and "Traceback" not in "".join(echo.err)
         assert server.stop(signal.SIGTERM) == 0
-    finally:
-        for proc in reversed(procs):
-            proc.kill()

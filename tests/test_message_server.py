@@ -165,9 +165,10 @@ def test_session_lifecycle_relay_ack_members_and_dismissal(acp_server, ms, token
     first[0] &= 0x7F  # FIN off
     a.sock.sendall(bytes(first) + encode_frame(OP_CONT, text[10:], mask=True))
     got = b.recv("session_message")
-    assert got["message_id"] == "m1" and got["sender"] == "ann.example.com"
+    assert got["message_id"].isdigit() and got["sender"] == "ann.example.com"  # the server's own sequence
     assert a.recv("session_message_ack") == {"session_id": sid, "message_id": "m1", "request_id": "m1",
-                                              "status_code": 200, "message": "ok", "offline_receivers": []}
+                                              "status_code": 200, "message": "ok", "offline_receivers": [],
+                                              "server_msg_id": got["message_id"]}
     a.send("get_member_list", {"session_id": sid, "request_id": "ml"})
     members = a.recv("get_member_list_ack")
     assert {m["agent_id"]: m["role"] for m in members["member_list"]} == {"ann.example.com": "owner",
@@ -194,9 +195,13 @@ def test_rejoin_replays_what_was_missed(acp_server, ms, token):
 
     def msg(mid):
         a.send("session_message", {"message_id": mid, "session_id": sid, "ref_msg_id": "",
-                                   "sender": "ann.example.com", "receiver": "bob.example.com", "message": "%5B%5D",
+                                   "sender": "ann.example.com", "receiver": "bob.example.com", "message": mid,
                                    "timestamp": "1"})
         a.recv("session_message_ack")
+
+    def received(n):
+        frames = [b.recv("session_message") for _ in range(n)]
+        return [f["message"] for f in frames], [f["message_id"] for f in frames]
 
     msg("1")
     msg("2")
@@ -204,16 +209,21 @@ def test_rejoin_replays_what_was_missed(acp_server, ms, token):
     join = {"session_id": sid, "request_id": "j", "inviter_agent_id": "ann.example.com", "invite_code": code,
             "last_msg_id": "0"}
     b.send("join_session_req", join)
-    assert [b.recv("session_message")["message_id"] for _ in range(2)] == ["1", "2"]  # never pushed before
+    texts, ids = received(2)
+    assert texts == ["1", "2"]  # never pushed before
+    assert len(set(ids)) == 2 and all(i.isdigit() for i in ids)  # relayed under the server's own sequence
     msg("3")
-    assert b.recv("session_message")["message_id"] == "3"
+    assert received(1)[0] == ["3"]
     b.close()
     msg("4")
     b = connect(acp_server, ms, "bob.example.com", tb)
-    b.send("join_session_req", dict(join, last_msg_id="2"))  # bob saw up to 2 (3 was lost in his socket)
-    assert [b.recv("session_message")["message_id"] for _ in range(2)] == ["3", "4"]
-    # a server restart forgets the session (the agent-level tests check that re-joins bring it back)
+    b.send("join_session_req", dict(join, last_msg_id=ids[1]))  # bob saw up to 2 (3 was lost in his socket)
+    assert received(2)[0] == ["3", "4"]
+    # a restart keeps sessions and members (a server with a database) ...
     ms.restart()
+    assert ms.sessions() == [sid] and set(ms.members(sid)) == {"ann.example.com", "bob.example.com"}
+    # ... unless told to forget them
+    ms.restart(forget_sessions=True)
     assert ms.sessions() == []
     b.close()
     a.close()

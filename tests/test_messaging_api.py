@@ -10,17 +10,8 @@ from collections import Counter
 import pytest
 
 from agentcp.context import ErrorContext
+from conftest import delivered, until as _until
 
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _threads():
@@ -52,7 +43,8 @@ def test_send_receive_reply_with_0199_message_shape(agents, network):
 
     a.add_message_handler(lambda msg: replies.append(msg))
     result = a.send_message_content(session_id=sid, to_aid_list=[b.id], llm_content="hello")
-    assert result and result == True and result.status == "delivered"  # noqa: E712
+    assert result and result == True  # noqa: E712  (at once: written, the ack is on its way)
+    assert delivered(result)
     _until(lambda: replies, what="reply")
     msg = got[0]
     assert {"session_id", "message_id", "ref_msg_id", "sender", "receiver", "message", "timestamp"} <= set(msg)
@@ -151,7 +143,7 @@ def test_server_restart_forgets_sessions_and_everyone_rejoins(agents, network):
     network.messages.restart()
     _until(lambda: a.status()["messaging"]["auth_rejections"] >= 1 and b.status()["messaging"]["sign_ins"] >= 2)
     network.messages.wait_for(lambda: set(network.messages.members(sid)) == {a.id, b.id}, timeout=5)
-    assert a.send_message_content(sid, [b.id], "after restart").status == "delivered"
+    assert a.send_message_content(sid, [b.id], "after restart").wait(5)
     _until(lambda: got == ["after restart"])
 
 
@@ -253,7 +245,7 @@ def test_quick_send_and_the_misspelt_aliases(agents, network):
         replies.append(a.get_content_from_message(msg))
 
     result = a.quick_send_messsage_content(b.id, "hi", on_reply)
-    assert result and result.status == "delivered"
+    assert result and delivered(result)
     sid = a.quick_send_messsage(b.id, "hey", lambda msg: on_reply(msg))
     assert isinstance(sid, str) and sid
     _until(lambda: sorted(replies) == ["re: hey", "re: hi"])
@@ -292,7 +284,7 @@ def test_offline_receiver_gives_a_synthetic_error_message(agents, network):
     got = []
     a.add_message_handler(got.append)
     result = a.send_message_content(sid, ["ghost.example.com"], "anyone?")
-    assert result.status == "delivered" and result.offline_receivers == ["ghost.example.com"]
+    assert delivered(result) and result.offline_receivers == ["ghost.example.com"]
     _until(lambda: got)
     block = json.loads(got[0]["message"])[0]
     assert block["type"] == "error" and "ghost.example.com" in block["content"]

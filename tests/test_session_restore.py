@@ -10,7 +10,7 @@ import pytest
 from agentcp import AgentCP
 from agentcp.base.backoff import Backoff
 
-from conftest import fast_messaging
+from conftest import delivered, fast_messaging, until as _until
 
 
 @pytest.fixture
@@ -29,16 +29,6 @@ def _load(tmp_path, network, made, name: str):
     aid = fast_messaging(acp.create_aid("example.com", name))
     made.append(aid)
     return aid
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _joins(network, aid, sid):
@@ -66,9 +56,9 @@ def test_session_survives_offline_online_and_a_process_restart(tmp_path, network
     network.messages.wait_for(lambda: len(_joins(network, a, sid)) > joins_before)
     assert _joins(network, a, sid)[-1]["invite_code"] == code
     assert a.session_manager.get(sid).identifying_code == code
-    assert a.send_message_content(sid, [b.id], "back again").status == "delivered"
+    assert delivered(a.send_message_content(sid, [b.id], "back again"))
     _until(lambda: at_b == ["back again"], what="b got a's message")
-    assert b.send_message_content(sid, [a.id], "welcome back").status == "delivered"
+    assert delivered(b.send_message_content(sid, [a.id], "welcome back"))
     _until(lambda: at_a == ["welcome back"], what="a receives in the re-joined session")
 
     # 2. process restart: a new AgentCP on the same data directory knows nothing in memory ...
@@ -80,12 +70,12 @@ def test_session_survives_offline_online_and_a_process_restart(tmp_path, network
     got2 = []
     a2.add_message_handler(lambda m: got2.append(a2.get_content_from_message(m)))
     # ... and restores ownership from the history on first use, re-joining with the stored code
-    assert a2.send_message_content(sid, [b.id], "after restart").status == "delivered"
+    assert delivered(a2.send_message_content(sid, [b.id], "after restart"))
     session = a2.session_manager.get(sid)
     assert session is not None and session.identifying_code == code
     _until(lambda: "after restart" in at_b, what="b got the message sent after the restart")
     network.messages.wait_for(lambda: _joins(network, a2, sid) and _joins(network, a2, sid)[-1]["invite_code"] == code)
-    assert b.send_message_content(sid, [a2.id], "hi again").status == "delivered"
+    assert delivered(b.send_message_content(sid, [a2.id], "hi again"))
     _until(lambda: got2 == ["hi again"], what="a2 receives in the restored session")
     assert [c["session_id"] for c in a2.get_conversation_list(1, 10)] == [sid]
     assert any("after restart" in r["content"] for r in a2.get_message_list(sid, 1, 50))

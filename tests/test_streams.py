@@ -14,7 +14,7 @@ import pytest
 from agentcp.msg.stream_client import StreamClientConfig, signed_url
 from agentcp.msg.websocket_file_receiver import download_file_via_websocket
 
-from conftest import FAST
+from conftest import FAST, until as _until
 
 
 def stream_config(**changes):
@@ -32,16 +32,6 @@ def agents(agents):
         return aid
 
     return make
-
-
-def _until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.005)
 
 
 def _stream_threads():

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from agentcp.base.client import IClient
 from agentcp.base.http import DEFAULT_TIMEOUT
+from agentcp.base.limits import DEFAULT_LIMITS
+from agentcp.base.names import InvalidNameError, resolve_inside
 from agentcp.context.exceptions import AuthError, TransientAuthError
 
 _log = logging.getLogger("agentcp.ap")
@@ -26,13 +28,21 @@ def ap_api_base(server_url: str) -> str:
     return base if base.endswith("/api/accesspoint") else base + "/api/accesspoint"
 
 
+def _inside(root: str, path: str) -> bool:
+    try:
+        resolve_inside(root, path)
+        return True
+    except InvalidNameError:
+        return False
+
+
 class ApClient(IClient):
     """``ApClient(agent_id, server_url, aid_path, seed_password)``: ``server_url`` is the entry URL
     (``https://acp3.<domain>`` or an ``AGENTCP_AP_URL`` override); ``aid_path`` is the certs directory and
     ``seed_password`` the hashed seed."""
 
     def __init__(self, agent_id: str, server_url: str, aid_path: str, seed_password: str, *,
-                 timeout=DEFAULT_TIMEOUT, verify=None) -> None:
+                 timeout=DEFAULT_TIMEOUT, verify=None, limits=DEFAULT_LIMITS, on_limit=None) -> None:
         from agentcp.base.auth_client import AuthClient
 
         self.agent_id = agent_id
@@ -44,8 +54,11 @@ class ApClient(IClient):
         self.heartbeat_server = ""
         self.message_server = ""
         self.config: Dict[str, Any] = {}
+        #: Largest reply body (``Limits.http_reply_max``) and largest public file downloaded.
+        self.max_reply = limits.http_reply_max
+        self.max_file = limits.public_file_max
         self.auth_client = AuthClient(agent_id, self.server_url, aid_path, seed_password, timeout=timeout,
-                                      verify=verify)
+                                      verify=verify, max_reply=limits.http_reply_max, on_limit=on_limit)
 
     # --- IClient ------------------------------------------------------------------------------------------------
     def get_headers(self) -> Dict[str, str]:
@@ -53,6 +66,14 @@ class ApClient(IClient):
 
     def current_signature(self) -> Optional[str]:
         return self.auth_client.signature
+
+    def _http_session(self):
+        return self.auth_client._abortable  # one session: abort() also cuts uploads and downloads short
+
+    def abort(self) -> None:
+        """Make a request of this client that another thread is blocked in (sign-in, config, data, files) fail at
+        once, e.g. during ``offline()``. The client stays usable."""
+        self.auth_client.abort()
 
     @property
     def signature(self) -> Optional[str]:
@@ -167,6 +188,8 @@ class ApClient(IClient):
                 if name == "temp.json" or name.startswith("."):
                     continue
                 path = os.path.join(dirpath, name)
+                if os.path.islink(path) and not _inside(root, path):
+                    continue  # a link out of the public folder is not the agent's public data
                 try:
                     st = os.stat(path)
                     h = hashlib.sha256()
@@ -190,35 +213,45 @@ class ApClient(IClient):
         return str(item)
 
     def _local_path(self, root: str, name: str) -> Optional[str]:
-        candidate = name if os.path.isabs(name) else os.path.join(root, name)
-        real_root = os.path.realpath(root)
-        real = os.path.realpath(candidate)
-        if real != real_root and not real.startswith(real_root + os.sep):
-            _log.warning("ignoring file %r outside the public directory", name)
+        try:
+            return resolve_inside(root, name)
+        except InvalidNameError as exc:
+            _log.warning("ignoring a file the access point named: %s", exc)
             return None
-        return real
 
     def _upload(self, path: str) -> bool:
         import requests
 
         url = f"{self.server_url}/upload_file"
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return False
+        connect, read = self.timeout if isinstance(self.timeout, (tuple, list)) else (self.timeout, self.timeout)
+        # The whole-request deadline grows with the file (at least 64 KiB/s), so a large upload is not cut short.
+        timeout = (connect, float(read) + size / 65536.0)
         for attempt in (0, 1):
             try:
                 with open(path, "rb") as fh:
-                    resp = requests.post(
-                        url,
+                    resp = self._file_request(
+                        "POST", url, timeout, max_bytes=self.max_reply, bound="http_reply_max",
                         data={"agent_id": self.agent_id, "signature": self.auth_client.signature or "",
                               "file_name": os.path.basename(path)},
                         files={"file": (os.path.basename(path), fh)},
-                        **self._kwargs(url),
                     )
-            except (OSError, requests.RequestException) as exc:
+            except (OSError, ValueError, requests.RequestException) as exc:
                 _log.warning("upload of %s failed: %s", os.path.basename(path), type(exc).__name__)
                 return False
             if resp.status_code == 401 and attempt == 0 and self.sign_in():
                 continue
             return 200 <= resp.status_code < 300
         return False
+
+    def _file_request(self, method: str, url: str, timeout, *, max_bytes: int, bound: str, **kwargs):
+        from agentcp.base.http import request_limited
+
+        return request_limited(self._http_session(), method, url, timeout=timeout, verify=self.verify,
+                               max_bytes=max_bytes, bound=bound, **kwargs)
 
     def _download(self, root: str, name: str) -> bool:
         import requests
@@ -232,20 +265,30 @@ class ApClient(IClient):
         for attempt in (0, 1):
             params = {"file_name": name, "agent_id": self.agent_id, "signature": self.auth_client.signature or ""}
             try:
-                resp = requests.get(url, params=params, **self._kwargs(url))
-            except requests.RequestException as exc:
-                _log.warning("download of %s failed: %s", name, type(exc).__name__)
+                resp = self._file_request("GET", url, self.timeout, max_bytes=self.max_file,
+                                          bound="public_file_max", params=params)
+            except (ValueError, requests.RequestException) as exc:
+                _log.warning("download of %s failed: %s", name, exc if isinstance(exc, ValueError)
+                             else type(exc).__name__)
                 return False
             if resp.status_code == 401 and attempt == 0 and self.sign_in():
                 continue
             if not 200 <= resp.status_code < 300:
+                return False
+            # Resolved again right before writing: a symlink planted meanwhile must not redirect the write.
+            target = self._local_path(root, name)
+            if target is None:
                 return False
             atomic_write(target, resp.content)
             return True
         return False
 
     def sync_public_files(self, file_path) -> bool:
-        """Send the list of files under ``file_path``; upload/download what the server asks for."""
+        """Send the list of files under ``file_path``; upload/download what the server asks for.
+
+        Names the server returns are confined to ``file_path`` (``..``, absolute paths elsewhere and symlinks that
+        point out are refused and logged).
+        """
         if not os.path.isdir(file_path):
             _log.warning("public directory %s does not exist", file_path)
             return False

@@ -31,16 +31,20 @@ from .credentials import AgentCredentials
 from .http import (
     DEFAULT_TIMEOUT,
     AbortableSession,
-    TLS_VERIFY_ENV,
+    ReplyTooLarge,
+    RequestDeadlineExceeded,
     Timeout,
     VerifySetting,
     env_flag,
-    no_proxy_for,
     parse_retry_after,
+    request_limited,
     resolve_verify,
+    tls_failure_text,
     user_agent,
 )
-from .server_auth import fetch_issuer_http, verify_server_response
+from .limits import DEFAULT_LIMITS, LimitExceeded
+from .server_auth import check_server_identity, fetch_issuer_http, verify_server_response
+from .trust import MAX_NONCE_LENGTH, looks_like_nonce, url_host
 
 __all__ = ["AuthClient", "STRICT_SERVER_AUTH_ENV"]
 
@@ -92,6 +96,8 @@ class AuthClient:
         sleep: Optional[Callable[[float], None]] = None,
         rand: Optional[Callable[[], float]] = None,
         session: Optional[requests.Session] = None,
+        max_reply: int = DEFAULT_LIMITS.http_reply_max,
+        on_limit: Optional[Callable[[LimitExceeded], None]] = None,
     ) -> None:
         self.agent_id = agent_id
         self.server_url = (server_url or "").rstrip("/")
@@ -101,7 +107,8 @@ class AuthClient:
         self.is_retry = False
         #: The error of the last failed sign-in (``None`` after a success).
         self.last_error: Optional[SDKError] = None
-        #: "verified" (server proved its identity), "unauthenticated" (it did not) or None (not yet known).
+        #: "verified" (server proved its identity), "unauthenticated" (it did not), "host-mismatch" (it signed with
+        #: a trusted certificate that does not name this server; refused in strict mode) or None (not yet known).
         self.server_auth_state: Optional[str] = None
         #: Sign-in attempts made by this client (each is one challenge/proof exchange).
         self.attempts = 0
@@ -111,6 +118,10 @@ class AuthClient:
         #: ``None`` follows ``AGENTCP_STRICT_SERVER_AUTH``.
         self.strict_server_auth = strict_server_auth
         self.backoff = backoff
+        #: Largest reply body read from the server (``Limits.http_reply_max``); a longer one fails the request.
+        self.max_reply = max_reply
+        #: Called with a :class:`LimitExceeded` when a reply crosses ``max_reply`` (the AgentID counts it).
+        self.on_limit = on_limit
         self._sleep = sleep
         self._rand = rand if rand is not None else random.random
         self._owns_session = session is None
@@ -121,6 +132,7 @@ class AuthClient:
         self._generation = 0
         self._last_result: Optional[Dict[str, Any]] = None
         self._warned_unauthenticated = False
+        self._warned_host_mismatch = False
         self._credentials: Optional[AgentCredentials] = None
 
     # -- small helpers --------------------------------------------------------------------------------------
@@ -173,22 +185,32 @@ class AuthClient:
 
     # -- HTTP -----------------------------------------------------------------------------------------------
     def _send(self, path: str, payload: Dict[str, Any], what: str) -> Dict[str, Any]:
-        """POST ``payload`` as JSON; the reply object of a 2xx, else a classified :class:`AuthError`."""
+        """POST ``payload`` as JSON; the reply object of a 2xx, else a classified :class:`AuthError`.
+
+        The whole request has one deadline (:func:`~agentcp.base.http.total_deadline` of ``timeout``) and the
+        reply body is read with the cap ``max_reply`` (trust.md rule 4).
+        """
         url = self._url(path)
         try:
-            response = self._session.post(
+            response = request_limited(
+                self._abortable if self._abortable is not None else self._session,
+                "POST",
                 url,
                 json=payload,
                 headers=self.get_headers(),
                 timeout=self.timeout,
-                verify=self._verify_setting(),
-                proxies=no_proxy_for(url),
+                verify=self.verify,
+                max_bytes=self.max_reply,
             )
+        except ReplyTooLarge as exc:
+            self._limit_crossed(exc)
+            raise TransientAuthError(f"{what}: {exc}") from None
         except requests.exceptions.SSLError as exc:
             raise TLSVerificationError(
-                f"{what}: the TLS certificate of {url} could not be verified ({_short(exc)}); "
-                f"set {TLS_VERIFY_ENV}=0 (or AuthClient(verify=False)) only for a test server you trust"
+                f"{what}: " + tls_failure_text(url, exc, override="AuthClient(verify=False)")
             ) from None
+        except RequestDeadlineExceeded as exc:
+            raise TransientAuthError(f"{what}: {exc}") from None
         except requests.exceptions.Timeout:
             raise TransientAuthError(
                 f"{what}: {url} did not answer in time ({self._timeout_text()})"
@@ -201,10 +223,16 @@ class AuthClient:
         except requests.exceptions.RequestException as exc:
             raise TransientAuthError(f"{what}: cannot reach {url} ({type(exc).__name__}: {_short(exc)})") \
                 from None
+        return self._classify(response, url, what)
+
+    def _limit_crossed(self, exc: ReplyTooLarge) -> None:
+        callback = self.on_limit
+        if callback is None:
+            return
         try:
-            return self._classify(response, url, what)
-        finally:
-            response.close()
+            callback(LimitExceeded(exc.bound, exc.limit, exc.url))
+        except Exception:  # reporting must never break the caller
+            _log.debug("on_limit callback failed", exc_info=True)
 
     def _classify(self, response: requests.Response, url: str, what: str) -> Dict[str, Any]:
         status = response.status_code
@@ -243,8 +271,8 @@ class AuthClient:
         cert = challenge.get("cert")
         signature = challenge.get("signature")
         if isinstance(cert, str) and cert and isinstance(signature, str) and signature:
-            verify_server_response(self.agent_id, request_id, cert, signature, fetch=self._fetch_issuer)
-            self.server_auth_state = "verified"
+            leaf = verify_server_response(self.agent_id, request_id, cert, signature, fetch=self._fetch_issuer)
+            self._check_identity(leaf)
             return
         self.server_auth_state = "unauthenticated"
         if self._strict():
@@ -261,6 +289,36 @@ class AuthClient:
                 self.server_url, STRICT_SERVER_AUTH_ENV,
             )
 
+    def _check_identity(self, leaf: Any) -> None:
+        """trust.md rule 3: a chain to a trusted root is not enough, the certificate must name this server.
+
+        Strict mode refuses a certificate that does not; otherwise the sign-in goes on (as 0.1.99 did), a warning
+        is logged once and :attr:`server_auth_state` says ``host-mismatch``.
+        """
+        try:
+            host = url_host(self.server_url)[1]
+        except ValueError:
+            host = ""
+        labels = host.split(".")
+        domain = ".".join(labels[1:]) if len(labels) > 2 else ""
+        problem = check_server_identity(leaf, host, domain)
+        if problem is None:
+            self.server_auth_state = "verified"
+            return
+        self.server_auth_state = "host-mismatch"
+        if self._strict():
+            raise ServerAuthError(
+                f"{self.server_url} did not prove it is {host!r}: {problem}; strict server authentication is on "
+                f"({STRICT_SERVER_AUTH_ENV} or strict_server_auth=True)"
+            )
+        if not self._warned_host_mismatch:
+            self._warned_host_mismatch = True
+            _log.warning(
+                "server %s signed its challenge with a trusted certificate that does not name it (%s); continuing "
+                "for compatibility. Set %s=1 to refuse such servers", self.server_url, problem,
+                STRICT_SERVER_AUTH_ENV,
+            )
+
     def _exchange(self) -> Dict[str, Any]:
         """One challenge/proof exchange; the step-2 reply."""
         self.attempts += 1
@@ -274,6 +332,13 @@ class AuthClient:
             raise TransientAuthError(
                 f"sign-in challenge: server returned no nonce ({self._url('sign_in')} answered without a "
                 "non-empty 'nonce')"
+            )
+        if not looks_like_nonce(nonce):
+            # trust.md rule 2: the agent's key signs challenges, never a text a server chose (it could be a
+            # statement the server wants the agent's signature on). A protocol error, permanent for this server.
+            raise PermanentAuthError(
+                f"sign-in challenge: {self._url('sign_in')} sent a nonce that is not a challenge (not 1-"
+                f"{MAX_NONCE_LENGTH} hex/base64url characters, got {len(nonce)} characters); nothing was signed"
             )
         self._authenticate_server(challenge, request_id)
         proof = {
@@ -385,22 +450,21 @@ class AuthClient:
         self.signature = None
         url = self._url("sign_out")
         try:
-            response = self._session.post(
+            response = request_limited(
+                self._abortable if self._abortable is not None else self._session,
+                "POST",
                 url,
                 json={"agent_id": self.agent_id, "signature": token},
                 headers=self.get_headers(),
                 timeout=self.timeout,
-                verify=self._verify_setting(),
-                proxies=no_proxy_for(url),
+                verify=self.verify,
+                max_bytes=self.max_reply,
             )
-            try:
-                if 200 <= response.status_code < 300:
-                    _log.debug("signed out %s from %s", self.agent_id, self.server_url)
-                else:
-                    _log.warning("sign-out of %s from %s answered HTTP %d", self.agent_id, self.server_url,
-                                 response.status_code)
-            finally:
-                response.close()
+            if 200 <= response.status_code < 300:
+                _log.debug("signed out %s from %s", self.agent_id, self.server_url)
+            else:
+                _log.warning("sign-out of %s from %s answered HTTP %d", self.agent_id, self.server_url,
+                             response.status_code)
         except Exception as exc:
             _log.warning("sign-out of %s from %s failed (%s); the session will expire on the server",
                          self.agent_id, self.server_url, type(exc).__name__)

@@ -43,34 +43,53 @@ class IClient(abc.ABC):
                 body = dict(body, signature=token)
         return params, body
 
-    def _kwargs(self, url: str) -> Dict[str, Any]:
-        from agentcp.base.http import no_proxy_for, resolve_verify
+    #: Largest reply body read (``Limits.http_reply_max``).
+    max_reply: int = 1 << 20
 
-        return {"timeout": self.timeout, "verify": resolve_verify(self.verify), "proxies": no_proxy_for(url)}
+    def _http_session(self) -> Any:
+        """The session requests go through (an :class:`~agentcp.base.http.AbortableSession` if the subclass has
+        one, so ``abort()`` and the whole-request deadline can cut a request short); ``None``: a one-off."""
+        return None
+
+    def _request(self, method: str, url: str, **kwargs: Any):
+        """One whole request with a total deadline and a capped reply (:func:`~agentcp.base.http.request_limited`)."""
+        from agentcp.base.http import request_limited
+
+        return request_limited(self._http_session(), method, url, timeout=self.timeout, verify=self.verify,
+                               max_bytes=self.max_reply, **kwargs)
 
     def get_request(self, url, params=None, headers=None, is_retry=True):
-        """GET; the response, or ``None`` for a 4xx/5xx status or a network error."""
+        """GET; the response, or ``None`` for a 4xx/5xx status, a network error, a deadline or a reply too large."""
         import requests
 
         try:
-            resp = requests.get(url, params=params, headers=headers, **self._kwargs(url))
+            resp = self._request("GET", url, params=params, headers=headers)
             if resp.status_code == 401 and is_retry and self.sign_in():
                 params, _ = self._refresh(params, None)
                 return self.get_request(url, params=params, headers=headers, is_retry=False)
             resp.raise_for_status()
             return resp
-        except requests.RequestException as exc:
-            _log.warning("GET %s failed: %s", url.split("?")[0], type(exc).__name__)
+        except (requests.RequestException, ValueError) as exc:
+            _log.warning("GET %s failed: %s", url.split("?")[0], _describe(exc))
             return None
 
     def post_request(self, url, data=None, json=None, headers=None, is_retry=True):
-        """POST; the response (any status). Network errors raise ``requests.RequestException``."""
-        import requests
-
-        resp = requests.post(url, data=data, json=json, headers=headers, **self._kwargs(url))
+        """POST; the response (any status). Network errors, deadlines and replies over the cap raise
+        ``requests.RequestException`` / :class:`~agentcp.base.http.ReplyTooLarge` (a ``ValueError``)."""
+        resp = self._request("POST", url, data=data, json=json, headers=headers)
         if resp.status_code == 401 and is_retry and self.sign_in():
             _, json = self._refresh(None, json)
             if isinstance(data, dict):
                 data, _ = self._refresh(data, None)
             return self.post_request(url, data=data, json=json, headers=headers, is_retry=False)
         return resp
+
+
+def _describe(exc: BaseException) -> str:
+    # The class name only for network errors (their text can carry the URL and its token query); our own
+    # deadline / size errors say what happened without the query.
+    from agentcp.base.http import ReplyTooLarge, RequestDeadlineExceeded
+
+    if isinstance(exc, (ReplyTooLarge, RequestDeadlineExceeded)):
+        return str(exc)
+    return type(exc).__name__

@@ -7,6 +7,8 @@ material or passwords.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as _dt
 import hashlib
 import logging
@@ -21,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentcp.context.exceptions import CredentialError
 
-__all__ = ["hash_seed", "AgentCredentials", "split_pem_certificates", "load_private_key_pem", "cert_validity"]
+__all__ = ["hash_seed", "AgentCredentials", "split_pem_certificates", "load_private_key_pem", "cert_validity",
+           "pem_damage"]
 
 _log = logging.getLogger("agentcp.auth")
 
@@ -42,6 +45,12 @@ def load_private_key_pem(data: Union[str, bytes], passwords: Sequence[str], what
     Raises :class:`CredentialError` saying what to do; the message never contains a password or key material.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    damage = pem_damage(raw)
+    if damage is not None:  # told apart from a wrong password: no password can open a damaged file
+        raise CredentialError(
+            f"{what} is damaged or truncated ({damage}); it is not a seed password problem. Restore the "
+            "identity's key file from a backup (or create a new identity)"
+        )
     if b"ENCRYPTED" in raw:
         for password in passwords:
             try:
@@ -56,6 +65,36 @@ def load_private_key_pem(data: Union[str, bytes], passwords: Sequence[str], what
         return serialization.load_pem_private_key(raw, password=None)
     except (ValueError, TypeError):
         raise CredentialError(f"{what} is not a PEM private key; restore the identity's key file") from None
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+
+
+def pem_damage(raw: bytes) -> Optional[str]:
+    """Why the PEM private key in ``raw`` is structurally damaged (truncated, cut base64, a DER length that does
+    not match the data), or ``None`` if it looks whole or is not PEM at all (the caller says "not a PEM private
+    key" then). Pure: no password is tried."""
+    if b"-----BEGIN" not in raw:
+        return None
+    match = _PEM_BLOCK.search(raw)
+    if match is None:
+        return "the PEM block has no matching 'END' line: the file was cut short"
+    body = b"".join(match.group(2).split())
+    try:
+        der = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        return "the PEM body is not valid base64"
+    if len(der) < 2 or der[0] != 0x30:
+        return "the PEM body is not a DER structure"
+    size, offset = der[1], 2
+    if size & 0x80:
+        count = size & 0x7F
+        if count == 0 or count > 4 or len(der) < 2 + count:
+            return "the DER length is malformed"
+        size, offset = int.from_bytes(der[2:2 + count], "big"), 2 + count
+    if offset + size != len(der):
+        return f"the DER data is {len(der)} bytes but declares {offset + size}: the key was cut or padded"
+    return None
 
 
 def cert_validity(cert: x509.Certificate) -> Tuple[_dt.datetime, _dt.datetime]:

@@ -3,10 +3,17 @@
 They work before anything is configured (0.1.99 raised ``AttributeError`` until ``AgentCP()`` ran): they log to
 the ``agentcp`` logger, which has a ``NullHandler`` until the application configures logging or calls
 :func:`set_log_enabled`.
+
+Tokens never reach a log (trust.md rule 6): the SDK's own lines are written without them, and
+:class:`RedactSecrets` (installed by :func:`install_redaction` when this module is imported, i.e. by
+``import agentcp``) rewrites ``signature=``, ``token=`` and ``cookie=`` query values to ``***`` in the DEBUG lines
+of urllib3's connection pool and websocket-client, which print request lines with their query strings, and in
+the stderr handler of :func:`set_log_enabled`. Installing a filter opens nothing and starts nothing.
 """
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Optional
 
@@ -15,6 +22,41 @@ from .env import Environ
 VERBOSE = logging.DEBUG - 1
 _ROOT_NAME = "agentcp"
 logging.getLogger(_ROOT_NAME).addHandler(logging.NullHandler())
+
+# ``name=value`` pairs whose value is a secret: signature (session tokens), *token, *cookie (sign cookies).
+_SECRET_PAIR = re.compile(r"((?:signature|token|cookie)=)[^&\s'\"#;,]+", re.IGNORECASE)
+#: Loggers of other libraries that log request URLs (query strings included) at DEBUG.
+REDACTED_LOGGERS = ("urllib3.connectionpool", "websocket")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the values of ``signature=``, ``token=`` and ``cookie=`` pairs replaced by ``***``."""
+    return _SECRET_PAIR.sub(r"\1***", text)
+
+
+class RedactSecrets(logging.Filter):
+    """A logging filter that rewrites secret query values in a record's message to ``***`` (never drops it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: logging reports it itself when it formats; leave it alone
+            return True
+        clean = redact_secrets(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_redaction() -> None:
+    """Put one :class:`RedactSecrets` on every logger of :data:`REDACTED_LOGGERS` (idempotent)."""
+    for name in REDACTED_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in target.filters):
+            target.addFilter(RedactSecrets())
+
+
+install_redaction()
 
 logger: Optional[logging.Logger] = None
 log_enabled = True
@@ -41,6 +83,7 @@ def get_logger(name: str = _ROOT_NAME, level=None) -> logging.Logger:
     if _handler is None:
         _handler = logging.StreamHandler(sys.stderr)
         _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        _handler.addFilter(RedactSecrets())
     if _handler not in log.handlers:
         log.addHandler(_handler)
     return log

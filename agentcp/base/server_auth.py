@@ -6,7 +6,10 @@ Fixes of 0.1.99 (liveness.md §2.4-2.5, defects D-S2..D-S5):
 * fetched issuers are cached only after the whole chain validated, in a bounded cache with a TTL (D-S3, D-S5);
 * a chain must end at a trust anchor from the trust store, so a self-signed certificate whose AIA points to itself
   fails; validity dates, the CA flag of issuers, path length and issuer/subject name chaining are checked (D-S4);
-* AIA issuers may be PEM or DER.
+* AIA issuers may be PEM or DER;
+* :func:`check_server_identity` (trust.md rule 3): the certificate must name the host contacted, so a certificate
+  that merely chains to a trusted root (an ordinary agent's, or the real server's relayed by someone else) does
+  not identify a server.
 
 The trust store starts with the AgentUnion Root CA (§5.7). :func:`add_trusted_root` adds more (the fake test
 server uses it); ``AGENTCP_CA_ROOT`` names a PEM file or a directory of ``*.crt``/``*.pem`` files read at
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import ipaddress
 import logging
 import os
 import threading
@@ -26,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from agentcp.context.exceptions import ServerAuthError
 
@@ -44,6 +48,7 @@ __all__ = [
     "clear_issuer_cache",
     "fetch_issuer_http",
     "verify_server_response",
+    "check_server_identity",
 ]
 
 _log = logging.getLogger("agentcp.auth")
@@ -450,3 +455,77 @@ def verify_server_response(
     _verify_chain(leaf, extras, fetch, when)
     _log.debug("server certificate %s verified", _name(leaf))
     return leaf
+
+
+# -- identity (trust.md rule 3) ---------------------------------------------------------------------------------
+
+
+def _ip(text: str) -> "Optional[ipaddress._BaseAddress]":
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _dns_matches(pattern: str, host: str, domain: str) -> bool:
+    """``pattern`` (a SAN DNS name or CN) names ``host``: equal, or ``*.<parent>`` with ``host`` one label below a
+    parent of at least two labels that lies under the network ``domain`` (when one is known)."""
+    pattern = pattern.strip().lower().rstrip(".")
+    if not pattern:
+        return False
+    if pattern == host:
+        return True
+    if not pattern.startswith("*."):
+        return False
+    parent = pattern[2:]
+    label, _, rest = host.partition(".")
+    if not label or rest != parent or "*" in parent or parent.count(".") < 1:
+        return False
+    return not domain or parent == domain or parent.endswith("." + domain)
+
+
+def check_server_identity(cert: x509.Certificate, host: str, domain: str = "") -> Optional[str]:
+    """``None`` if ``cert`` identifies the server ``host``; otherwise why not (trust.md rule 3).
+
+    A certificate identifies ``host`` when a SAN names it (a DNS name equal to it, a wildcard ``*.<parent>`` under
+    the network ``domain``, or, for an IP host, an IP address SAN equal to it). A certificate without SANs may name
+    a DNS host in its CN, but only if it is marked for servers (extended key usage serverAuth): an agent's
+    certificate carries its AID as CN, and an AID can look like a host name. A certificate whose extended key
+    usage excludes serverAuth never identifies a server.
+    """
+    host = (host or "").strip().lower().rstrip(".")
+    domain = (domain or "").strip().lower().rstrip(".")
+    subject = _name(cert)
+    if not host:
+        return "no host to check the server certificate against"
+    try:
+        eku = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        usages = set(eku)
+    except x509.ExtensionNotFound:
+        usages = None
+    except ValueError:
+        return f"certificate {subject} has an unreadable extended key usage"
+    server_marked = usages is not None and bool(
+        usages & {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE})
+    if usages is not None and not server_marked:
+        return f"certificate {subject} is not a server certificate (its extended key usage excludes serverAuth)"
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    except x509.ExtensionNotFound:
+        san = None
+    except ValueError:
+        return f"certificate {subject} has an unreadable subjectAltName"
+    address = _ip(host)
+    if san is not None:
+        if address is not None:
+            if any(ip == address for ip in san.get_values_for_type(x509.IPAddress)):
+                return None
+        elif any(_dns_matches(name, host, domain) for name in san.get_values_for_type(x509.DNSName)):
+            return None
+        return f"certificate {subject} does not name the server {host!r} in its subjectAltName"
+    if address is None and server_marked:
+        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if any(isinstance(n, str) and _dns_matches(n, host, domain) for n in names):
+            return None
+    return (f"certificate {subject} does not identify the server {host!r} (no subjectAltName naming it"
+            + ("" if address is not None else ", and no serverAuth certificate whose CN names it") + ")")

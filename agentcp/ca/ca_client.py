@@ -17,6 +17,16 @@ from typing import Any, Dict, Optional, Tuple
 from cryptography.hazmat.primitives import serialization
 
 from agentcp.base.env import Environ
+from agentcp.base.http import (
+    AbortableSession,
+    ReplyTooLarge,
+    RequestDeadlineExceeded,
+    request_limited,
+    tls_failure_text,
+)
+from agentcp.base.limits import DEFAULT_LIMITS
+from agentcp.base.names import check_aid
+from agentcp.base.trust import looks_like_nonce
 from agentcp.context.exceptions import CredentialError
 
 from .identity_store import (
@@ -57,7 +67,8 @@ def _api_base(ca_server: str) -> str:
 class CAClient:
     """``CAClient(ca_server, aid_path, seed_password, timeout=30)``; ``seed_password`` is the hashed seed (hex)."""
 
-    def __init__(self, ca_server, aid_path, seed_password: str, timeout=30, *, verify=None) -> None:
+    def __init__(self, ca_server, aid_path, seed_password: str, timeout=30, *, verify=None,
+                 max_reply: int = DEFAULT_LIMITS.http_reply_max) -> None:
         server = ca_server or Environ.CA_SERVER.get("")
         if not isinstance(server, str) or not server.startswith(("http://", "https://")):
             raise ValueError(f"CA server URL must start with http:// or https:// (got {server!r})")
@@ -66,28 +77,38 @@ class CAClient:
         self.seed_password = seed_password
         self.timeout = timeout
         self.verify = verify
+        #: Largest reply body read from the CA (``Limits.http_reply_max``).
+        self.max_reply = max_reply
         self.store = IdentityStore(aid_path)
+        self._http: Optional[AbortableSession] = None
 
     # --- HTTP ---------------------------------------------------------------------------------------------------
     def _request_timeout(self) -> Tuple[float, float]:
         read = float(self.timeout) if self.timeout else 30.0
         return (min(3.0, read), read)
 
+    def abort(self) -> None:
+        """Make a CA request another thread is blocked in fail at once (the client stays usable)."""
+        if self._http is not None:
+            self._http.abort()
+
     def _request(self, method: str, endpoint: str, payload: Optional[Dict[str, Any]] = None) -> Tuple[int, Any]:
+        """One CA request (whole-request deadline, reply capped): ``(status, JSON body or None)``; CAError if the
+        CA cannot be reached, its TLS certificate cannot be verified, or its reply is too large."""
         import requests
 
-        from agentcp.base.http import no_proxy_for, resolve_verify
-
         url = f"{self.ca_server}/{endpoint}"
+        if self._http is None:
+            self._http = AbortableSession()
         try:
-            resp = requests.request(
-                method,
-                url,
-                json=payload,
-                timeout=self._request_timeout(),
-                verify=resolve_verify(self.verify),
-                proxies=no_proxy_for(url),
-            )
+            resp = request_limited(self._http, method, url, json=payload, timeout=self._request_timeout(),
+                                   verify=self.verify, max_bytes=self.max_reply)
+        except ReplyTooLarge as exc:
+            raise CAError(f"CA {endpoint}: {exc}", transient=True) from None
+        except requests.exceptions.SSLError as exc:
+            raise CAError(f"CA {endpoint}: " + tls_failure_text(self.ca_server, exc)) from None
+        except RequestDeadlineExceeded as exc:
+            raise CAError(f"CA {endpoint}: {exc}", transient=True) from None
         except requests.RequestException as exc:
             raise CAError(f"CA {endpoint} unreachable at {self.ca_server}: {type(exc).__name__}", transient=True) from None
         try:
@@ -215,6 +236,9 @@ class CAClient:
                 transient=status >= 500 or status in (0, 429) or (status == 200),
             )
         nonce = str(body["nonce"])
+        if not looks_like_nonce(nonce):  # trust.md rule 2: sign a challenge, never a text the server chose
+            raise CAError(f"CA renewal of {agent_id}: the CA sent a nonce that is not a challenge; nothing was "
+                          "signed", status=status)
         csr_pem = build_csr(agent_id, key).public_bytes(serialization.Encoding.PEM).decode("ascii")
         payload = {
             "id": agent_id,
@@ -287,9 +311,11 @@ class CAClient:
         if status != 200 or not isinstance(body, dict) or any(k not in body for k in needed):
             raise CAError(f"CA did not issue a guest identity: {self._error_text(status, body)}", status=status,
                           transient=status >= 500 or status in (0, 429))
-        guest = str(body["guest_aid"])
-        if not guest or "/" in guest or "\\" in guest or guest.startswith("."):
-            raise CAError(f"CA returned an unusable guest AID {guest!r}")
+        guest = body["guest_aid"]
+        try:
+            check_aid(guest, field="guest AID from the CA")
+        except (TypeError, ValueError) as exc:
+            raise CAError(f"CA returned an unusable guest AID: {exc}") from None
         key = decrypt_private_key(body["key"], self.seed_password, aid=guest)
         self.store.save_identity(guest, key, body["cert"], self.seed_password)
         return guest

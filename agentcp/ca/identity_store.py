@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agentcp.base.credentials import cert_validity, hash_seed, load_private_key_pem
+from agentcp.base.names import check_aid, is_valid_aid
 from agentcp.context.exceptions import CredentialError
 
 _log = logging.getLogger("agentcp.ca")
@@ -205,12 +206,14 @@ class IdentityStore:
     def __init__(self, aid_path: str) -> None:
         self.aid_path = aid_path
 
-    # paths
+    # paths: every one goes through aid_dir, which refuses an AID that is not a DNS name (trust.md rule 5)
     def aid_dir(self, aid: str) -> str:
-        return os.path.join(self.aid_path, aid)
+        """``<aid_path>/<aid>``; ``ValueError`` (``TypeError`` for a non-string) if ``aid`` is not a DNS name
+        (``/``, ``\\``, NUL, ``..``, an absolute path: anything that could leave ``aid_path``)."""
+        return os.path.join(self.aid_path, check_aid(aid))
 
     def certs_dir(self, aid: str) -> str:
-        return os.path.join(self.aid_path, aid, "private", "certs")
+        return os.path.join(self.aid_dir(aid), "private", "certs")
 
     def key_path(self, aid: str) -> str:
         return os.path.join(self.certs_dir(aid), aid + ".key")
@@ -243,7 +246,7 @@ class IdentityStore:
             raise
         out = []
         for name in names:
-            if name.startswith("."):
+            if name.startswith(".") or not is_valid_aid(name):
                 continue
             labels = name.split(".")
             if len(labels) >= 3 and all(labels) and os.path.isdir(os.path.join(self.aid_path, name)):
@@ -340,6 +343,7 @@ class IdentityStore:
 
     def _all_dirs(self) -> List[str]:
         try:
-            return sorted(n for n in os.listdir(self.aid_path) if os.path.isdir(os.path.join(self.aid_path, n)))
+            return sorted(n for n in os.listdir(self.aid_path)
+                          if is_valid_aid(n) and os.path.isdir(os.path.join(self.aid_path, n)))
         except FileNotFoundError:
             return []

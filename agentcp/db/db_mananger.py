@@ -34,6 +34,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from agentcp._legacy.signatures import selfless
+
 __all__ = ["DBManager", "DB_FILE_NAME", "SCHEMA_SQL"]
 
 _log = logging.getLogger("agentcp.db")
@@ -417,11 +419,11 @@ class DBManager:
                                 _opt_str("description", description), _json_text("post_data", post_data)))
             return int(cur.lastrowid)
 
-    def update_conversation_config(self, conversation_id, aid, avaurl=None, description=None,
-                                   post_data=None) -> int:
-        """Update the given (non-None) fields of a member row; returns the number of rows changed."""
-        sid = _require_str("conversation_id", conversation_id)
-        member = _require_str("aid", aid)
+    def update_conversation_config(self, config_id, avaurl=None, description=None, post_data=None) -> int:
+        """Update the given (non-None) fields of the ``chat_config`` row ``config_id`` (the row id
+        :meth:`add_conversation_config` returned); returns the number of rows changed (0 or 1)."""
+        if isinstance(config_id, bool) or not isinstance(config_id, (int, str)) or not str(config_id).isdigit():
+            raise ValueError(f"config_id must be a row id (int), got {config_id!r}")
         sets, params = [], []
         for col, value in (("avaurl", avaurl), ("description", description)):
             if value is not None:
@@ -433,8 +435,7 @@ class DBManager:
         if not sets:
             return 0
         with self._write() as conn:
-            cur = conn.execute(f"UPDATE chat_config SET {', '.join(sets)} WHERE session_id = ? AND aid = ?",
-                               (*params, self._id_param(sid), member))
+            cur = conn.execute(f"UPDATE chat_config SET {', '.join(sets)} WHERE id = ?", (*params, int(config_id)))
             return cur.rowcount
 
     # --- messages -------------------------------------------------------------------------------------------
@@ -451,6 +452,7 @@ class DBManager:
         with self._write() as conn:
             return self._insert_row(conn, row)
 
+    @selfless  # 0.1.99 declared it without self; DBManager.save_message(message) keeps that signature
     def save_message(self, message: Dict[str, Any]) -> bool:
         """Store a message sent or received; returns True if stored, False if it was already there.
 

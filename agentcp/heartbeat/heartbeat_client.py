@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import BLACKOUT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
+from agentcp.base.names import InvalidNameError, check_host, check_port
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
 from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, SignInHealth, State
@@ -175,6 +176,7 @@ class HeartbeatClient:
         self._lock = threading.RLock()
         self._machine = self._new_machine()
         self._stop = threading.Event()
+        self._halted_running = False  # halt() stopped a running client: offline() still has to leave the reactor
         self._online_event = threading.Event()
         self._server_addr: Optional[Tuple[str, int]] = None
         self._have_session = False
@@ -247,13 +249,9 @@ class HeartbeatClient:
         Safe to call from any thread, including a callback. No callback runs after it returns (unless it was
         called from that callback itself).
         """
+        self.halt()
         with self._lock:
-            was_running = self.is_running
-            self.is_running = False
-            self.is_sending_heartbeat = False
-            self._stop.set()
-            self._machine.stop(self._clock())
-            self._flush_state_changes()
+            was_running, self._halted_running = self._halted_running, False
         if was_running:
             self._reactor.call(self._reactor_stop, wait=True)
         current = threading.current_thread()
@@ -274,6 +272,17 @@ class HeartbeatClient:
         self._reactor.join_stopped()
         if was_running:
             log.info("heartbeat for %s stopped", self.agent_id)
+
+    def halt(self) -> None:
+        """The non-blocking first half of :meth:`offline`: from now on no beat is sent and no queued callback
+        runs (one already running finishes). :meth:`offline` completes the stop and joins the threads."""
+        with self._lock:
+            self._halted_running = self._halted_running or self.is_running
+            self.is_running = False
+            self.is_sending_heartbeat = False
+            self._stop.set()
+            self._machine.stop(self._clock())
+            self._flush_state_changes()
 
     def get_online_status(self, aids) -> list:
         """Ask the heartbeat server which of ``aids`` are online; ``[]`` if that cannot be known (logged)."""
@@ -647,16 +656,20 @@ class HeartbeatClient:
 
     @staticmethod
     def _parse_sign_in_reply(reply: Any) -> Tuple[str, int, int]:
+        """``(server_ip, port, sign_cookie)`` of a sign-in reply, strictly typed: a port of ``1.9`` or ``true``,
+        or a server address with a NUL or other junk, is refused with an error naming the field."""
         if not isinstance(reply, dict):
             raise TransientAuthError("heartbeat sign-in reply is not a JSON object")
-        server_ip = reply.get("server_ip")
         try:
-            port = int(reply.get("port") or 0)
-            cookie = int(reply.get("sign_cookie"))
-        except (TypeError, ValueError) as exc:
-            raise TransientAuthError("heartbeat sign-in reply has a malformed port or sign_cookie") from exc
-        if not server_ip or not isinstance(server_ip, str) or not 0 < port < 65536 or not 0 <= cookie < 2**64:
-            raise TransientAuthError("heartbeat sign-in reply lacks server_ip, port or sign_cookie")
+            server_ip = check_host(reply.get("server_ip"), field="heartbeat sign-in reply field 'server_ip'")
+            port = check_port(reply.get("port"), field="heartbeat sign-in reply field 'port'")
+        except InvalidNameError as exc:
+            raise TransientAuthError(str(exc)) from None
+        cookie = reply.get("sign_cookie")
+        if isinstance(cookie, str) and cookie.isdigit() and cookie.isascii():
+            cookie = int(cookie)
+        if isinstance(cookie, bool) or not isinstance(cookie, int) or not 0 <= cookie < 2**64:
+            raise TransientAuthError("heartbeat sign-in reply field 'sign_cookie' must be an integer 0..2^64-1")
         return server_ip, port, cookie
 
     # ------------------------------------------------------------------------------------------------------------

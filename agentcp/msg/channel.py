@@ -144,7 +144,10 @@ class Channel:
         self._ping_deadline = 0.0
         self._next_ping_at = 0.0
         self._outbox: Deque[OutItem] = deque()
-        self._inflight: "OrderedDict[Hashable, OutItem]" = OrderedDict()
+        # Written items awaiting their ack, oldest first (keyed by the item: several may share an ack key, e.g. a
+        # 0.1.99-style burst whose ids are one millisecond stamp), and per ack key the items in write order.
+        self._inflight: "OrderedDict[int, OutItem]" = OrderedDict()
+        self._by_ack_key: Dict[Hashable, Deque[OutItem]] = {}
         self._seen: "OrderedDict[Hashable, None]" = OrderedDict()
         self._state_changes: List[Tuple[ConnectionState, ConnectionState]] = []
 
@@ -193,6 +196,7 @@ class Channel:
         self._ping_outstanding = False
         left = list(self._inflight.values()) + list(self._outbox)
         self._inflight.clear()
+        self._by_ack_key.clear()
         self._outbox.clear()
         self._set_state(ConnectionState.DISCONNECTED)
         return left
@@ -295,6 +299,7 @@ class Channel:
         if self._inflight:
             items = list(self._inflight.values())
             self._inflight.clear()
+            self._by_ack_key.clear()
             self._outbox.extendleft(reversed(items))
         self._need_connect = True
         self._set_state(ConnectionState.RECONNECTING)
@@ -357,16 +362,34 @@ class Channel:
             self.counters.resent += 1
         if item.ack_key is None:
             return
-        self._inflight[item.ack_key] = item
-        self._inflight.move_to_end(item.ack_key)
+        if id(item) not in self._inflight:
+            self._by_ack_key.setdefault(item.ack_key, deque()).append(item)
+        self._inflight[id(item)] = item
+        self._inflight.move_to_end(id(item))
         while len(self._inflight) > self.config.max_queue_size:
             # A server that never acks must not make the channel grow without bound: stop tracking the oldest.
-            self._inflight.popitem(last=False)
+            _, oldest = self._inflight.popitem(last=False)
+            self._forget_key(oldest)
+
+    def _forget_key(self, item: OutItem) -> None:
+        same = self._by_ack_key.get(item.ack_key)
+        if same is not None:
+            try:
+                same.remove(item)
+            except ValueError:
+                pass
+            if not same:
+                del self._by_ack_key[item.ack_key]
             self.counters.unconfirmed += 1
 
     def acked(self, ack_key: Hashable) -> Optional[OutItem]:
         """The server acknowledged ``ack_key``; the item (if it was in flight or still queued) or None."""
-        item = self._inflight.pop(ack_key, None)
+        same = self._by_ack_key.get(ack_key)
+        item = same.popleft() if same else None
+        if item is not None:
+            if not same:
+                del self._by_ack_key[ack_key]
+            self._inflight.pop(id(item), None)
         if item is None:
             for queued in self._outbox:  # an ack for a copy written before the loss; no need to resend it
                 if queued.ack_key == ack_key:
@@ -379,9 +402,9 @@ class Channel:
 
     def oldest_inflight(self, predicate: Callable[[OutItem], bool]) -> Optional[Hashable]:
         """The ack key of the oldest in-flight item matching ``predicate`` (for acks that carry no id)."""
-        for key, item in self._inflight.items():
+        for item in self._inflight.values():
             if predicate(item):
-                return key
+                return item.ack_key
         return None
 
     @property

@@ -6,7 +6,8 @@
   them (bounded by ``handler_timeout``), so the order of a session holds for async handlers too.
 * A handler that raises is reported (log + :class:`~agentcp.context.ErrorContext`), is called once, and never
   stops dispatching.
-* :meth:`Dispatcher.stop`: nothing new starts, queued work is dropped, every thread is joined.
+* :meth:`Dispatcher.stop`: nothing new starts, queued work is dropped, every thread is joined (by a reaper thread
+  when a handler itself calls it, so it never waits for itself).
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class Dispatcher:
         self._stopped = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
+        self._reaper: Optional[threading.Thread] = None
         self._logged: Set[str] = set()
         self.counters: Dict[str, int] = {"dispatched": 0, "handler_errors": 0, "timeouts": 0, "dropped": 0}
 
@@ -100,17 +102,42 @@ class Dispatcher:
     def stopped(self) -> bool:
         return self._stopped
 
-    def stop(self, timeout: Optional[float] = 30.0) -> None:
-        """Drop queued work, wait for running handlers, stop the loop and join every thread. Idempotent."""
+    def halt(self) -> None:
+        """Non-blocking: nothing new starts from now on and queued work is dropped; running handlers finish."""
         with self._lock:
             self._stopped = True
             dropped = sum(len(q) for q in self._queues.values())
             self.counters["dropped"] += dropped
             self._queues.clear()
             self._ready.clear()
-            threads = list(self._threads)
             self._lock.notify_all()
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Drop queued work, wait for running handlers, stop the loop and join every thread. Idempotent.
+
+        Called from a handler (one of this dispatcher's threads, or a coroutine on its loop) it must not wait for
+        itself: it halts, returns at once and leaves the joins to a short-lived reaper thread (joined by the next
+        ``stop()``, or at interpreter exit), which finishes once that handler has returned.
+        """
+        self.halt()
         current = threading.current_thread()
+        with self._lock:
+            own = current in self._threads or current is self._loop_thread
+            reaper = self._reaper
+            if own:
+                if reaper is None or not reaper.is_alive():
+                    # Not a daemon: the interpreter waits for it (bounded by ``timeout``) at exit.
+                    self._reaper = threading.Thread(target=self._join_all, args=(timeout, None),
+                                                    name=f"{self.name}-reaper")
+                    self._reaper.start()
+                return
+        if reaper is not None and reaper is not current:
+            reaper.join(timeout)
+        self._join_all(timeout, current)
+
+    def _join_all(self, timeout: Optional[float], current: Optional[threading.Thread]) -> None:
+        with self._lock:
+            threads = list(self._threads)
         for thread in threads:
             if thread is not current:
                 thread.join(timeout)

@@ -20,6 +20,7 @@ Compatible with 0.1.99's ``agentcp.msg.message_client`` (``ConnectionState``, ``
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import re
@@ -27,7 +28,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import websocket
 
@@ -37,6 +38,7 @@ from agentcp.base.client import IClient
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
+from agentcp.base.http import connect_error_text
 from agentcp.msg.ws import WsConnection as _Conn, sslopt
 
 log = logging.getLogger("agentcp.msg")
@@ -90,8 +92,9 @@ class MessageClientConfig:
     # --- new ---
     #: Seconds a ping waits for any frame before the connection counts as dead (None: ping_interval / 2).
     pong_timeout: Optional[float] = None
-    #: How long ``send_message`` waits for the server's ack while connected (0: do not wait).
-    ack_timeout: float = 5.0
+    #: How long ``send_message`` waits for the server's ack while connected. 0 (the default): it returns as soon
+    #: as the message is written or queued, with a live :class:`SendResult` that settles when the ack arrives.
+    ack_timeout: float = 0.0
     #: Socket write timeout (and the reader's idle wake-up period).
     send_timeout: float = 10.0
     reconnect_backoff: Backoff = RECONNECT_BACKOFF
@@ -101,6 +104,8 @@ class MessageClientConfig:
     immediate_reconnect_gap: float = 1.0
     #: TLS verification of ``wss://``: None follows AGENTCP_TLS_VERIFY (default on); False or a CA bundle path.
     verify: Any = None
+    #: On stop, how long to wait (while connected) for messages already written or queued to be acknowledged.
+    drain_timeout: float = 2.0
 
     def channel_config(self) -> ChannelConfig:
         return ChannelConfig(
@@ -127,17 +132,46 @@ class SendStatus(str, enum.Enum):
 
 class SendResult:
     """What became of a message. Truthy unless it FAILED; compares equal to ``True``/``False`` accordingly, so
-    0.1.99 code testing ``if aid.send_message(...)`` or ``== True`` keeps working."""
+    0.1.99 code testing ``if aid.send_message(...)`` or ``== True`` keeps working.
 
-    __slots__ = ("status", "message_id", "error", "status_code", "offline_receivers")
+    A result returned while the message is still on its way is *live*: ``status`` moves from ``queued`` to
+    ``sent`` to a final state (``delivered`` when the server acknowledged it, ``failed`` with ``error``; ``sent``
+    is final only where the server does not acknowledge). Wait for it with :meth:`wait`, ``await result`` in async
+    code, or :meth:`add_done_callback`.
+    """
+
+    __slots__ = ("_status", "message_id", "_error", "_status_code", "_offline", "_ticket")
 
     def __init__(self, status: SendStatus, message_id: str = "", error: Optional[str] = None,
-                 status_code: Optional[int] = None, offline_receivers: Optional[List[str]] = None) -> None:
-        self.status = status
+                 status_code: Optional[int] = None, offline_receivers: Optional[List[str]] = None, *,
+                 ticket: Optional["Ticket"] = None) -> None:
+        self._status = status
         self.message_id = message_id
-        self.error = error
-        self.status_code = status_code
-        self.offline_receivers = list(offline_receivers or [])
+        self._error = error
+        self._status_code = status_code
+        self._offline = list(offline_receivers or [])
+        self._ticket = ticket
+
+    @classmethod
+    def live(cls, ticket: "Ticket") -> "SendResult":
+        """A result that follows ``ticket`` until it settles."""
+        return cls(ticket.status, ticket.message_id, ticket=ticket)
+
+    @property
+    def status(self) -> SendStatus:
+        return self._ticket.status if self._ticket is not None else self._status
+
+    @property
+    def error(self) -> Optional[str]:
+        return self._ticket.error if self._ticket is not None else self._error
+
+    @property
+    def status_code(self) -> Optional[int]:
+        return self._ticket.status_code if self._ticket is not None else self._status_code
+
+    @property
+    def offline_receivers(self) -> List[str]:
+        return list(self._ticket.offline_receivers) if self._ticket is not None else self._offline
 
     @property
     def delivered(self) -> bool:
@@ -151,6 +185,43 @@ class SendResult:
     def failed(self) -> bool:
         return self.status is SendStatus.FAILED
 
+    @property
+    def done(self) -> bool:
+        """True once the result is final (it will not change any more)."""
+        return self._ticket is None or self._ticket.done
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the result is final; True if it is (False: ``timeout`` passed first)."""
+        return self._ticket is None or self._ticket.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[["SendResult"], Any]) -> None:
+        """Call ``fn(result)`` once the result is final: at once if it is, else on the thread that settles it
+        (the connection's thread: keep ``fn`` short and never block in it)."""
+        if self._ticket is None:
+            _call_done(fn, self)
+        else:
+            self._ticket.add_done_callback(lambda _t: _call_done(fn, self))
+
+    def __await__(self):
+        if not self.done:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+
+            def settle(_result: "SendResult") -> None:
+                def set_result() -> None:
+                    if not future.done():
+                        future.set_result(None)
+                try:
+                    loop.call_soon_threadsafe(set_result)
+                except RuntimeError:  # the loop was closed meanwhile: nobody is waiting any more
+                    pass
+
+            self.add_done_callback(settle)
+            yield from future.__await__()
+        return self
+
     def __bool__(self) -> bool:
         return self.status is not SendStatus.FAILED
 
@@ -162,7 +233,7 @@ class SendResult:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((self.status, self.message_id))
+        return hash(self.message_id)  # the status of a live result changes; equal results share their id
 
     def __repr__(self) -> str:
         extra = f", error={self.error!r}" if self.error else ""
@@ -171,8 +242,18 @@ class SendResult:
         return f"SendResult({self.status.value}, message_id={self.message_id!r}{extra})"
 
 
+def _call_done(fn: Callable[[SendResult], Any], result: SendResult) -> None:
+    try:
+        fn(result)
+    except Exception:  # a caller's callback bug must not break the connection thread that settled the result
+        log.exception("a SendResult done-callback raised")
+
+
 class Ticket:
     """The sender's handle on one outgoing frame: its status, completed by the writer / the ack."""
+
+    __slots__ = ("message_id", "session_id", "status", "error", "status_code", "offline_receivers", "ack_data",
+                 "_done", "_callbacks")
 
     def __init__(self, message_id: str = "", session_id: str = "") -> None:
         self.message_id = message_id
@@ -183,11 +264,34 @@ class Ticket:
         self.offline_receivers: List[str] = []
         self.ack_data: Optional[Dict[str, Any]] = None
         self._done = threading.Event()
+        self._callbacks: Optional[List[Callable[["Ticket"], Any]]] = None
 
     def _finish(self, status: SendStatus, error: Optional[str] = None) -> None:
-        self.status = status
-        self.error = error
-        self._done.set()
+        with _TICKET_LOCK:
+            if self._done.is_set():
+                return  # settled once: a late ack or a stop after the ack changes nothing
+            self.status = status
+            self.error = error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            fn(self)
+
+    def _mark_sent(self) -> None:
+        """Written to the connection, ack pending (unless it was settled meanwhile: the ack may come first)."""
+        with _TICKET_LOCK:
+            if not self._done.is_set():
+                self.status = SendStatus.SENT
+
+    def add_done_callback(self, fn: Callable[["Ticket"], Any]) -> None:
+        """``fn(ticket)`` once it is finished (at once if it is)."""
+        with _TICKET_LOCK:
+            if not self._done.is_set():
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def wait(self, timeout: Optional[float]) -> bool:
         """Wait until acked or failed; True if that happened within ``timeout``."""
@@ -198,7 +302,26 @@ class Ticket:
         return self._done.is_set()
 
     def result(self) -> SendResult:
-        return SendResult(self.status, self.message_id, self.error, self.status_code, self.offline_receivers)
+        """A live :class:`SendResult` that follows this ticket."""
+        return SendResult.live(self)
+
+
+# One lock for every ticket's settle-or-subscribe step (held for a few instructions; a lock per message would cost
+# more than it saves).
+_TICKET_LOCK = threading.Lock()
+
+
+def replay_key(data: Dict[str, Any]) -> Tuple[str, str, str, bytes]:
+    """What identifies one incoming message, so that only a *replay* of it (the same message delivered again
+    after a re-join) counts as a duplicate: session, sender, message id and a digest of what it says.
+
+    The id alone is not enough: 0.1.99 senders use the millisecond clock as ``message_id`` (a burst shares one),
+    applications may pass their own ids again, and servers may relay the sender's id unchanged.
+    """
+    body = "\x1f".join(str(data.get(k) or "") for k in ("message", "ref_msg_id", "receiver", "timestamp"))
+    digest = hashlib.blake2b(body.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+    return (str(data.get("session_id") or ""), str(data.get("sender") or ""), str(data.get("message_id") or ""),
+            digest)
 
 
 def ws_base_url(server_url: str) -> str:
@@ -250,6 +373,8 @@ class MessageClient(IClient):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected_event = threading.Event()
+        # Set whenever nothing is in flight or queued, or the connection went away (stop() drains on it).
+        self._drained = threading.Event()
         self._machine = Channel(self.config.channel_config())
         self._conn: Optional[_Conn] = None
         self._gen = 0
@@ -307,8 +432,28 @@ class MessageClient(IClient):
         self.start()
         return self.wait_connected(self.config.connection_timeout)
 
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` while connected for everything written or queued to be acknowledged;
+        True if nothing is left (False: time ran out, or the connection is gone)."""
+        deadline = self._clock() + max(0.0, timeout)
+        while True:
+            with self._lock:
+                if not (self._machine.inflight or self._machine.queued):
+                    return True
+                if self._conn is None or self._stop.is_set():
+                    return False
+                self._drained.clear()
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            self._drained.wait(left)
+
     def stop_websocket_client(self) -> None:
-        """Stop: fail queued sends, close the connection and join every thread. Idempotent."""
+        """Stop: let what was already sent be acknowledged (up to ``drain_timeout`` while connected), then
+        settle what is left (written but unconfirmed: ``sent``; never written: ``failed``), close the connection
+        and join every thread. Idempotent."""
+        if threading.current_thread() not in (self._driver, *self._readers):
+            self.drain(self.config.drain_timeout)
         with self._lock:
             left = self._machine.stop(self._clock())
             self._flush_state_changes()
@@ -320,7 +465,11 @@ class MessageClient(IClient):
         for item in left:
             ticket = item.token
             if isinstance(ticket, Ticket) and not ticket.done:
-                ticket._finish(SendStatus.FAILED, "message client stopped before the server confirmed it")
+                if item.attempts > 0:
+                    # Written to the server at least once: it may well have arrived; the ack never came back.
+                    ticket._finish(SendStatus.SENT, "the client stopped before the server acknowledged it")
+                else:
+                    ticket._finish(SendStatus.FAILED, "message client stopped before it was sent")
         if left:
             log.warning("%s: %d outgoing message(s) not confirmed by the server when the client stopped",
                         self.agent_id, len(left))
@@ -349,6 +498,60 @@ class MessageClient(IClient):
                 raise ClientStoppedError(ticket.error)
             raise OutboxFullError(ticket.error)
         return ticket.status is not SendStatus.QUEUED
+
+    # -- 0.1.99's WebSocketApp callbacks. The reader and driver threads handle these events themselves; these entry
+    #    points feed the same events in from outside (a custom transport, a test, code written for 0.1.99). ``ws``
+    #    is the connection (or its socket); an event for a connection that is no longer current is ignored.
+    def _current(self, ws: Any) -> Optional[_Conn]:
+        with self._lock:
+            conn = self._conn
+        if conn is not None and (ws is conn or ws is conn.ws):
+            return conn
+        log.debug("message channel %s: event for a connection that is not current ignored", self.agent_id)
+        return None
+
+    def on_open(self, ws: Any) -> None:
+        """``ws`` is open: the handler's ``on_open`` re-joins the sessions over it (as after every connect)."""
+        conn = self._current(ws)
+        on_open = getattr(self.message_handler, "on_open", None)
+        if conn is not None and on_open is not None:
+            on_open(conn)
+
+    def on_message(self, ws: Any, message: Union[str, bytes]) -> None:
+        """A text frame arrived on ``ws``: an ack completes its send, anything else goes to the handler
+        (duplicates dropped), as for the frames the reader thread reads."""
+        conn = self._current(ws)
+        if conn is None:
+            return
+        with self._lock:
+            self._machine.frame_received(self._clock())
+        text = message.decode("utf-8", "replace") if isinstance(message, (bytes, bytearray)) else str(message)
+        self._on_text(conn, text)
+
+    def on_ping(self, ws: Any, message: Any = None) -> None:
+        """A ping from the server on ``ws``: evidence the connection is alive."""
+        conn = self._current(ws)
+        if conn is not None:
+            with self._lock:
+                self._machine.frame_received(self._clock())
+
+    def on_pong(self, ws: Any, message: Any = None) -> None:
+        """The answer to our ping on ``ws``: evidence the connection is alive."""
+        self.on_ping(ws, message)
+
+    def on_error(self, ws: Any, error: Any) -> None:
+        """An error on ``ws``: reported (once per kind) and the connection is rebuilt."""
+        conn = self._current(ws)
+        text = redact(f"{type(error).__name__}: {error}", self.auth_client.signature)
+        self._report.note("on_error", f"message channel of {self.agent_id}: {text}", MessageChannelError(text))
+        if conn is not None:
+            self._connection_lost(conn, f"error: {type(error).__name__}")
+
+    def on_close(self, ws: Any, close_status_code: Optional[int] = None, close_msg: Any = None) -> None:
+        """``ws`` was closed: the client reconnects (and re-joins) as after any lost connection."""
+        conn = self._current(ws)
+        if conn is not None:
+            self._connection_lost(conn, f"closed ({close_status_code} {close_msg or ''})".replace(" )", ")"))
 
     # ------------------------------------------------------------------------------------------------------------
     # New API
@@ -438,8 +641,7 @@ class MessageClient(IClient):
                     return ticket  # QUEUED
             try:
                 conn.send(text)
-                if not ticket.done:
-                    ticket.status = SendStatus.SENT
+                ticket._mark_sent()
             except (websocket.WebSocketException, OSError) as exc:
                 # An item expecting an ack is in flight: the loss handling puts it back at the head of the outbox.
                 self._requeue_unsent(item)
@@ -563,7 +765,7 @@ class MessageClient(IClient):
                              MessageChannelError(f"handshake rejected with HTTP {status}"))
             return
         except (websocket.WebSocketException, OSError, ValueError) as exc:
-            text = redact(f"{type(exc).__name__}: {exc}", token)
+            text = redact(connect_error_text(exc, self._redacted_url()), token)  # TLS: names AGENTCP_TLS_VERIFY
             with self._lock:
                 self._machine.connect_failed(self._clock(), text)
             self._report.note("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
@@ -642,7 +844,7 @@ class MessageClient(IClient):
                     if item.ack_key is None:
                         ticket._finish(SendStatus.SENT)
                     else:
-                        ticket.status = SendStatus.SENT
+                        ticket._mark_sent()
 
     def _connection_lost(self, conn: _Conn, reason: str) -> None:
         """``conn`` failed or closed: tell the machine (once per connection), wake the driver, unblock the reader."""
@@ -652,6 +854,7 @@ class MessageClient(IClient):
                 self._conn = None
                 now = self._clock()
                 self._machine.connection_lost(now, reason)
+                self._drained.set()
                 self._lost_at = now
                 self._flush_state_changes()
                 self._wake.set()
@@ -724,9 +927,7 @@ class MessageClient(IClient):
             duplicate = False
             message_id = str(data.get("message_id") or "") if cmd == "session_message" else ""
             if message_id:
-                # Keyed with the sender too: 0.1.99 ids are millisecond stamps, so two senders can collide.
-                duplicate = self._machine.seen((str(data.get("session_id") or ""), str(data.get("sender") or ""),
-                                                message_id))
+                duplicate = self._machine.seen(replay_key(data))
         if duplicate:
             log.debug("message channel %s: duplicate message %s in %s dropped", self.agent_id, message_id,
                       data.get("session_id"))
@@ -748,6 +949,8 @@ class MessageClient(IClient):
                 oldest = self._machine.oldest_inflight(
                     lambda it: isinstance(it.token, Ticket) and getattr(it.token, "session_id", "") == session_id)
                 item = self._machine.acked(oldest) if oldest is not None else None
+            if not (self._machine.inflight or self._machine.queued):
+                self._drained.set()
             if item is None:
                 self._extra["acks_unmatched"] += 1
                 return
@@ -763,7 +966,8 @@ class MessageClient(IClient):
         offline = data.get("offline_receivers")
         if isinstance(offline, list):
             ticket.offline_receivers = [str(a) for a in offline]
-        if code in (200, 404) or 200 <= code < 300:
+        if 200 <= code < 300 or (code == 404 and ticket.offline_receivers):
+            # 404 with offline receivers: the server took the message and keeps it for receivers not online.
             ticket._finish(SendStatus.DELIVERED)
         else:
             ticket._finish(SendStatus.FAILED, f"the message server refused the message: {code} "

@@ -28,6 +28,8 @@ import urllib.parse
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from agentcp.base.limits import LimitExceeded
+from agentcp.base.trust import UntrustedHostError
 from agentcp.msg.message_client import (
     MessageClient,
     MessageClientConfig,
@@ -280,9 +282,19 @@ class SessionManager:
     STREAM_TIMEOUT: float = 5.0
     #: Settings of the stream push sockets (None: defaults).
     stream_config: Any = None
+    #: The class of the sessions this manager creates (the 0.1.99 ``Group``/legacy ``Session`` adapters subclass
+    #: :class:`Session`).
+    session_class: type = Session
     #: True: ``Session.last_msg_id`` advances only through :meth:`handled` (the consumer confirms each message it
     #: handled), not when a message is read from the socket. AgentID sets it.
     confirm_handled: bool = False
+    #: ``trust_check(url, purpose) -> bool``: may a sign-in proof or token go to ``url`` (trust.md rule 1)? False
+    #: means refused (the callee counted and logged it). None: every URL is accepted, as in 0.1.99. AgentID sets it.
+    trust_check: Optional[Callable[[str, str], bool]] = None
+    #: Message clients (distinct message servers, the default one included) at most; None: unbounded (0.1.99).
+    max_clients: Optional[int] = None
+    #: Called with the :class:`LimitExceeded` of an invite refused by ``max_clients`` (AgentID counts it).
+    on_limit: Optional[Callable[[LimitExceeded], Any]] = None
 
     def __init__(self, agent_id: str, server_url: str, aid_path: str, seed_password: str, db_mananger: Any = None,
                  *, config: Optional[MessageClientConfig] = None) -> None:
@@ -311,18 +323,57 @@ class SessionManager:
         self.forgotten: Set[str] = set()
 
     # -- clients ------------------------------------------------------------------------------------------------
-    def _client(self, server_url: Optional[str] = None) -> MessageClient:
+    def _client(self, server_url: Optional[str] = None, purpose: str = "message server") -> MessageClient:
+        """The client of ``server_url`` (default: this manager's server), created and started on first use.
+
+        A client for another server signs in there, so it is created only for a trusted URL (``trust_check``,
+        else :class:`UntrustedHostError`) and only while fewer than ``max_clients`` exist (else
+        :class:`LimitExceeded`, reported through ``on_limit``).
+        """
         url = (server_url or self.server_url).rstrip("/")
         with self.lock:
             if self._stopped:
                 raise RuntimeError("the session manager was stopped (agent offline)")
             client = self.message_client_map.get(url)
-            if client is None:
+            if client is not None:
+                return client
+        other = url != self.server_url
+        check = self.trust_check
+        # Asked without this manager's lock: the check calls into the agent, which takes its own lock and, while
+        # holding it, takes this one (offline, a new message server).
+        if other and check is not None and not check(url, purpose):
+            raise UntrustedHostError(f"refused for {purpose}: {url.split('?', 1)[0]} is outside the trust domain",
+                                     purpose=purpose)
+        crossed: Optional[LimitExceeded] = None
+        with self.lock:
+            if self._stopped:
+                raise RuntimeError("the session manager was stopped (agent offline)")
+            client = self.message_client_map.get(url)
+            if client is None and other:
+                crossed = self._over_cap(purpose)
+            if client is None and crossed is None:
                 client = MessageClient(self.agent_id, url, self.aid_path, self.seed_password, config=self.config)
                 client.set_message_handler(self)
                 self.message_client_map[url] = client
                 client.start()
-        return client
+        if crossed is not None:
+            if self.on_limit is not None:
+                self.on_limit(crossed)
+            else:
+                log.warning("%s: %s", self.agent_id, crossed.message)
+            raise crossed
+        return client  # type: ignore[return-value]
+
+    def _over_cap(self, purpose: str) -> Optional[LimitExceeded]:
+        """Lock held: the crossing if one more client for another server would exceed ``max_clients``."""
+        cap = self.max_clients
+        if cap is None:
+            return None
+        others = sum(1 for u in self.message_client_map if u != self.server_url)
+        if others + 1 < cap:   # one slot always belongs to the default server
+            return None
+        return LimitExceeded("message_clients_max", cap, source=f"{purpose} naming another message server",
+                             got=others + 2)
 
     @property
     def message_client(self) -> MessageClient:
@@ -404,7 +455,7 @@ class SessionManager:
         session_id, code = self.create_session_id(name, client, subject, session_type=session_type)
         if session_id is None:
             return None
-        session = Session(self.agent_id, client)
+        session = self.session_class(self.agent_id, client)
         session.session_id, session.identifying_code = session_id, code or ""
         session.name, session.subject, session.type = name, subject, session_type
         session.members = [self.agent_id]
@@ -433,7 +484,11 @@ class SessionManager:
                 if not session.session_id or session.session_id in self.sessions:
                     continue
                 old_url = getattr(session.message_client, "server_url", "") or None
-                client = self._client(old_url)
+                try:
+                    client = self._client(old_url, "session re-join")
+                except (UntrustedHostError, LimitExceeded) as exc:  # counted where refused; the session stays out
+                    log.warning("%s: session %s not carried over: %s", self.agent_id, session.session_id, exc)
+                    continue
                 session.message_client = client
                 session.manager = self
                 session.joined = False
@@ -467,7 +522,7 @@ class SessionManager:
         row = next((r for r in rows or [] if r.get("identifying_code")), None)
         if row is None:
             return None
-        session = Session(self.agent_id, self.message_client)
+        session = self.session_class(self.agent_id, self.message_client)
         session.session_id = session_id
         session.identifying_code = str(row["identifying_code"])
         session.name = str(row.get("name") or "")
@@ -482,10 +537,19 @@ class SessionManager:
         return known
 
     def join_session(self, req: Any) -> Session:
-        """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join."""
-        client = self._client(getattr(req, "MessageServer", "") or None)
-        session = Session(self.agent_id, client)
-        session.session_id = str(getattr(req, "SessionId", ""))
+        """Accept an invite (``InviteMessageReq`` or an object with its fields): create the Session and join.
+
+        Raises ``ValueError`` for an invite without a session id (nothing to join, nothing to re-join later),
+        :class:`UntrustedHostError` when it names a message server outside the trust domain (signing in there
+        would hand it the agent's proof) and :class:`LimitExceeded` when it would need one message client more
+        than ``max_clients``.
+        """
+        session_id = str(getattr(req, "SessionId", "") or "")
+        if not session_id:
+            raise ValueError("invite without a session id ignored")
+        client = self._client(str(getattr(req, "MessageServer", "") or "") or None, "invite")
+        session = self.session_class(self.agent_id, client)
+        session.session_id = session_id
         session.manager = self
         inviter = str(getattr(req, "InviterAgentId", ""))
         session.members = [a for a in (inviter, self.agent_id) if a]
@@ -587,7 +651,7 @@ class SessionManager:
         used as is, without joining, as 0.1.99 did."""
         session = self.restore_session(session_id)
         if session is None:
-            session = Session(self.agent_id, self.message_client)
+            session = self.session_class(self.agent_id, self.message_client)
             session.session_id = session_id
             session.manager = self
             with self.lock:
@@ -619,6 +683,9 @@ class SessionManager:
         push, pull = data.get("push_url"), data.get("pull_url")
         if not push or not pull or not data.get("message_id"):
             return None, str(data.get("error") or data.get("message") or "stream creation refused")
+        check = self.trust_check
+        if check is not None and not check(str(push), "stream push"):   # the push socket carries our token
+            return None, f"refused: the stream push URL is on an untrusted host ({str(push).split('?', 1)[0]})"
         from agentcp.msg.stream_client import StreamClient, StreamClientConfig
 
         auth = session.message_client.auth_client
@@ -665,21 +732,21 @@ class SessionManager:
         with self.lock:
             return any(stream_url in s.stream_client_map for s in self.sessions.values())
 
-    # -- setters (0.1.99) ---------------------------------------------------------------------------------------
-    def set_on_message_receive(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_message_receive = fn
+    # -- setters (0.1.99 parameter names; on_message_recive sic) ------------------------------------------------------
+    def set_on_message_receive(self, on_message_recive: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_message_receive = on_message_recive
 
-    def set_on_invite_ack(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_invite_ack = fn
+    def set_on_invite_ack(self, on_invite_ack: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_invite_ack = on_invite_ack
 
-    def set_on_session_message_ack(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_session_message_ack = fn
+    def set_on_session_message_ack(self, on_session_message_ack: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_session_message_ack = on_session_message_ack
 
-    def set_on_system_message(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_system_message = fn
+    def set_on_system_message(self, on_system_message: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_system_message = on_system_message
 
-    def set_on_member_list_receive(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
-        self.on_member_list_receive = fn
+    def set_on_member_list_receive(self, on_member_list_receive: Callable[[Dict[str, Any]], Any]) -> None:
+        self.on_member_list_receive = on_member_list_receive
 
     # -- message client callbacks (reader / driver threads: quick, no waits) --------------------------------------
     def on_open(self, ws: Any) -> None:
@@ -769,4 +836,9 @@ class SessionManager:
             return
         # join_session may create a client for another server (that starts a thread): not on the reader thread's
         # critical path, but quick (no network wait).
-        self.join_session(req)
+        try:
+            self.join_session(req)
+        except (UntrustedHostError, LimitExceeded) as exc:  # counted and logged where it was refused
+            log.debug("%s: invite to session %s refused: %s", self.agent_id, req.SessionId, exc)
+        except RuntimeError as exc:  # stopped meanwhile (offline)
+            log.debug("%s: invite to session %s ignored: %s", self.agent_id, req.SessionId, exc)

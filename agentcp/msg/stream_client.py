@@ -43,6 +43,7 @@ from agentcp.base.backoff import RECONNECT_BACKOFF, Backoff
 from agentcp.base.reporting import FaultReporter
 from agentcp.context.exceptions import SDKError
 from agentcp.msg.message_client import SendResult, SendStatus, redact
+from agentcp.base.http import connect_error_text
 from agentcp.msg.ws import WsConnection as _Conn, sslopt
 from agentcp.msg.wss_binary_message import (
     CONTENT_TYPE_FILE,
@@ -544,7 +545,7 @@ class StreamClient:
             self._connect_failed(f"handshake rejected with HTTP {status}")
             return
         except (websocket.WebSocketException, OSError, ValueError) as exc:
-            self._connect_failed(redact(f"{type(exc).__name__}: {exc}", signature))
+            self._connect_failed(redact(connect_error_text(exc, stream_ws_url(self.server_url)), signature))
             return
         try:
             ws.settimeout(cfg.send_timeout)

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
+from agentcp.base.log import redact_secrets
+
 from ._loop import IOLoop
 
 logger = logging.getLogger("agentcp.testing")
 
-__all__ = ["HttpRequest", "HttpResponse", "HttpError", "RouteHandler", "UpgradeHandler", "HttpFrontend"]
+__all__ = ["HttpRequest", "HttpResponse", "HttpError", "RouteHandler", "UpgradeHandler", "StreamingHandler",
+           "HttpFrontend"]
 
 #: Largest request body accepted (anything bigger gets 413): sign-in bodies are a few kilobytes.
 MAX_BODY_BYTES = 1 << 20
@@ -99,6 +102,11 @@ RouteHandler = Callable[[HttpRequest], Union[HttpResponse, Tuple[int, Any]]]
 #: handshake itself and returns when the connection is finished (the frontend then closes the socket).
 UpgradeHandler = Callable[[HttpRequest, socket.socket, Any], None]
 
+#: Serves a request whose body it reads itself from ``handler.rfile`` (``request.body`` is empty): ``(request,
+#: handler)``, where ``handler`` is the connection's ``BaseHTTPRequestHandler`` (``rfile``, ``connection``). It
+#: returns the response to send, or None if it answered (or cut the connection) itself.
+StreamingHandler = Callable[[HttpRequest, Any], Optional[HttpResponse]]
+
 
 class _Handler(BaseHTTPRequestHandler):
     """Parses one request (HTTP/1.0: one request per connection) and hands it to the frontend's route table."""
@@ -111,6 +119,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         frontend = self.server.frontend
+        streaming = frontend.streaming_handler(self.command, urllib.parse.urlsplit(self.path).path)
+        if streaming is not None:  # it reads the body itself, however large (file uploads): not held in memory
+            self.close_connection = True
+            response = streaming(self._request(b""), self)
+            if response is not None:
+                self._write(response)
+            return
         length_text = self.headers.get("Content-Length")
         try:
             length = int(length_text) if length_text else 0
@@ -120,9 +135,17 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0 or length > MAX_BODY_BYTES:
             self._write(HttpResponse(413, {"error": "body too large"}))
             return
-        body = self.rfile.read(length) if length else b""
+        request = self._request(self.rfile.read(length) if length else b"")
+        upgrade = frontend.upgrade_handler(request)
+        if upgrade is not None:
+            self.close_connection = True
+            upgrade(request, self.connection, self.rfile)
+            return
+        self._write(frontend.dispatch(request))
+
+    def _request(self, body: bytes) -> HttpRequest:
         split = urllib.parse.urlsplit(self.path)
-        request = HttpRequest(
+        return HttpRequest(
             method=self.command,
             path=split.path,
             query=urllib.parse.parse_qs(split.query),
@@ -130,12 +153,6 @@ class _Handler(BaseHTTPRequestHandler):
             body=body,
             client_address=(str(self.client_address[0]), int(self.client_address[1])),
         )
-        upgrade = frontend.upgrade_handler(request)
-        if upgrade is not None:
-            self.close_connection = True
-            upgrade(request, self.connection, self.rfile)
-            return
-        self._write(frontend.dispatch(request))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
@@ -174,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
                 close()  # a generator's cleanup runs even when the client went away
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
-        logger.debug("http %s %s", self.address_string(), format % args)
+        # The request line carries the clients' tokens in query strings (stream pulls, downloads): never log them.
+        logger.debug("http %s %s", self.address_string(), redact_secrets(format % args))
 
 
 class _Connection:
@@ -227,6 +245,7 @@ class HttpFrontend:
         self._io_timeout = io_timeout
         self._routes: Dict[Tuple[str, str], RouteHandler] = {}
         self._upgrades: Dict[str, UpgradeHandler] = {}
+        self._streaming: Dict[Tuple[str, str], StreamingHandler] = {}
         self._lock = threading.Lock()
         self._server: Optional[_HTTPServer] = None
         self._port = int(port)  # 0: ephemeral, chosen at the first listen() and kept for re-binds
@@ -254,6 +273,20 @@ class HttpFrontend:
             raise ValueError(f"upgrade path must start with '/': {path!r}")
         with self._lock:
             self._upgrades[path] = handler
+
+    def add_streaming_route(self, method: str, path: str, handler: StreamingHandler) -> None:
+        """Hand ``method`` requests for ``path`` and every path below it to ``handler`` before the body is read."""
+        if not path.startswith("/"):
+            raise ValueError(f"route path must start with '/': {path!r}")
+        with self._lock:
+            self._streaming[(method.upper(), path.rstrip("/"))] = handler
+
+    def streaming_handler(self, method: str, path: str) -> Optional[StreamingHandler]:
+        """The streaming handler of the longest registered prefix of ``path``, or None."""
+        with self._lock:
+            found = [(len(p), h) for (m, p), h in self._streaming.items()
+                     if m == method.upper() and (path == p or path.startswith(p + "/"))]
+        return max(found, key=lambda item: item[0])[1] if found else None
 
     def upgrade_handler(self, request: HttpRequest) -> Optional[UpgradeHandler]:
         """The upgrade handler for ``request``, or None if it is a plain HTTP request."""

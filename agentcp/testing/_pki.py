@@ -84,6 +84,19 @@ def _leaf_key_usage() -> x509.KeyUsage:
     )
 
 
+def _host_names(host: str) -> List[x509.GeneralName]:
+    """SANs of a certificate for a server on ``host``: localhost, 127.0.0.1 and ``host`` (an IP or a DNS name)."""
+    names: List[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    try:
+        address = ipaddress.ip_address(host)
+        if address != ipaddress.ip_address("127.0.0.1"):
+            names.append(x509.IPAddress(address))
+    except ValueError:
+        if host and host != "localhost":
+            names.append(x509.DNSName(host))
+    return names
+
+
 def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
@@ -92,7 +105,8 @@ class FakePKI:
     """All keys and certificates of one fake server, generated once at construction (EC keys are cheap).
 
     - root CA (P-384, self-signed, basicConstraints CA:TRUE): signs the server certificate and the agent CA;
-    - server certificate (P-256, no AIA extension, issued by the root): signs sign-in challenges (§2.4);
+    - server certificate (P-256, no AIA extension, issued by the root, SAN naming ``host``, EKU serverAuth): signs
+      sign-in challenges (§2.4);
     - agent CA (P-384, issued by the root): issues agent certificates (:meth:`issue_agent_cert`);
     - TLS certificate (P-256, self-signed, SAN localhost / 127.0.0.1 / ``host``): used when serving HTTPS.
     """
@@ -130,8 +144,12 @@ class FakePKI:
             .sign(self.root_key, hashes.SHA384())
         )
 
+        alt_names = _host_names(host)
+
         # Deliberately without Authority Information Access: a client must fall back to its trusted root (§2.5).
         # Signed with SHA-384, so a client that hard-codes SHA-256 instead of the cert's own hash fails loudly.
+        # It names the host it serves (SAN localhost, 127.0.0.1 and ``host``; EKU serverAuth), so clients that check
+        # the server's identity (trust.md rule 3, AGENTCP_STRICT_SERVER_AUTH=1) accept it.
         self.server_key = ec.generate_private_key(ec.SECP256R1())
         self.server_cert = (
             x509.CertificateBuilder()
@@ -143,21 +161,14 @@ class FakePKI:
             .not_valid_after(now + 365 * _ONE_DAY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
             .add_extension(_ski(self.server_key), critical=False)
             .add_extension(_aki(self.root_key), critical=False)
             .sign(self.root_key, hashes.SHA384())
         )
 
         self.tls_key = ec.generate_private_key(ec.SECP256R1())
-        alt_names: List[x509.GeneralName] = [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]
-        try:
-            if host != "127.0.0.1":
-                alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt_names.append(x509.DNSName(host))
         self.tls_cert = (
             x509.CertificateBuilder()
             .subject_name(_name("localhost"))
@@ -179,6 +190,15 @@ class FakePKI:
         self.agent_ca_pem = _pem(self.agent_ca_cert)
         self.server_cert_pem = _pem(self.server_cert)
         self.tls_cert_pem = _pem(self.tls_cert)
+
+    def present_certificate(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate,
+                            chain: "List[x509.Certificate] | tuple" = ()) -> None:
+        """Sign sign-in challenges with ``key`` and present ``cert`` (followed by the intermediates ``chain``) from
+        now on. For attacker tests: e.g. an ordinary agent's certificate and key, with the agent CA, presented as
+        the server's."""
+        self.server_key = key
+        self.server_cert = cert
+        self.server_cert_pem = _pem(cert) + "".join(_pem(c) for c in chain)
 
     # -- server side of the protocol -------------------------------------------------------------------------------
 

@@ -20,10 +20,13 @@ Endpoints: ``sign_in`` (two steps, own sessions: an AP sign-in never ends the ag
 Certificates are issued by the server's agent CA, so the heartbeat sign-in accepts them.
 
 ``install()`` also mounts the message server (:class:`~agentcp.testing.message_server.MessageServer`, as
-``ap.messages``) at the ``message_server`` the config announces, unless an external one was given.
+``ap.messages``) at the ``message_server`` the config announces, unless an external one was given, and the file
+server (:class:`~agentcp.testing.oss_server.OssServer`, as ``ap.oss``) at ``<base>/api/oss``.
 
 Fault controls: :meth:`AccessPoint.set_available` (503 on every AP endpoint), :meth:`AccessPoint.expire_tokens`
 (the next authorised call gets 401), :meth:`AccessPoint.set_ca_available` (CA endpoints answer 503).
+Attacker knobs: :meth:`AccessPoint.set_trickle` (a reply that never ends, one byte at a time) and
+:meth:`AccessPoint.set_oversized_reply` (a reply of any size).
 """
 from __future__ import annotations
 
@@ -94,6 +97,9 @@ class AccessPoint:
         self._sessions: Dict[str, str] = {}  # token -> agent_id
         self._available = True
         self._ca_available = True
+        # Attacker knobs: endpoint name -> a function making the hostile reply (set_trickle, set_oversized_reply).
+        self._hostile: Dict[str, Any] = {}
+        self._hostile_stop = threading.Event()
         self._files: Dict[str, Dict[str, bytes]] = {}  # agent_id -> {file name: content}
         self._private: Dict[str, Any] = {}
         #: Counters for tests: sign_ins (successful), configs, certs_issued, renewals, guests, unauthorised.
@@ -104,6 +110,9 @@ class AccessPoint:
         #: The :class:`~agentcp.testing.message_server.MessageServer` that :meth:`install` mounts at
         #: :attr:`message_server` (None if an external ``message_server`` was given).
         self.messages: Any = None
+        #: The file server (:class:`~agentcp.testing.oss_server.OssServer`) that :meth:`install` mounts at
+        #: ``<base>/api/oss``.
+        self.oss: Any = None
 
     # --- setup ----------------------------------------------------------------------------------------------------
     @property
@@ -136,13 +145,18 @@ class AccessPoint:
         }
         for (method, name), handler in routes.items():
             self.server.add_route(method, f"{PREFIX}/{name}", self._guard(handler, ca=name in (
-                "sign_cert", "resign_cert", "sign_guest_cert")))
+                "sign_cert", "resign_cert", "sign_guest_cert"), name=name))
         if self._message_server is None and self.messages is None:
             # The config announces <base>/message: serve the message server there (sign-in + WebSocket).
             from .message_server import MessageServer
 
             self.messages = MessageServer(self.server, accept_any_issuer=self.accept_any_issuer,
                                           server_auth=self.server_auth).install()
+        if self.oss is None:
+            from .oss_server import OssServer
+
+            self.oss = OssServer(self.server, accept_any_issuer=self.accept_any_issuer,
+                                 server_auth=self.server_auth).install()
         self._installed = True
         return self
 
@@ -162,10 +176,60 @@ class AccessPoint:
         with self._lock:
             self._sessions.clear()
 
-    def _guard(self, handler, *, ca: bool):
+    def set_trickle(self, interval: Optional[float], endpoints=("sign_in",), piece: bytes = b" ") -> None:
+        """Attacker knob: the named endpoints answer 200 at once, then send their body one ``piece`` every
+        ``interval`` seconds, forever (until the client goes away or the knob is cleared). A per-read timeout
+        never fires on such a reply. ``None`` restores normal replies."""
+        def trickle(_request: HttpRequest) -> HttpResponse:
+            stop = self._hostile_stop
+
+            def pieces():
+                yield b"{"
+                while not stop.wait(interval):
+                    yield piece
+
+            return HttpResponse(200, stream=pieces(), content_type="application/json")
+
+        self._set_hostile(endpoints, None if interval is None else trickle)
+
+    def set_oversized_reply(self, size: Optional[int], endpoints=("sign_in",), declare_length: bool = False) -> None:
+        """Attacker knob: the named endpoints answer 200 with a JSON-looking body of ``size`` bytes, sent as fast
+        as the client reads it (``declare_length``: with a Content-Length header, else until the connection
+        closes). ``None`` restores normal replies."""
+        block = b" " * 65536
+
+        def oversized(_request: HttpRequest) -> HttpResponse:
+            def pieces():
+                yield b'{"nonce": "'
+                left = size - 11
+                while left > 0 and not self._hostile_stop.is_set():
+                    chunk = block if left >= len(block) else block[:left]
+                    left -= len(chunk)
+                    yield chunk
+
+            headers = {"Content-Length": str(size)} if declare_length else {}
+            return HttpResponse(200, stream=pieces(), headers=headers, content_type="application/json")
+
+        self._set_hostile(endpoints, None if size is None else oversized)
+
+    def _set_hostile(self, endpoints, make) -> None:
+        with self._lock:
+            for name in ([endpoints] if isinstance(endpoints, str) else endpoints):
+                if make is None:
+                    self._hostile.pop(name, None)
+                else:
+                    self._hostile[name] = make
+            if not self._hostile:
+                self._hostile_stop.set()  # end the trickles in progress
+                self._hostile_stop = threading.Event()
+
+    def _guard(self, handler, *, ca: bool, name: str = ""):
         def guarded(request: HttpRequest):
             with self._lock:
                 ok = self._available and (self._ca_available or not ca)
+                hostile = self._hostile.get(name)
+            if hostile is not None:
+                return hostile(request)
             if not ok:
                 return HttpResponse(503, {"error": "access point unavailable (AccessPoint fault control)"})
             return handler(request)

@@ -91,7 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 fh.write(server.root_ca_pem)
             print(f"export AGENTCP_CA_ROOT={root_file}", flush=True)
         print(f"# access point {access_point.url}/api/accesspoint, heartbeat UDP {server.udp_address[0]}:"
-              f"{server.udp_address[1]}, message server {access_point.message_server}; Ctrl-C to stop",
+              f"{server.udp_address[1]}, message server {access_point.message_server}, file server "
+              f"{access_point.oss.url}; Ctrl-C to stop",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass

@@ -184,6 +184,7 @@ class FakeACPServer:
         self._announce: Optional[Tuple[str, int]] = None  # announce_udp_address()
         self._sign_in_mode = "ok"
         self._sign_in_delay = 0.0
+        self._sign_in_overrides: Dict[str, Any] = {}
 
         self._nonces: Dict[str, _Nonce] = {}
         self._sessions: Dict[str, Session] = {}  # by token
@@ -576,6 +577,12 @@ class FakeACPServer:
                 self._http.listen()
         logger.info("FakeACPServer sign-in mode %s (delay %.3f s)", mode, delay)
 
+    def set_sign_in_overrides(self, overrides: Optional[Dict[str, Any]] = None) -> None:
+        """Attacker knob: fields that replace those of every successful sign-in reply (e.g. ``{"port": 1.9}`` or
+        ``{"server_ip": "127.0.0.1\\x00evil"}``); ``None`` restores the normal reply."""
+        with self._lock:
+            self._sign_in_overrides = dict(overrides or {})
+
     def set_next_beat(self, ms: int, encoding: Optional[str] = None) -> None:
         """Answer valid heartbeats with NextBeat ``ms`` from now on, in ``encoding`` (unchanged if ``None``)."""
         encoding = encoding or self._encoding
@@ -779,10 +786,11 @@ class FakeACPServer:
             self._by_cookie[(agent_id, session.sign_cookie)] = session
             udp_host, udp_port = self._announce or (self._host, self._udp_port)
         logger.debug("sign_in %s ok", agent_id)
-        return HttpResponse(
-            200,
-            {"signature": session.token, "server_ip": udp_host, "port": udp_port, "sign_cookie": session.sign_cookie},
-        )
+        reply = {"signature": session.token, "server_ip": udp_host, "port": udp_port,
+                 "sign_cookie": session.sign_cookie}
+        with self._lock:
+            reply.update(self._sign_in_overrides)
+        return HttpResponse(200, reply)
 
     def _drop_session(self, session: Session) -> None:
         self._sessions.pop(session.token, None)

@@ -15,18 +15,21 @@ It relays between connected agents: ``create_session_req`` (-> ``create_session_
 ``invite_agent_req`` on its WebSocket; -> ``invite_agent_ack``, 404 if the invitee is nowhere), ``join_session_req``,
 ``leave_session_req``, ``close_session_req`` (-> ``system_message`` "Session dismissed" to the others),
 ``eject_agent_req``, ``get_member_list`` (-> ``get_member_list_ack`` with ``member_list``), ``session_message``
-(-> delivered to every other member, then ``session_message_ack`` to the sender with ``message_id``), and
+(-> delivered to every other member under the server's own sequence number as ``message_id``, whatever id the
+sender chose, then ``session_message_ack`` to the sender with the sender's ``message_id``), and
 ``session_create_stream_req`` (-> ``session_create_stream_ack`` with push/pull URLs, served by
 :class:`~agentcp.testing.stream_server.StreamServer` as ``msg.streams``).
 
 Delivery guarantees (a model of a server that keeps session history): every session keeps a log of its messages.
-A member gets messages pushed only on a connection where it joined (or created) the session; when it joins again, ``last_msg_id`` (the last message id it
-received in that session) makes the server replay everything after that message, and ``"0"`` replays what the
-server never pushed to it. So a client that re-joins after a reconnect loses nothing, even messages that were in
-a socket buffer when the connection died.
+A member gets messages pushed only on a connection where it joined (or created) the session; when it joins again,
+``last_msg_id`` (the last server sequence number it received in that session) makes the server replay everything
+after that message, and ``"0"`` replays what the server never pushed to it. So a client that re-joins after a
+reconnect loses nothing, even messages that were in a socket buffer when the connection died.
 
-A ``join_session_req`` for a session the server forgot (after :meth:`MessageServer.restart`) that presents the
-session's identifying code re-creates it, as a server that keeps sessions in a database would.
+:meth:`MessageServer.restart` cuts every connection and forgets every token but keeps sessions, members and their
+logs (a server with a database): everything it acknowledged reaches every member once it re-joins.
+``restart(forget_sessions=True)`` forgets sessions too; a ``join_session_req`` that presents the session's
+identifying code then re-creates it with its former members, so nothing acknowledged afterwards is lost either.
 
 The WebSocket side is a small RFC 6455 server written here (no dependency), so ``python -m agentcp devserver``
 works without the test extras.
@@ -44,7 +47,7 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -194,6 +197,9 @@ class _Session:
     members: Dict[str, str] = field(default_factory=dict)  # aid -> role ("owner" / "member")
     log: Deque[_Entry] = field(default_factory=lambda: deque(maxlen=LOG_SIZE))
     pushed_upto: Dict[str, int] = field(default_factory=dict)  # aid -> last log seq pushed to a live connection
+    # (sender, sender's message id, digest of the content) -> entry: a sender's resend after a reconnect is acked
+    # again but not relayed twice (senders' ids alone are not unique: 0.1.99 uses the millisecond clock).
+    by_sender_key: "OrderedDict[Tuple[str, str, bytes], _Entry]" = field(default_factory=OrderedDict)
 
 
 class MessageServer:
@@ -212,6 +218,8 @@ class MessageServer:
         self._conns: Dict[str, _Conn] = {}
         self._all_conns: Set[_Conn] = set()
         self._sessions: Dict[str, _Session] = {}
+        # Members of sessions forgotten by restart(forget_sessions=True), restored when a session is re-created.
+        self._former_members: Dict[str, Dict[str, str]] = {}
         self._known: Set[str] = set()
         self._session_ids = itertools.count(int(time.time() * 1000) * 1000)
         self._seq = itertools.count(1)
@@ -267,10 +275,18 @@ class MessageServer:
         with self._lock:
             self._no_pongs = bool(stop)
 
-    def restart(self) -> None:
-        """Forget every session, token and connection (connections are cut; old tokens get 401 at handshake)."""
+    def restart(self, forget_sessions: bool = False) -> None:
+        """Forget every token and connection (connections are cut; old tokens get 401 at handshake).
+
+        Sessions, members and message logs are kept, as a server with a database keeps them; with
+        ``forget_sessions`` they are forgotten too, but a re-created session (a join with its identifying code) gets
+        its former members back, so no message is acknowledged to a sender and then withheld from a member.
+        """
         with self._lock:
-            self._sessions.clear()
+            if forget_sessions:
+                for sid, session in self._sessions.items():
+                    self._former_members[sid] = dict(session.members)
+                self._sessions.clear()
         self._auth.expire_tokens()
         self.drop_all()
         logger.info("message server restarted")
@@ -535,6 +551,7 @@ class MessageServer:
                     return
                 owner = conn.agent_id if not inviter else inviter
                 session = _Session(session_id, owner, code)
+                session.members.update(self._former_members.pop(session_id, {}))
                 session.members[owner] = "owner"
                 self._sessions[session_id] = session
             elif code != session.identifying_code and conn.agent_id not in session.members:
@@ -555,16 +572,13 @@ class MessageServer:
     @staticmethod
     def _replay_entries(session: _Session, aid: str, last: str) -> List[_Entry]:
         mine = [e for e in session.log if aid in e.recipients]
-        start = None
-        if last and last != "0":
-            for index in range(len(mine) - 1, -1, -1):
-                if mine[index].message_id == last:
-                    start = index + 1
-                    break
-        if start is None:
-            upto = session.pushed_upto.get(aid, 0)
-            return [e for e in mine if e.seq > upto]
-        return mine[start:]
+        try:
+            after = int(last) if last and last != "0" else None
+        except ValueError:  # not one of our sequence numbers: replay what was never pushed to it
+            after = None
+        if after is None:
+            after = session.pushed_upto.get(aid, 0)
+        return [e for e in mine if e.seq > after]
 
     def _leave(self, conn: _Conn, data: Dict[str, Any]) -> None:
         session_id = str(data.get("session_id", ""))
@@ -628,11 +642,28 @@ class MessageServer:
                 conn.send_json("session_message_ack", dict(ack, status_code=status, message=text,
                                                            offline_receivers=[]))
                 return
+            resend_key = None
+            if message_id:
+                body = "\x1f".join(str(data.get(k) or "") for k in ("message", "ref_msg_id", "receiver", "timestamp"))
+                resend_key = (conn.agent_id, message_id,
+                              hashlib.blake2b(body.encode("utf-8", "surrogatepass"), digest_size=12).digest())
+                earlier = session.by_sender_key.get(resend_key)
+                if earlier is not None:  # the same message sent again (its ack was lost with a connection)
+                    self.counters["resends"] = self.counters.get("resends", 0) + 1
+                    self._cond.notify_all()
+                    conn.send_json("session_message_ack", dict(ack, status_code=200, message="ok",
+                                                               offline_receivers=[],
+                                                               server_msg_id=str(earlier.seq)))
+                    return
+            seq = next(self._seq)
             if not message_id:
-                message_id = str(next(self._seq))
+                message_id = str(seq)
                 ack["message_id"] = ack["request_id"] = message_id
+            ack["server_msg_id"] = str(seq)
             out = dict(data)
-            out["message_id"] = message_id
+            # Relayed under the server's own sequence (as the real server does): senders' ids need not be unique
+            # (0.1.99 uses the millisecond clock), and last_msg_id on a re-join refers to this sequence.
+            out["message_id"] = str(seq)
             out["sender"] = conn.agent_id
             out.setdefault("request_id", "")
             out.setdefault("ref_msg_id", "")
@@ -641,8 +672,12 @@ class MessageServer:
             named = [a for a in str(out.get("receiver", "")).replace(",", ";").split(";") if a]
             unknown = [a for a in named if a not in session.members and a not in self._known]
             recipients = tuple(a for a in session.members if a != conn.agent_id)
-            entry = _Entry(next(self._seq), message_id, conn.agent_id, recipients, out)
+            entry = _Entry(seq, message_id, conn.agent_id, recipients, out)
             session.log.append(entry)
+            if resend_key is not None:
+                session.by_sender_key[resend_key] = entry
+                if len(session.by_sender_key) > LOG_SIZE:
+                    session.by_sender_key.popitem(last=False)
             targets = []
             for aid in recipients:
                 target = self._conns.get(aid)

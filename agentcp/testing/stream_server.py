@@ -4,7 +4,8 @@
 it allocates (``session_create_stream_req``):
 
 * ``<prefix>/stream/push?session_id=..&message_id=..&agent_id=..&signature=..`` (WebSocket): only the stream's
-  sender with a valid message-server token. Text frames ``push_text_stream_req`` (the form-encoded chunk is kept
+  sender; a ``signature``, when present, must be its valid message-server token (0.1.99 sends none, and the real
+  network accepts that: set ``require_push_signature`` to refuse it). Text frames ``push_text_stream_req`` (the form-encoded chunk is kept
   as sent), binary file frames (§4.5), ``close_stream_req`` ends the stream. Pings are answered in order, after
   every frame before them was stored. A sender may reconnect to an open stream and go on pushing.
 * ``<prefix>/stream/pull?session_id=..&message_id=..&agent_id=..`` (HTTP GET): server-sent events for the
@@ -74,6 +75,9 @@ class StreamServer:
         self._push_socks: Set[socket.socket] = set()
         self._refuse = False
         self._no_pongs = False
+        #: ``True``: refuse push handshakes without a ``signature`` (0.1.99 clients send none; the real network
+        #: accepts them, so the default does too).
+        self.require_push_signature = False
         self.counters: Dict[str, int] = {"streams": 0, "pushes": 0, "push_rejected": 0, "chunks": 0,
                                          "file_chunks": 0, "pulls": 0, "pull_rejected": 0, "closed": 0, "drops": 0}
 
@@ -205,8 +209,12 @@ class StreamServer:
             status, why = 503, "stream server refuses connections (fault control)"
         elif stream is None:
             status, why = 404, "no such stream"
-        elif self._token_owner(token) != agent_id or not agent_id:
+        elif not agent_id or (token and self._token_owner(token) != agent_id):
+            # As on the real network, the push URL (session + message id from the sender's own create-stream ack)
+            # is the capability: 0.1.99 opens it with ``&agent_id=`` only. A signature, when sent, must be valid.
             status, why = 401, "unknown or expired signature"
+        elif not token and self.require_push_signature:
+            status, why = 401, "a signature is required (require_push_signature)"
         elif agent_id != stream.sender:
             status, why = 403, "only the stream's sender may push"
         elif stream.closed:
