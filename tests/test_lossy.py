@@ -126,11 +126,11 @@ def test_heartbeat_stays_online_through_loss_and_comes_back_after_a_blackout(tmp
             client.online()
             assert client.wait_online(15), client.stats()
             assert client.server_ip == "127.0.0.1" and client.port == path.udp_address[1]
-            time.sleep(6.0)  # ~20 beats at 20 % loss each way
+            time.sleep(3.5)  # ~12 beats at 20 % loss each way
             assert client.stats()["sign_ins"] == 1, client.stats()
             path.set(loss=0.0)
             path.blackout()
-            time.sleep(4.0)
+            time.sleep(2.5)
             during = path.stats()["tcp_connections_in_blackout"]
             path.blackout(False)
             t0 = time.monotonic()
