@@ -280,3 +280,26 @@ def test_a_young_loss_estimate_is_a_plain_mean():
     m._fold_outcome(0)
     assert m.loss == pytest.approx(1 / 3) and m.loss_samples == 3
     assert m.budget >= 6
+
+
+def test_sign_in_health_remembers_a_recent_failure_until_a_success():
+    h = SignInHealth(memory=10.0)
+    assert not h.failing(0.0)
+    h.record(1.0, ok=False)
+    assert h.failing(5.0) and not h.failing(11.5)  # forgotten after `memory` seconds
+    h.record(6.0, ok=True)
+    assert not h.failing(7.0)
+    h.record(8.0, ok=False)
+    assert h.failing(9.0)
+
+
+def test_a_first_sign_in_is_deferred_once_while_peers_fail():
+    m = Liveness(LivenessConfig(reauth_spread=0.0, outage_defer=(1.0, 9.0)), rand=lambda: 0.5)
+    m.start(0.0, have_session=True)
+    m.poll(0.0)
+    m.beat_sent(0.0)
+    m.reply(0.01, 5000)
+    m.reply(2.0, 401)
+    d = m.poll(2.0, 0.0, peers_failing=True)
+    assert d.action is Action.NONE and d.wake_at == pytest.approx(7.0)
+    assert m.poll(7.0, 0.0, peers_failing=True).action is Action.SIGN_IN  # deferred once only: never starved
