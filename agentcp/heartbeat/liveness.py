@@ -10,14 +10,16 @@ Timing rules (liveness.md §3.7, §4; issues "resilient liveness core" and "live
 
 * Beats. ``interval`` is the server's NextBeat clamped to ``[min_interval, max_interval]``; NextBeat 401 is never
   an interval, it means "sign in again". Each gap between beats is drawn from ``[1 - jitter, 1] * interval`` (never
-  later than the server asked; on a lossy path shortened by the loss rate, so lost beats are re-sent in time), and the beat after the first reply of a session goes out at a random point of the
-  first interval, so agents in one process keep apart phases instead of beating (and re-signing-in) in lock-step.
+  later than the server asked; on a lossy path shortened by the loss rate, so lost beats are re-sent in time),
+  and the beat after the first reply of a session goes out at a random point of the first interval, so agents in
+  one process keep apart phases instead of beating (and re-signing-in) in lock-step.
 * Loss versus silence. A reply not received ``reply_timeout`` (or a few smoothed round-trip times, if longer)
-  after its beat is a *miss*, and the server is re-probed at once. The machine keeps an exponentially weighted
-  estimate of the round-trip loss rate, folded in when a run of misses ends with a reply. The server is declared
-  *silent* only after as many consecutive misses as make it unlikely (``false_alarm``) that loss alone produced
-  them: ``max_misses`` (3) on a clean path, up to ``max_probe_budget`` on a very lossy one. A silent server is
-  thus still noticed within ``interval + max_misses * reply_timeout`` of its last reply on a clean path.
+  after its beat is a *miss*, and the server is re-probed at once. The machine keeps an estimate of the round-trip
+  loss rate (a plain mean at first, then exponentially weighted), folded in when a run of misses ends with a
+  reply. The server is declared *silent* only after as many consecutive misses as make it unlikely
+  (``false_alarm``) that loss alone produced them: ``max_misses`` (3) on a clean path, up to
+  ``max_probe_budget`` on a very lossy one. A silent server is thus still noticed within
+  ``interval + max_misses * reply_timeout`` of its last reply on a clean path.
 * Recovery from silence starts cheap: rebuild the socket and probe again (same budget). Only if that brings no
   reply does the client sign in over HTTP; while the sign-in is pending it keeps probing the old session by UDP
   every ``blackout_probe`` seconds, and any valid reply cancels the sign-in (the path is back, the session is
@@ -26,8 +28,9 @@ Timing rules (liveness.md §3.7, §4; issues "resilient liveness core" and "live
 * Herds. The first sign-in after a 401 or an ICMP "unreachable" waits a random ``[0, reauth_spread]``, so a
   fleet that learns of a server restart at once does not sign in at once. Failed sign-ins retry after
   ``reconnect_backoff`` (a floor and a cap close together: slow on average, but back soon after the server is),
-  or later if the server's ``Retry-After`` says so. Sign-in is single-flight: while one is due or running,
-  further 401s and faults change nothing.
+  or later if the server's ``Retry-After`` says so. A first sign-in due while other agents of the process just
+  failed to sign in to the same server (``peers_failing``, see :class:`SignInHealth`) is deferred once by
+  ``outage_defer``. Sign-in is single-flight: while one is due or running, further 401s and faults change nothing.
 """
 from __future__ import annotations
 
