@@ -13,7 +13,7 @@ Definitions (server side, from the server's own records):
 - sign-in attempt: a step-1 request; "requests" counts both steps.
 - peak /s: the largest number of step-1 requests in one 1-s bin, bins counted from the fault.
 
-    python benchmarks/lossy.py                     # everything, about 12 minutes
+    python benchmarks/lossy.py                     # everything, about 10-15 minutes
     python benchmarks/lossy.py --duration 60       # shorter loss runs
     python benchmarks/lossy.py --only herd         # just part 2
 """
@@ -260,7 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", choices=("lossy", "herd"), default=None, help="run one part only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    lossy = Table("Lossy path (20 agents, NextBeat 5 s, 30 +- 20 ms each way)")
+    lossy = Table(f"Lossy path ({args.agents} agents, NextBeat 5 s, 30 +- 20 ms each way)")
     herd = Table(f"Fleet herd ({args.herd} agents in one process, server on loopback)")
     with tempfile.TemporaryDirectory(prefix="agentcp-lossy-") as tmp:
         if args.only in (None, "lossy"):
