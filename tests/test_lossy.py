@@ -118,7 +118,7 @@ def test_heartbeat_stays_online_through_loss_and_comes_back_after_a_blackout(tmp
     blackout the UDP probes bring it back without a flood of HTTP sign-ins."""
     aid = "lossy.example.com"
     with FakeACPServer(next_beat_ms=300) as server, \
-            LossyRelay.for_server(server, loss=0.2, delay=0.005, jitter=0.003, seed=11) as path:
+            LossyRelay.for_server(server, delay=0.005, jitter=0.003, seed=11) as path:
         certs = tmp_path / aid
         server.issue_identity(aid, str(certs), "s")
         client = LossyClient(aid, path.url, str(certs), hash_seed("s"))
@@ -126,6 +126,7 @@ def test_heartbeat_stays_online_through_loss_and_comes_back_after_a_blackout(tmp
             client.online()
             assert client.wait_online(15), client.stats()
             assert client.server_ip == "127.0.0.1" and client.port == path.udp_address[1]
+            path.set(loss=0.2)
             time.sleep(3.5)  # ~12 beats at 20 % loss each way
             assert client.stats()["sign_ins"] == 1, client.stats()
             path.set(loss=0.0)
