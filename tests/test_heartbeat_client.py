@@ -475,3 +475,26 @@ def test_get_online_status(server, client):
     status = client.get_online_status([AID, "nobody.example.com"])
     online = {item["agent_id"]: item["online"] for item in status}
     assert online == {AID: True, "nobody.example.com": False}
+
+
+def test_agents_of_one_process_defer_their_first_sign_in_while_peers_fail(server, tmp_path):
+    """Issue "liveness under packet loss and herds": a fleet told 401 during a sign-in outage signed in together
+    (peak 200/s). Now an agent whose peer just failed to sign in to the same server defers its first attempt."""
+    from agentcp.heartbeat.reactor import HeartbeatReactor
+
+    reactor = HeartbeatReactor(name="agentcp-hb-test-reactor")
+    a = make_client(server, tmp_path, reactor=reactor)
+    b = make_client(server, tmp_path, aid="bob.example.com", reactor=reactor)
+    try:
+        go_online(a)
+        server.set_sign_in("503")
+        server.restart()
+        assert wait_until(lambda: a.stats()["sign_in_failures"] >= 1, timeout=5)
+        b.online()  # its first sign-in comes while its peer's keep failing
+        assert wait_until(lambda: any(e.kind == "sign_in_deferred" for e in b.history), timeout=5), b.history
+        assert not any(s.agent_id == "bob.example.com" for s in server.sign_ins)  # deferred, not attempted
+        server.set_sign_in("ok")
+        assert a.wait_online(5) and b.wait_online(5)
+    finally:
+        a.offline()
+        b.offline()
