@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from agentcp.base.credentials import hash_seed
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
