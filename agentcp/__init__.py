@@ -5,6 +5,13 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, List
+
+if TYPE_CHECKING:  # type checkers see the real classes; at run time they load lazily (see __getattr__)
+    from agentcp.agentcp import AgentCP, AgentID
+    from agentcp.mermaid import Mermaid
+    from agentcp.workflow import Workflow
+
 __version__ = "0.2.0"
 
 __all__ = ["__version__", "AgentCP", "AgentID", "Mermaid", "Workflow"]
@@ -17,7 +24,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'agentcp' has no attribute {name!r}")
@@ -28,5 +35,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> List[str]:
     return sorted(set(globals()) | set(__all__))

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from agentcp.file.file_client import OSS_URL_ENV, TRANSFER_TIMEOUT, FileClient, file_server_url
 
@@ -33,6 +33,17 @@ _log = logging.getLogger("agentcp.file")
 
 class FilesMixin:
     """File transfer for :class:`~agentcp.agentcp.AgentID` (uses its ``_lock``, ``trust``, ``limits``)."""
+
+    # Provided by AgentID (declared for the type checker; no values here).
+    id: str
+    ap: str
+    seed_password: str
+    limits: Any
+    _lock: Any
+    _entry_url: Callable[[], str]
+    _certs_dir: Callable[[], str]
+    _check_trusted: Callable[[str, str], bool]
+    _limit_crossed: Callable[[Any], None]
 
     #: File servers an agent keeps a signed-in client for at once (the least recently used one is closed).
     FILE_CLIENTS_MAX: int = 8

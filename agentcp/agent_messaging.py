@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.context import exceptions
@@ -40,6 +40,33 @@ class _OpenOnUse:
 
 class MessagingMixin:
     """Messaging methods of :class:`~agentcp.agentcp.AgentID`."""
+
+    # Provided by AgentID (declared for the type checker; no values here).
+    id: str
+    seed_password: str
+    private_data_path: str
+    db_manager: Any
+    session_manager: Optional[SessionManager]
+    message_config: Optional[MessageClientConfig]
+    message_handlers: List[Callable]
+    message_handlers_session_map: Dict[str, Callable]
+    message_handlers_router_map: Dict[str, Callable]
+    message_from_acp: bool
+    is_online_success: bool
+    online: Callable[[], Any]
+    _stop: Any
+    _phase: str
+    MESSAGE_CONFIG: Optional[MessageClientConfig]
+    HANDLER_WORKERS: int
+    HANDLER_TIMEOUT: float
+    _lock: Any
+    _dispatcher: Optional[Dispatcher]
+    _msg_counters: Dict[str, int]
+    _msg_logged: set
+    _remembered_sessions: Dict[str, Any]
+    _forgotten_sessions: Set[str]
+    _publish: Callable[[SDKError], None]
+    _on_stream_announce: Callable[[dict, dict], None]
 
     # --- handlers -----------------------------------------------------------------------------------------------
     def message_handler(self, router: str = ""):
@@ -277,7 +304,7 @@ class MessagingMixin:
         for handler in handlers:
             arity = call_arity(handler)
             if arity == 1:
-                args = [data]
+                args: List[Any] = [data]
             elif arity == 2 or arity == -1:
                 args = [self, data]
             else:
@@ -343,11 +370,15 @@ class MessagingMixin:
 
     def _watch_result(self, result: SendResult) -> SendResult:
         """Count and report ``result`` if it fails, now or when it settles (sends return before the ack)."""
-        result.add_done_callback(lambda r: r.failed and self._note_send_failure(r.error or "send failed"))
+        def settled(r: SendResult) -> None:
+            if r.failed:
+                self._note_send_failure(r.error or "send failed")
+
+        result.add_done_callback(settled)
         return result
     # --- messaging: 0.1.99 API --------------------------------------------------------------------------------
     def send_message(self, sessionId: str, to_aid_list: list, message, ref_msg_id: str = "", message_id: str = "",
-                     agent_cmd_block: AgentInstructionBlock = None, insert_message: bool = True):
+                     agent_cmd_block: Optional[AgentInstructionBlock] = None, insert_message: bool = True):
         """Send ``message`` into session ``sessionId`` to ``to_aid_list``; a :class:`SendResult`.
 
         The result is truthy unless the message failed (not online, outbox full, refused, empty); ``.status``
@@ -470,9 +501,9 @@ class MessagingMixin:
         session_id = self.create_session("quick session", "")
         if not session_id:
             raise Exception("failed to create session")
-        self.invite_member(session_id, to_aid)
-        if asnyc_message_result is not None:
+        if asnyc_message_result is not None:  # before the invite: a "not online" notice can come right after it
             self._one_shot(session_id, asnyc_message_result)
+        self.invite_member(session_id, to_aid)
         self.send_message(session_id, [to_aid], message, insert_message=insert_message)
         return session_id
     def _one_shot(self, session_id: str, callback) -> None:
@@ -491,9 +522,9 @@ class MessagingMixin:
         session_id = self.create_session("quick session", "")
         if not session_id:
             raise Exception("failed to create session")
-        self.invite_member(session_id, to_aid)
-        if asnyc_message_result is not None:
+        if asnyc_message_result is not None:  # before the invite, as in quick_send_message
             self._one_shot(session_id, asnyc_message_result)
+        self.invite_member(session_id, to_aid)
         return self.send_message_content(session_id, [to_aid], message_content)
 
     # The names agents in the wild call (three s's; api.md §13).
@@ -504,7 +535,7 @@ class MessagingMixin:
     #: What ``ping_aid`` returns when no answer came (0.1.99's value).
     PING_NO_ANSWER: float = 10000
 
-    def send_instruction_message(self, session_id: str, to_aid, agent_cmd_block: AgentInstructionBlock = None,
+    def send_instruction_message(self, session_id: str, to_aid, agent_cmd_block: Optional[AgentInstructionBlock] = None,
                                  ref_msg_id: str = ""):
         """Send the instruction ``agent_cmd_block`` (an :class:`AgentInstructionBlock` or a dict with ``cmd``) to
         ``to_aid`` (an AID or a list) in ``session_id``; a :class:`SendResult`, None if ``session_id`` is empty.
@@ -520,7 +551,7 @@ class MessagingMixin:
         if not isinstance(cmd, str) or not cmd:
             return self._failed(f"send_instruction_message needs an instruction with a cmd, got {agent_cmd_block!r}")
         receivers = [to_aid] if isinstance(to_aid, str) else list(to_aid or [])
-        text = instruction.get("description") or cmd
+        text = (instruction.get("description") if isinstance(instruction, dict) else None) or cmd
         block = {"type": "content", "status": "success", "timestamp": int(time.time() * 1000), "content": text}
         return self.send_message(session_id, receivers, [block], ref_msg_id or "", agent_cmd_block=instruction)
 
@@ -545,7 +576,7 @@ class MessagingMixin:
         creating the one-off session to the answer; ``PING_NO_ANSWER`` (10000) if it did not answer within
         ``timeout`` or is offline. The one-off session is left afterwards (0.1.99 kept one per ping)."""
         answered = threading.Event()
-        outcome = {}
+        outcome: Dict[str, Any] = {}
 
         def on_answer(reply):
             blocks = self.get_content_array_from_message(reply)

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
@@ -24,6 +24,18 @@ _log = logging.getLogger("agentcp.agent")
 
 class StreamsMixin:
     """Stream methods of :class:`~agentcp.agentcp.AgentID`."""
+
+    # Provided by AgentID and MessagingMixin (declared for the type checker; no values here).
+    id: str
+    session_manager: Any
+    HANDLER_TIMEOUT: float
+    _lock: Any
+    _dispatcher: Optional[Dispatcher]
+    _publish: Callable[..., None]
+    _session_manager: Callable[[], Any]
+    _handler_calls: Callable[[dict], list]
+    send_message: Callable[..., Any]
+    get_content_array_from_message: Callable[[Any], Any]
 
     # --- streams (messaging.md §4) ------------------------------------------------------------------------------
     #: Settings of the stream push sockets (``StreamClientConfig``; None: defaults).
@@ -454,7 +466,8 @@ def _sse_line(line: str, parts: List[str]) -> bool:
         choices = obj.get("choices")
         if isinstance(choices, list) and choices:
             first = choices[0] if isinstance(choices[0], dict) else {}
-            delta = first.get("delta") if isinstance(first.get("delta"), dict) else {}
+            delta = first.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
             content = delta.get("content")
             if isinstance(content, str):
                 parts.append(content)

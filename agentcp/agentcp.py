@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, cast
 
 from agentcp.ap.ap_client import ApClient, ap_api_base
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
@@ -120,7 +120,7 @@ def _is_guest_request(agent_name: str) -> bool:
 # ==================================================================================================================
 
 
-class _AgentCP(abc.ABC):
+class _AgentCP(abc.ABC):  # noqa: B024 (0.1.99: an abc.ABC base without abstract methods; kept for isinstance)
     """Process lifetime: ``shutdown_flag``, ``register_signal_handler``, ``signal_handle``, ``serve_forever``."""
 
     def __init__(self) -> None:
@@ -225,7 +225,7 @@ class AgentCP(_AgentCP):
         return self._use_ca(self._entry_url(aid))
 
     # --- identities ---------------------------------------------------------------------------------------------
-    def load_aid(self, agent_id: str) -> "AgentID":
+    def load_aid(self, agent_id: str) -> Optional["AgentID"]:
         """The stored identity ``agent_id`` as an :class:`AgentID` (not online), or ``None`` if it is missing or
         its certificate expired and cannot be renewed. A valid stored certificate needs no network.
 
@@ -263,7 +263,7 @@ class AgentCP(_AgentCP):
         self._agents.add(agent)
         return agent
 
-    def create_aid(self, ap: str, agent_name: str) -> "AgentID":
+    def create_aid(self, ap: str, agent_name: str) -> Optional["AgentID"]:
         """Create ``<agent_name>.<last two labels of ap>`` with the CA (or load it if it exists).
 
         Raises ``RuntimeError`` with the CA's reason on refusal or when the CA is unreachable, and ``ValueError``
@@ -296,7 +296,7 @@ class AgentCP(_AgentCP):
             raise RuntimeError(str(exc)) from None
         return self.load_aid(aid)
 
-    def get_guest_aid(self, ep_url: str) -> "AgentID":
+    def get_guest_aid(self, ep_url: str) -> Optional["AgentID"]:
         """A guest identity for the domain ``ep_url`` (a stored valid one is reused; nothing is deleted)."""
         ca = self._use_ca(self._entry_url(ep_url))
         guest = ca.get_guest_aid()
@@ -347,7 +347,7 @@ class AgentCP(_AgentCP):
             agent._update_seed_password(new_hex)
         _log.info("seed password changed for %d identit%s", len(changed), "y" if len(changed) == 1 else "ies")
 
-    def save_aid_info(self, agent_id: str, seed_password: str, private_key: str, cert: str) -> "AgentID":
+    def save_aid_info(self, agent_id: str, seed_password: str, private_key: str, cert: str) -> None:
         """Import an identity: decrypt ``private_key`` with ``seed_password``, store it encrypted with the current
         seed, and store ``cert``. Raises :class:`CredentialError` if the password is wrong. Returns ``None``."""
         key = decrypt_private_key(private_key, hash_seed_password(seed_password), aid=agent_id)
@@ -378,7 +378,7 @@ class AgentCP(_AgentCP):
 
         return decorator
 
-    def get_aid(self, aid_str: str) -> "AgentID":
+    def get_aid(self, aid_str: str) -> Optional["AgentID"]:
         return self.aid_map.get(aid_str)
 
     # --- the local LLM gateway (agentcp.llm_server) --------------------------------------------------------------
@@ -450,7 +450,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         self.ca_client = ca_client
         self.app_path = app_path
         self.ap_client: Optional[ApClient] = None
-        self.heartbeat_client = None
+        self.heartbeat_client: Optional[HeartbeatClient] = None
         self.session_manager = None
         self.db_manager = None
         self.file_client = None
@@ -984,7 +984,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
     def _ap(self) -> ApClient:
         if self.ap_client is None:
             self.init_ap_client()
-        return self.ap_client
+        return cast(ApClient, self.ap_client)  # init_ap_client() always sets it
 
     def get_online_status(self, aids):
         """Online state of ``aids`` from the heartbeat server; ``[]`` when offline or unknown."""

@@ -16,11 +16,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 from agentcp.heartbeat.heartbeat_client import HeartbeatClient
 from agentcp.heartbeat.liveness import Event
 from agentcp.msg.message_serialize import HeartbeatMessageResp, to_bytes
+
+if TYPE_CHECKING:  # the testing package loads only when the demo runs
+    from agentcp.testing.fake_server import FakeACPServer
 
 DEMO_AID = "demo.agentcp.local"
 
@@ -69,7 +72,7 @@ class Watcher:
                 return out + self.drain()
 
 
-def _first_accepted_after(server, aid: str, since: float, timeout: float) -> Optional[float]:
+def _first_accepted_after(server: "FakeACPServer", aid: str, since: float, timeout: float) -> Optional[float]:
     """Monotonic time of the first heartbeat the server accepted after ``since`` (waits up to ``timeout``)."""
     try:
         return server.wait_for_beats(1, agent_id=aid, valid=True, timeout=timeout, since=since)[0].t
@@ -89,10 +92,10 @@ def _collect(result: FaultResult, watcher: Watcher, t0: float, events: List[Even
 
 def run_fault(
     name: str,
-    server,
+    server: "FakeACPServer",
     client: HeartbeatClient,
     watcher: Watcher,
-    inject: Callable[[], None],
+    inject: Callable[[], Any],
     *,
     heal: Optional[Callable[[], None]] = None,
     heal_after: float = 0.0,
@@ -139,7 +142,14 @@ def format_result(r: FaultResult) -> str:
             f"recovered {_ms(r.recovered):>9}  {status}")
 
 
-def spoofed_401(server, client: HeartbeatClient, count: int = 10) -> Callable[[], None]:
+def _close_under(client: HeartbeatClient) -> None:
+    """Close the client's heartbeat socket behind its back (a fault the client must notice)."""
+    sock = client.udp_socket
+    if sock is not None:
+        sock.close()
+
+
+def spoofed_401(server: "FakeACPServer", client: HeartbeatClient, count: int = 10) -> Callable[[], None]:
     def inject() -> None:
         resp = HeartbeatMessageResp()
         resp.NextBeat = 401
@@ -148,7 +158,7 @@ def spoofed_401(server, client: HeartbeatClient, count: int = 10) -> Callable[[]
     return inject
 
 
-def garbage(server, client: HeartbeatClient, count: int = 100) -> Callable[[], None]:
+def garbage(server: "FakeACPServer", client: HeartbeatClient, count: int = 100) -> Callable[[], None]:
     def inject() -> None:
         for i in range(count):
             server.inject(bytes([0, 1, 1, 2, 0]) + b"\xff" * (i % 7), ("127.0.0.1", client.local_port),
@@ -156,9 +166,12 @@ def garbage(server, client: HeartbeatClient, count: int = 100) -> Callable[[], N
     return inject
 
 
-def run_demo(interval: float = 1.0, out: TextIO = sys.stdout) -> int:
+def run_demo(interval: float = 1.0, out: TextIO = sys.stdout, quick: bool = False) -> int:
     """Create an identity and bring it online through AgentCP/AgentID, as an agent script would, then break
-    things one by one and print how the heartbeat healed each fault."""
+    things one by one and print how the heartbeat healed each fault.
+
+    ``quick=True`` skips the two faults that take seconds by design (a silent server, sign-in down for 3 s):
+    a smoke test of an installed package in a few seconds."""
     from agentcp import AgentCP
     from agentcp.testing.devserver import start_dev_network
 
@@ -173,40 +186,47 @@ def run_demo(interval: float = 1.0, out: TextIO = sys.stdout) -> int:
     server, access_point = start_dev_network(port=0, next_beat_ms=int(interval * 1000), signed=True,
                                              open_network=False)
     aid = None
+    results: List[FaultResult] = []
     try:
         with tempfile.TemporaryDirectory(prefix="agentcp-demo-") as tmp:
             say(f"agentcp demo: local ACP network at {access_point.url} (heartbeat UDP {server.udp_port}), "
                 f"NextBeat {interval * 1000:.0f} ms")
             acp = AgentCP(tmp, seed_password="demo seed", ap_url=access_point.url, run_proxy=False)
-            aid = acp.create_aid("agentcp.local", "demo")
-            say(f"created identity {aid.id} in {tmp}")
-            aid.online()
-            client = aid.heartbeat_client
-            if not aid.is_online_success or client is None or not client.wait_online(10):
-                say(f"agent did not come online: {aid.status()!r}")
+            agent = aid = acp.create_aid("agentcp.local", "demo")
+            if agent is None:
+                say("could not create the demo identity (see the log above)")
+                return 1
+            say(f"created identity {agent.id} in {tmp}")
+            agent.online()
+            client = agent.heartbeat_client
+            if not agent.is_online_success or client is None or not client.wait_online(10):
+                say(f"agent did not come online: {agent.status()!r}")
                 return 1
             say(f"online after {1000 * (time.monotonic() - started):.0f} ms; injecting faults one by one\n")
             watcher = Watcher(client)
-            results = [
-                run_fault("server restart (sessions lost, 401)", server, client, watcher, server.restart,
-                          printer=say),
-                run_fault("server back on a new UDP port", server, client, watcher,
-                          lambda: server.restart(move_port=True), printer=say),
-                run_fault("client socket closed under it", server, client, watcher,
-                          lambda: client.udp_socket.close(), printer=say),
-                run_fault("server silent for a while", server, client, watcher, server.go_silent,
-                          heal=server.resume, heal_after=interval + 4 * client.REPLY_TIMEOUT, printer=say),
-                run_fault("sign-in down 3 s + restart", server, client, watcher,
-                          lambda: (server.set_sign_in("503"), server.restart()),
-                          heal=lambda: server.set_sign_in("ok"), heal_after=3.0, printer=say),
-                run_fault("10 spoofed 401s from another address", server, client, watcher,
-                          spoofed_401(server, client), expect_fault=False, printer=say),
-                run_fault("100 garbage datagrams", server, client, watcher, garbage(server, client),
-                          expect_fault=False, printer=say),
+            # (slow, fault): --quick skips the slow ones (each waits for a timeout by design).
+            faults: List[Tuple[bool, Callable[[], FaultResult]]] = [
+                (False, lambda: run_fault("server restart (sessions lost, 401)", server, client, watcher,
+                                          server.restart, printer=say)),
+                (False, lambda: run_fault("server back on a new UDP port", server, client, watcher,
+                                          lambda: server.restart(move_port=True), printer=say)),
+                (False, lambda: run_fault("client socket closed under it", server, client, watcher,
+                                          lambda: _close_under(client), printer=say)),
+                (True, lambda: run_fault("server silent for a while", server, client, watcher, server.go_silent,
+                                         heal=server.resume, heal_after=interval + 4 * client.REPLY_TIMEOUT,
+                                         printer=say)),
+                (True, lambda: run_fault("sign-in down 3 s + restart", server, client, watcher,
+                                         lambda: (server.set_sign_in("503"), server.restart()),
+                                         heal=lambda: server.set_sign_in("ok"), heal_after=3.0, printer=say)),
+                (False, lambda: run_fault("10 spoofed 401s from another address", server, client, watcher,
+                                          spoofed_401(server, client), expect_fault=False, printer=say)),
+                (False, lambda: run_fault("100 garbage datagrams", server, client, watcher,
+                                          garbage(server, client), expect_fault=False, printer=say)),
             ]
+            results = [run() for slow, run in faults if not (quick and slow)]
             stats = client.stats()
             t0 = time.monotonic()
-            aid.offline()
+            agent.offline()
             aid = None
             say(f"\noffline() took {1000 * (time.monotonic() - t0):.1f} ms (every thread joined); "
                 f"beats sent {stats['beats_sent']}, reconnects {stats['reconnects']}, "
@@ -228,5 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agentcp demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--interval", type=float, default=1.0,
                         help="server NextBeat in seconds (real servers use 5; default 1 keeps the demo short)")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the slow faults (silent server, sign-in down): a smoke test in a few seconds")
     args = parser.parse_args(argv)
-    return run_demo(interval=args.interval)
+    return run_demo(interval=args.interval, quick=args.quick)

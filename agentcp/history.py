@@ -136,6 +136,7 @@ class HistoryMixin:
 
     id: str
     db_manager: Any
+    public_data_path: str
 
     # --- plumbing -------------------------------------------------------------------------------------------
     def _history_db(self):
@@ -249,7 +250,7 @@ class HistoryMixin:
         ``filename`` may name a subdirectory but must stay inside the public directory. (0.1.99 always raised
         ``AttributeError`` here.)
         """
-        target = resolve_inside(getattr(self, "public_data_path"), filename, field="public file name")
+        target = resolve_inside(self.public_data_path, filename, field="public file name")
         if not os.path.isfile(file_path):
             _log.error("%s: save_public_file: %s is not a file", self.id, file_path)
             return False

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import uuid
 from datetime import datetime
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 _log = logging.getLogger("agentcp.llm")
 
@@ -191,9 +191,11 @@ def _arriving(resp) -> Iterator[bytes]:
     """The body of a streamed ``requests`` response in pieces as they arrive (``iter_content(n)`` waits for n
     bytes of a close-delimited body, which would hold back the chunks of a live stream)."""
     raw = resp.raw
+    read1: Optional[Callable[[int], bytes]]
     if hasattr(raw, "read1"):  # urllib3 2
-        def read1(n: int) -> bytes:
+        def decoded_read1(n: int) -> bytes:
             return raw.read1(n, decode_content=True)
+        read1 = decoded_read1
     else:
         read1 = getattr(getattr(raw, "_fp", None), "read1", None)  # urllib3 1: http.client's response
     if read1 is None:  # an unusual transport: correct, only not as prompt

@@ -142,7 +142,8 @@ class ChunkCollector:
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
             if isinstance(delta.get("content"), str):
                 self.parts.append(delta["content"])
             if isinstance(delta.get("reasoning_content"), str):
@@ -279,7 +280,8 @@ def chat_completion(agent: LLMAgent, body: Any, config: GatewayConfig,
     if not isinstance(body.get("messages"), list):
         raise GatewayError(400, "'messages' must be a list", "invalid_messages")
     deadline = time.monotonic() + config.request_deadline if deadline is None else deadline
-    model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else agent.llm_agent
+    requested = body.get("model")
+    model = requested if isinstance(requested, str) and requested else str(agent.llm_agent)
     agent.PULL_TIMEOUTS = (config.pull_connect_timeout, config.pull_idle_timeout)
     streamed = False
     try:
@@ -350,7 +352,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     responded = False  # this request's status line was sent (a failure after it cannot become a 500)
 
     def setup(self) -> None:
-        self.timeout = self.server.gateway.config.socket_timeout
+        # Per connection (typeshed declares it a class variable; StreamRequestHandler reads it from the instance).
+        self.timeout = self.server.gateway.config.socket_timeout  # type: ignore[misc]
         super().setup()
         try:  # each event must leave at once (no Nagle delay between small writes)
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -390,7 +393,7 @@ class _Server(http.server.HTTPServer):
         socketserver.TCPServer.server_bind(self)  # no getfqdn(): it may wait for DNS
         self.server_name, self.server_port = "127.0.0.1", self.server_address[1]
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
+    def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.gateway.count("rejected_busy")
             _reject_busy(request)
@@ -474,7 +477,8 @@ class LLMGateway:
             while not self._closing:
                 for key, _events in selector.select():
                     if key.fileobj is self._server.socket and not self._closing:
-                        self._server._handle_request_noblock()  # accept, then process_request (a thread)
+                        # accept, then process_request (a thread); socketserver's own step, not in typeshed
+                        self._server._handle_request_noblock()  # type: ignore[attr-defined]
 
     # -- state --
     @property

@@ -147,7 +147,7 @@ def get_base_url(aid, llm_aid) -> str:
 
 def get_llm_api_key(aid_str: str) -> str:
     """The bearer key of the identity ``aid_str`` (64 hex characters, made on first request)."""
-    return _keyring.key_for(str(aid_str))
+    return str(_keyring.key_for(str(aid_str)))  # create=True: never None
 
 
 def agent_offline(aid) -> int:

@@ -60,11 +60,11 @@ class Mermaid:
         """``Mermaid`` of ``<dir_path>/<file_name>.mmd`` (a missing file gives an empty graph)."""
         return cls(Mermaid.read_mermaid_code(dir_path, file_name))
 
-    def read_mermaid_code(dir_path: str, file_name: str) -> str:  # noqa: N805 - plain function, as in 0.1.99
+    def read_mermaid_code(dir_path: str, file_name: str) -> str:  # type: ignore[misc]  # noqa: N805 - plain function, as in 0.1.99
         """The text of ``<dir_path>/<file_name>.mmd`` with ``&nbsp;`` and NBSP removed; ``""`` if unreadable."""
         path = os.path.join(dir_path, f"{file_name}.mmd")
         try:
-            with open(path, "r", encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 text = fh.read()
         except OSError as exc:
             _log.error("cannot read mermaid file %s: %s", path, exc)

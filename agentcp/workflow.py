@@ -43,10 +43,10 @@ class Workflow:
         self.mermaid = mermaid
         self.nodes: Dict[str, Any] = {}
         # (id(agent), method name) -> list of bound input-port methods
-        self.port_mapping = defaultdict(list)
+        self.port_mapping: Dict[Any, list] = defaultdict(list)
 
     # --- decorators (plain functions in the class body, used as @Workflow.output_port(...)) --------------------
-    def output_port(description: str):  # noqa: N805
+    def output_port(description: str):  # type: ignore[misc]  # noqa: N805 (0.1.99: a plain function in the class)
         """Mark a method as the output port ``description``; its result is forwarded to the bound input port."""
 
         def decorator(func):
@@ -74,7 +74,7 @@ class Workflow:
                         _log.exception("output port %r failed", description)
                         raise
 
-                wrapper = async_wrapper
+                wrapper: Any = async_wrapper  # gets the port attributes below
             else:
 
                 @functools.wraps(func)
@@ -98,7 +98,7 @@ class Workflow:
 
         return decorator
 
-    def input_port(param: str):  # noqa: N805
+    def input_port(param: str):  # type: ignore[misc]  # noqa: N805 (0.1.99: a plain function in the class)
         """Mark a method as the input port ``param`` (the edge description it listens on)."""
 
         def decorator(func):
@@ -112,7 +112,7 @@ class Workflow:
                         _log.exception("input port %r failed", param)
                         raise
 
-                wrapper = async_wrapper
+                wrapper: Any = async_wrapper  # gets the port attributes below
             else:
 
                 @functools.wraps(func)

@@ -87,8 +87,9 @@ def restart_401(tmp: str) -> None:
         if rejected is not None:
             accepted = next((b for b in beats[rejected:] if b.valid), None)
             gap = None if accepted is None else accepted.t - beats[rejected].t
-        row("server restart (401): first rejected to first accepted beat", fmt(gap), "<= 0.2 s",
-            gap is not None and gap <= 0.2)
+        # The first re-sign-in after a 401 waits a random 0-0.5 s so that a fleet does not sign in at once.
+        row("server restart (401): first rejected to first accepted beat", fmt(gap), "<= 1 s",
+            gap is not None and gap <= 1.0)
         client.offline()
 
 

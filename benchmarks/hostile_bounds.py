@@ -312,7 +312,7 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    print(f"| attack | what the attacker got | peak memory MB | recovery s |\n|---|---|---|---|")
+    print("| attack | what the attacker got | peak memory MB | recovery s |\n|---|---|---|---|")
     for _name, run in attacks():
         r = run()
         print(f"| {r['attack']} | {r['attacker got']} | {r['peak memory MB']} | {r['recovery s']} |", flush=True)

@@ -35,7 +35,7 @@ def main() -> int:
         print(f"cannot load identity {args.name}.{args.ap}", file=sys.stderr)
         return 1
 
-    replies = queue.Queue()
+    replies: "queue.Queue[dict]" = queue.Queue()
 
     @aid.message_handler()
     async def on_message(msg):

@@ -170,7 +170,7 @@ def test_stream_push_socket_refuses_a_huge_frame_and_fails_the_stream_truthfully
     assert "stream_chunk_max" in client.failed
     assert [e.bound for e in crossed] == ["stream_chunk_max"]
     assert peak.grew < MEMORY_BAR
-    assert not client.join(1.0) is False
+    assert client.join(1.0) is not False
 
 
 @pytest.mark.parametrize("file_size", [16, None], ids=["announced", "unannounced"])

@@ -111,7 +111,7 @@ def test_missing_file_names_the_path(tmp_path, missing):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(CredentialError, match="not found"):
-        AgentCredentials(AID, str(tmp_path / "nope"), hash_seed(SEED)).cert_pem
+        _ = AgentCredentials(AID, str(tmp_path / "nope"), hash_seed(SEED)).cert_pem
 
 
 def test_unencrypted_pkcs8_fallback(tmp_path):

@@ -100,7 +100,7 @@ class MiniClient:
         password = hashlib.sha256(seed.encode("utf-8")).hexdigest().encode("ascii")
         with open(key_path, "rb") as fh:
             self.key = serialization.load_pem_private_key(fh.read(), password)
-        with open(cert_path, "r", encoding="ascii") as fh:
+        with open(cert_path, encoding="ascii") as fh:
             self.cert_pem = fh.read()
         cert = x509.load_pem_x509_certificate(self.cert_pem.encode("ascii"))
         self.public_key_pem = cert.public_key().public_bytes(

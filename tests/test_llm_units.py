@@ -101,7 +101,7 @@ def test_helpers_of_0199():
     d = AttrDict({"a": {"b": [{"c": 1}]}, "n": None})
     assert d.a.b[0].c == 1 and isinstance(d.a, AttrDict)
     with pytest.raises(AttributeError):
-        d.missing
+        _ = d.missing
     d.x = {"y": 2}
     assert d.x.y == 2
     assert d.model_dump() == {"a": {"b": [{"c": 1}]}, "x": {"y": 2}}

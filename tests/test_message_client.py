@@ -202,7 +202,7 @@ def test_receive_only_client_reconnects_without_sending(make_client, msg_server)
     for i in range(3):
         msg_server.drop_all()
         # b never sends anything: it notices the loss and reconnects on its own.
-        _until(lambda: b.stats()["losses"] == i + 1 and b.stats()["connects"] >= i + 2 and b.state == "connected")
+        _until(lambda i=i: b.stats()["losses"] == i + 1 and b.stats()["connects"] >= i + 2 and b.state == "connected")
         msg_server.wait_connected("bob.example.com", timeout=3)
     # It re-joined from on_open on every new connection (what the session manager does), so it receives:
     assert _message(a, sid, "x1", b.agent_id).wait(5)

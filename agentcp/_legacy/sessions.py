@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union, cast
 
 from agentcp.msg import session_manager as _current
 from agentcp.msg.message_client import MessageClient
@@ -138,7 +138,7 @@ class _RoutingManager(_current.SessionManager):
         # Looked up first: the usual handling forgets a dismissed session before its system_message is passed on.
         session = self.get(str(frame["data"].get("session_id") or "")) if frame is not None else None
         super().on_message(ws, message)
-        if isinstance(session, _OwnCallbacks):
+        if isinstance(session, _OwnCallbacks) and frame is not None:
             session.on_message(ws, frame)
 
 
@@ -194,11 +194,11 @@ class GroupManager(_RoutingManager):
 
     def create_group(self, name: str, subject: str, group_type: str = "public") -> Optional[Group]:
         """Create a group this agent owns; None if the server did not confirm it."""
-        return self.create_session(name, subject, group_type)
+        return cast(Optional[Group], self.create_session(name, subject, group_type))  # session_class is Group
 
     def join_group(self, req: Any) -> Group:
         """Accept an invite (``InviteMessageReq``) and join its group."""
-        return self.join_session(req)
+        return cast(Group, self.join_session(req))  # session_class is Group
 
     def leave_group(self, session_id: str) -> None:
         self.leave_session(session_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 __all__ = ["selfless"]
 
@@ -21,7 +21,7 @@ class selfless:  # noqa: N801 - used as a decorator
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
-        functools.update_wrapper(self, func)
+        functools.update_wrapper(cast(Any, self), func)  # a descriptor, not a callable: copy the metadata anyway
         self._on_class = self._make_class_call(func)
 
     @staticmethod

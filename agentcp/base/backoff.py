@@ -14,7 +14,8 @@ from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Backoff", "Retrier", "AUTH_BACKOFF", "RECONNECT_BACKOFF", "PERMANENT_ERROR_BACKOFF"]
+__all__ = ["Backoff", "Retrier", "AUTH_BACKOFF", "RECONNECT_BACKOFF", "PERMANENT_ERROR_BACKOFF",
+           "HEARTBEAT_RECONNECT_BACKOFF", "BLACKOUT_BACKOFF"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ AUTH_BACKOFF = Backoff(base=0.5, cap=30.0)
 #: The heartbeat's reconnect loop: at most one sign-in attempt every 2.5 s while the server is down, and back
 #: within 9 s of its return (liveness targets: <= 8 attempts in a 20 s outage, <= 10 s to recover).
 RECONNECT_BACKOFF = Backoff(base=0.5, cap=9.0, floor=2.5)
+#: The heartbeat's sign-in retries during an outage: every wait in [7, 9.5] s. A fleet that failed together
+#: spreads over 2.5 s instead of retrying in lock-step, makes about 4 attempts per agent in 30 s, and is back
+#: within 10 s of the server's return (issue "liveness under packet loss and herds").
+HEARTBEAT_RECONNECT_BACKOFF = Backoff(base=2.5, cap=9.5, floor=7.0)
+#: Sign-in retries while nothing answers at all, neither HTTP nor the UDP probes: rare, since the probes notice
+#: the network's return long before the next HTTP attempt is due.
+BLACKOUT_BACKOFF = Backoff(base=20.0, cap=60.0, floor=20.0)
 #: Retrying a permanent failure (wrong seed password, 4xx) is pointless until something changes; keep it rare.
 PERMANENT_ERROR_BACKOFF = Backoff(base=60.0, cap=60.0, floor=60.0)
 

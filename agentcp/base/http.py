@@ -359,7 +359,7 @@ class AbortableSession:
         owner = self
 
         def tracked(base: Any) -> Any:
-            class Tracked(base):  # type: ignore[misc, valid-type]
+            class Tracked(base):
                 def connect(self) -> None:
                     epoch = owner._epoch
                     super().connect()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from .env import Environ
 
@@ -63,7 +63,7 @@ log_enabled = True
 _handler: Optional[logging.Handler] = None
 
 
-def _level(value, default: int) -> int:
+def _level(value: Any, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, int):
@@ -75,7 +75,7 @@ def _level(value, default: int) -> int:
     return named if isinstance(named, int) else default
 
 
-def get_logger(name: str = _ROOT_NAME, level=None) -> logging.Logger:
+def get_logger(name: str = _ROOT_NAME, level: Any = None) -> logging.Logger:
     """Return logger ``name`` at ``level`` with one stderr handler (added once, never duplicated)."""
     global _handler
     log = logging.getLogger(name)
@@ -100,7 +100,7 @@ def _target() -> logging.Logger:
     return logger if logger is not None else logging.getLogger(_ROOT_NAME)
 
 
-def log_exception(e) -> None:
+def log_exception(e: Any) -> None:
     if log_enabled:
         _target().error("%s", e, exc_info=isinstance(e, BaseException) and (type(e), e, e.__traceback__))
 

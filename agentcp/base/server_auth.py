@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from agentcp.context.exceptions import ServerAuthError
@@ -250,14 +250,14 @@ def _name(cert: x509.Certificate) -> str:
 
 def _ca_constraints(cert: x509.Certificate) -> Optional[x509.BasicConstraints]:
     try:
-        return cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return None
 
 
 def _aia_issuer_url(cert: x509.Certificate) -> Optional[str]:
     try:
-        aia = cert.extensions.get_extension_for_oid(ExtensionOID.AUTHORITY_INFORMATION_ACCESS).value
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
     except x509.ExtensionNotFound:
         return None
     for desc in aia:
@@ -286,8 +286,10 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
             key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
         elif isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
             key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
         else:
-            key.verify(cert.signature, cert.tbs_certificate_bytes)  # type: ignore[call-arg]
+            return False  # DSA, or a key type that cannot sign certificates
         return True
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False

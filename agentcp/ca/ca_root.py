@@ -49,5 +49,5 @@ class CARoot:
         files = self._override_files()
         if not files:
             return AGENTUNION_ROOT_CA_PEM
-        with open(files[index], "r", encoding="utf-8") as fh:
+        with open(files[index], encoding="utf-8") as fh:
             return fh.read()

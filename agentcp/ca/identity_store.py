@@ -258,7 +258,7 @@ class IdentityStore:
             return fh.read()
 
     def read_cert_pem(self, aid: str) -> str:
-        with open(self.crt_path(aid), "r", encoding="utf-8") as fh:
+        with open(self.crt_path(aid), encoding="utf-8") as fh:
             return fh.read()
 
     def load_key(self, aid: str, password_hex: str):

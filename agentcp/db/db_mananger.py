@@ -162,6 +162,13 @@ def _json_text(name: str, value: Any) -> str:
     raise TypeError(f"{name} must be a str (JSON text), list or dict, got {type(value).__name__}")
 
 
+def _rowid(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just added (sqlite3 sets it for every successful INSERT)."""
+    if cur.lastrowid is None:
+        raise sqlite3.DatabaseError("INSERT reported no row id")
+    return int(cur.lastrowid)
+
+
 def _page(page: Any, page_size: Any) -> Tuple[int, int]:
     for name, value in (("page", page), ("page_size", page_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -320,7 +327,8 @@ class DBManager:
 
         Columns a table lacks (0.1.30 ``messages`` has no ``instruction``) come back as ``""``.
         """
-        parts, all_params = [], []
+        parts: List[str] = []
+        all_params: List[Any] = []
         for rank, (table, cols) in enumerate(self._tables(base)):
             exprs = [f'"{c}"' if c in cols else f"NULL AS \"{c}\"" for c in wanted]
             parts.append(f'SELECT {", ".join(exprs)}, {rank} AS _src FROM "{table}"' + (f" WHERE {where}" if where else ""))
@@ -442,7 +450,7 @@ class DBManager:
                                "VALUES (?, ?, ?, ?, ?)",
                                (self._id_param(sid), member, _opt_str("avaurl", avaurl),
                                 _opt_str("description", description), _json_text("post_data", post_data)))
-            return int(cur.lastrowid)
+            return _rowid(cur)
 
     def update_conversation_config(self, config_id, avaurl=None, description=None, post_data=None) -> int:
         """Update the given (non-None) fields of the ``chat_config`` row ``config_id`` (the row id
@@ -656,7 +664,7 @@ class DBManager:
         cols = list(row)
         cur = conn.execute(f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                            [row[c] for c in cols])
-        return int(cur.lastrowid)
+        return _rowid(cur)
 
     def update_message(self, message: Dict[str, Any]) -> int:
         """Update a stored message in place (e.g. a stream's content filled in progressively).

@@ -27,7 +27,7 @@ import re
 import secrets
 import threading
 import uuid
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from agentcp.base.auth_client import AuthClient
@@ -88,7 +88,7 @@ def file_server_url(network_or_url: str) -> str:
     labels = host.split(".")
     parent = ".".join(labels[1:]) if len(labels) > 2 else host
     port = urlsplit(text).port
-    return f"{scheme}://oss.{parent}{':%d' % port if port else ''}/api/oss"
+    return f"{scheme}://oss.{parent}{f':{port}' if port else ''}/api/oss"
 
 
 def with_auth_query(url: str, agent_id: str, token: str) -> str:
@@ -133,12 +133,12 @@ class _MultipartFile:
         boundary = uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={boundary}"
         head = b"".join(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n'.encode("utf-8")
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n'.encode()
             + value.encode("utf-8") + b"\r\n"
             for name, value in fields
         )
         head += (f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(file_field)}"; '
-                 f'filename="{_quoted(filename)}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode("utf-8")
+                 f'filename="{_quoted(filename)}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
         self._head = head
         self._tail = f"\r\n--{boundary}--\r\n".encode("ascii")
         self._fh = open(path, "rb")
@@ -192,7 +192,7 @@ def _server_error(response: Any) -> str:
     return ""
 
 
-def _transport_errors() -> Tuple[type, ...]:
+def _transport_errors() -> Tuple[Type[BaseException], ...]:
     import requests
     import urllib3
 
@@ -346,7 +346,7 @@ class FileClient:
         if not self._trusted(self.server_url):
             err = FileTransferError(f"the file server {self.server_url} is outside the trust domain; "
                                     "no sign-in was attempted")
-            err.reported = True  # type: ignore[attr-defined]  (the refusal was logged and published)
+            err.reported = True  # type: ignore[attr-defined]  # the refusal was logged and published
             raise err
         token = self.get_signature()
         if not token:
@@ -547,7 +547,7 @@ class FileClient:
 
 
 def _with_url(exc: FileTransferError, full_url: str) -> FileTransferError:
-    exc.full_url = full_url  # type: ignore[attr-defined]  (the 0.1.99 return value of a failed download)
+    exc.full_url = full_url  # type: ignore[attr-defined]  # the 0.1.99 return value of a failed download
     return exc
 
 

@@ -15,18 +15,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agentcp.base.auth_client import AuthClient
-from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
+from agentcp.base.backoff import BLACKOUT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.base.names import InvalidNameError, check_host, check_port
 from agentcp.base.reporting import FaultReporter
 from agentcp.base.serial_pool import Lane, SerialPool
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
-from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, State
+from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, SignInHealth, State
 from agentcp.heartbeat.reactor import HeartbeatReactor
 from agentcp.msg.message_serialize import *  # noqa: F401,F403  (0.1.99 re-exported these names here)
 from agentcp.msg.message_serialize import (
@@ -39,6 +40,7 @@ from agentcp.msg.message_serialize import (
     MalformedDatagram,
     peek_message_type,
     to_bytes,
+    uint64_to_varint,
 )
 
 log = logging.getLogger("agentcp.heartbeat")
@@ -102,15 +104,28 @@ class HeartbeatClient:
     MAX_INTERVAL: float = 60.0
     #: A reply later than this after its beat counts as missed; misses are re-probed right away.
     REPLY_TIMEOUT: float = 1.0
-    #: Consecutive misses that mean "the server is gone": sign in again and rebuild the socket.
+    #: Consecutive misses that mean "the server is gone" on a clean path. On a lossy path the count grows with
+    #: the measured loss (up to MAX_PROBE_BUDGET), so that loss alone makes a false verdict about FALSE_ALARM likely.
     MAX_MISSES: int = 3
-    #: Waits between reconnect attempts while the server is away, and after permanent sign-in errors.
-    RECONNECT_BACKOFF: Backoff = RECONNECT_BACKOFF
+    MAX_PROBE_BUDGET: int = 10
+    FALSE_ALARM: float = 1e-5
+    #: Waits between sign-in attempts while the server's sign-in fails. None: [1.4, 1.9] x MIN_INTERVAL
+    #: (7-9.5 s): slow on average, back within 10 s of the server's return.
+    RECONNECT_BACKOFF: Optional[Backoff] = None
+    #: Sign-in retries while neither HTTP nor the UDP probes get an answer (a blackout).
+    BLACKOUT_BACKOFF: Backoff = BLACKOUT_BACKOFF
     PERMANENT_BACKOFF: Backoff = PERMANENT_ERROR_BACKOFF
-    #: A beat may go out this fraction of the interval early (at most MAX_BEAT_SLACK seconds), so that the beats
-    #: of many agents in one process share wake-ups.
-    BEAT_SLACK: float = 0.1
-    MAX_BEAT_SLACK: float = 0.5
+    #: Each gap between beats is drawn from [1 - JITTER, 1] x interval, and the beat after a session's first reply
+    #: from [FIRST_BEAT_MIN, 1] x interval: agents keep their own phases.
+    JITTER: float = 0.1
+    FIRST_BEAT_MIN: float = 0.1
+    #: The first sign-in after a 401 waits a random [0, min(REAUTH_SPREAD, MIN_INTERVAL / 10)] seconds; if other
+    #: agents of the process just failed to sign in to the same server, [0.2, 1.85] x MIN_INTERVAL instead.
+    REAUTH_SPREAD: float = 0.4
+    #: Beats due within this fraction of the interval (at most MAX_BEAT_SLACK seconds) share a wake-up. A few
+    #: milliseconds at most: grouping must never move a beat noticeably, or phases would collapse together.
+    BEAT_SLACK: float = 0.001
+    MAX_BEAT_SLACK: float = 0.005
     RECV_BUFFER: int = 1536
     #: Datagrams read per readiness event before other clients get their turn.
     RECV_BATCH: int = 64
@@ -125,7 +140,10 @@ class HeartbeatClient:
         auth_client: Optional[AuthClient] = None,
         reactor: Optional[HeartbeatReactor] = None,
         clock: Callable[[], float] = time.monotonic,
+        rand: Optional[Callable[[], float]] = None,
     ) -> None:
+        """``rand``: the source of the client's jitter (``random.random`` by default; pass a seeded one to
+        replay a run)."""
         self.agent_id = agent_id
         self.server_url = server_url.rstrip("/") if isinstance(server_url, str) else server_url
         self.aid_path = aid_path
@@ -153,6 +171,9 @@ class HeartbeatClient:
         #: Called with each :class:`~agentcp.heartbeat.liveness.Event` of the fault timeline (off-thread).
         self.on_event: Optional[Callable[[Event], Any]] = None
         self._clock = clock
+        self._rand = rand or random.random
+        self._beat_template: Optional[Tuple[Tuple[str, int], bytes]] = None
+        self._slack_for, self._slack = -1.0, 0.0
         self._reactor = reactor or HeartbeatReactor.shared()
         self._lock = threading.RLock()
         self._machine = self._new_machine()
@@ -310,7 +331,23 @@ class HeartbeatClient:
     # Reactor thread: everything below until "Sign-in worker" runs there
     # ------------------------------------------------------------------------------------------------------------
     def _timer_slack(self) -> float:
-        return min(self.MAX_BEAT_SLACK, self.BEAT_SLACK * self._machine.interval)
+        interval = self._machine.interval
+        if interval != self._slack_for:  # cached: the reactor asks on every wake-up near this client's timer
+            self._slack_for, self._slack = interval, min(self.MAX_BEAT_SLACK, self.BEAT_SLACK * interval)
+        return self._slack
+
+    def _sign_in_health(self) -> SignInHealth:
+        """Reactor thread: the process-wide record of sign-ins to this client's server URL (shared by agents)."""
+        registry = self._reactor.sign_in_health
+        health = registry.get(self.server_url)
+        if health is None:
+            if len(registry) >= 1024:  # bounded: forget the oldest server URL
+                registry.pop(next(iter(registry)))
+            health = registry[self.server_url] = SignInHealth(memory=2 * self.MIN_INTERVAL)
+        return health
+
+    def _peers_failing(self, now: float) -> bool:
+        return self._machine.signing_in and self._sign_in_health().failing(now)
 
     def _reactor_start(self) -> None:
         self._reactor.add_client(self)
@@ -332,7 +369,7 @@ class HeartbeatClient:
             for _ in range(16):  # each action changes the machine; a handful always suffices
                 if self._stop.is_set():
                     return None
-                decision = self._machine.poll(now, self._timer_slack())
+                decision = self._machine.poll(now, self._timer_slack(), self._peers_failing(now))
                 if decision.action is Action.SEND_BEAT:
                     self._send_beat(now)
                 elif decision.action is Action.REBUILD_SOCKET:
@@ -370,14 +407,23 @@ class HeartbeatClient:
     def _send_beat(self, now: float) -> None:
         """Lock held."""
         self.msg_seq += 1
-        req = HeartbeatMessageReq()
-        req.header.MessageSeq = self.msg_seq
-        req.AgentId = self.agent_id
-        req.SignCookie = self.sign_cookie
         # Recorded before the send, so a reply can never be processed before its beat is known.
         self._machine.beat_sent(now)
         self.last_hb = int(now * 1000)
-        self._send(to_bytes(req))
+        self._send(self._beat_bytes(self.msg_seq))
+
+    def _beat_bytes(self, seq: int) -> bytes:
+        """The HeartbeatReq datagram. The serialised form with sequence 0 is cached per (AID, cookie): only the
+        one-byte uvarint 0 of MessageSeq (second byte, after MessageMask 0) changes from beat to beat."""
+        key = (self.agent_id, self.sign_cookie)
+        if self._beat_template is None or self._beat_template[0] != key:
+            req = HeartbeatMessageReq()
+            req.header.MessageSeq = 0
+            req.AgentId = self.agent_id
+            req.SignCookie = self.sign_cookie
+            self._beat_template = (key, to_bytes(req))
+        template = self._beat_template[1]
+        return template[:1] + uint64_to_varint(seq) + template[2:]
 
     def _send(self, data: bytes) -> None:
         sock = self.udp_socket
@@ -434,7 +480,7 @@ class HeartbeatClient:
                         return
                     self._machine.reply(now, resp.NextBeat)
                     self.heartbeat_interval = int(self._machine.interval * 1000)
-                    if self._machine.state is State.ONLINE:
+                    if self._machine.state is State.ONLINE and not self._online_event.is_set():
                         self._online_event.set()
                     self._flush_state_changes()
             elif msg_type == MSG_INVITE_REQ:
@@ -455,17 +501,30 @@ class HeartbeatClient:
     # Sockets
     # ------------------------------------------------------------------------------------------------------------
     def _new_machine(self, previous: Optional[Liveness] = None) -> Liveness:
+        floor = self.MIN_INTERVAL
+        reconnect = self.RECONNECT_BACKOFF or Backoff(base=0.5 * floor, cap=1.9 * floor, floor=1.4 * floor)
         config = LivenessConfig(
-            min_interval=self.MIN_INTERVAL,
+            min_interval=floor,
             max_interval=self.MAX_INTERVAL,
             reply_timeout=self.REPLY_TIMEOUT,
+            max_reply_timeout=max(self.REPLY_TIMEOUT, 3 * self.REPLY_TIMEOUT),
             max_misses=self.MAX_MISSES,
-            reconnect_backoff=self.RECONNECT_BACKOFF,
+            max_probe_budget=self.MAX_PROBE_BUDGET,
+            false_alarm=self.FALSE_ALARM,
+            jitter=self.JITTER,
+            first_beat_min=self.FIRST_BEAT_MIN,
+            reauth_spread=min(self.REAUTH_SPREAD, 0.1 * floor),
+            blackout_probe=(0.3 * floor, 0.5 * floor),
+            outage_defer=(0.2 * floor, 1.85 * floor),
+            reconnect_backoff=reconnect,
+            blackout_backoff=self.BLACKOUT_BACKOFF,
             permanent_backoff=self.PERMANENT_BACKOFF,
         )
-        machine = Liveness(config)
-        if previous is not None:  # counters and the timeline survive offline()/online() cycles
+        machine = Liveness(config, rand=self._rand)
+        if previous is not None:  # counters, the timeline and what was learnt of the path survive online() cycles
             machine.counters = previous.counters
+            machine.loss, machine.srtt, machine.rttvar = previous.loss, previous.srtt, previous.rttvar
+            machine.loss_samples = previous.loss_samples
             machine.history = previous.history
             machine.state = previous.state
         return machine
@@ -563,10 +622,15 @@ class HeartbeatClient:
                     error = exc
                 else:
                     self._machine.signed_in(now)
+                    self._sign_in_health().record(now, ok=True)
             else:
+                if not getattr(error, "permanent", False):
+                    self._sign_in_health().record(now, ok=False)
                 self._machine.sign_in_failed(
                     now, str(error), permanent=getattr(error, "permanent", False),
                     retry_after=getattr(error, "retry_after", 0.0) or 0.0,
+                    # No HTTP status: the request got no answer at all (timeout, refused, unreachable).
+                    network=isinstance(error, AuthError) and not getattr(error, "status", 0),
                 )
             self._flush_state_changes()
         if error is not None:
@@ -582,13 +646,13 @@ class HeartbeatClient:
             infos = socket.getaddrinfo(server_ip, port, socket.AF_INET, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
             raise TransientAuthError(f"cannot resolve heartbeat server address {server_ip!r}: {exc}") from exc
-        addr = infos[0][4][:2]
+        addr = (str(infos[0][4][0]), int(infos[0][4][1]))
         with self._lock:
             self.server_ip, self.port, self.sign_cookie = server_ip, port, cookie
-            self._server_addr = (addr[0], addr[1])
+            self._server_addr = addr
             self._have_session = True
         log.info("heartbeat sign-in for %s ok: beating %s:%d", self.agent_id, addr[0], addr[1])
-        return self._server_addr
+        return addr
 
     @staticmethod
     def _parse_sign_in_reply(reply: Any) -> Tuple[str, int, int]:

@@ -3,8 +3,9 @@
 Why: a process may run hundreds of agents, and each timed wake-up of a thread costs real CPU (about 150 µs on a
 small VM). With two threads per client, 200 idle agents cost ~2 % of a core. The reactor owns a single selector
 thread that sends every client's beats and reads every client's replies; timers that fall due within a client's
-slack fire together, so beats of many agents coalesce into a few wake-ups. Blocking work (HTTP sign-in) never
-runs here: clients hand it to a short-lived worker thread of their own.
+slack (a few milliseconds) fire together. Timers live in a heap, so a wake-up costs O(log n), not O(n), however
+many clients the process runs: with each agent keeping its own beat phase, wake-ups are per beat. Blocking work
+(HTTP sign-in) never runs here: clients hand it to a short-lived worker thread of their own.
 
 The thread starts with the first registered client and stops when the last one leaves; the caller that removed
 the last client joins it, so an idle process keeps no heartbeat thread. All selector and timer state is touched
@@ -12,13 +13,16 @@ only on the reactor thread; other threads talk to it through :meth:`HeartbeatRea
 """
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import logging
 import selectors
 import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 log = logging.getLogger("agentcp.heartbeat")
 
@@ -42,6 +46,8 @@ class HeartbeatReactor:
     """A selector loop with per-client timers, shared by all :class:`HeartbeatClient` objects."""
 
     _shared: Optional["HeartbeatReactor"] = None
+    #: Upper bound of any client's timer slack (seconds).
+    MAX_SLACK: float = 0.05
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -64,8 +70,12 @@ class HeartbeatReactor:
         # Reactor-thread state:
         self._selector: Optional[selectors.BaseSelector] = None
         self._wake_r: Optional[socket.socket] = None
-        self._timers: Dict[Any, float] = {}
+        self._timers: Dict[Any, float] = {}  # client -> its one timer
+        self._heap: List[Tuple[float, int, Any]] = []  # (at, tie-breaker, client); stale entries skipped lazily
+        self._seq = itertools.count()
         self.clients: set = set()
+        #: Server URL -> SignInHealth shared by this reactor's clients (reactor thread only; see HeartbeatClient).
+        self.sign_in_health: Dict[str, Any] = {}
         self.wakeups = 0
         self.errors = 0
 
@@ -139,7 +149,7 @@ class HeartbeatReactor:
         assert self._selector is not None
         self._selector.register(sock, selectors.EVENT_READ, client)
 
-    def unwatch(self, sock: socket.socket) -> None:
+    def unwatch(self, sock: Any) -> None:
         if self._selector is None:
             return
         try:
@@ -150,8 +160,39 @@ class HeartbeatReactor:
     def set_timer(self, client: Any, at: Optional[float]) -> None:
         if at is None or client not in self.clients:
             self._timers.pop(client, None)
-        else:
+        elif self._timers.get(client) != at:
             self._timers[client] = at
+            heapq.heappush(self._heap, (at, next(self._seq), client))
+
+    def _earliest_timer(self) -> Optional[float]:
+        """The earliest live timer (stale heap entries, of timers since changed or removed, are dropped)."""
+        heap, timers = self._heap, self._timers
+        while heap:
+            at, _, client = heap[0]
+            if timers.get(client) == at:
+                return at
+            heapq.heappop(heap)
+        return None
+
+    def _take_due(self, now: float) -> List[Any]:
+        """Remove and return the clients whose timer is due, each allowed its own (small) slack."""
+        heap, timers = self._heap, self._timers
+        due: List[Any] = []
+        keep: List[Tuple[float, int, Any]] = []
+        horizon = now + self.MAX_SLACK
+        while heap and heap[0][0] <= horizon:
+            entry = heapq.heappop(heap)
+            at, _, client = entry
+            if timers.get(client) != at:
+                continue  # stale
+            if at <= now + min(self.MAX_SLACK, client._timer_slack()):
+                del timers[client]
+                due.append(client)
+            else:
+                keep.append(entry)
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        return due
 
     def add_client(self, client: Any) -> None:
         with self._lock:
@@ -166,6 +207,8 @@ class HeartbeatReactor:
     # The loop
     # ----------------------------------------------------------------------------------------------------------
     def _run_commands(self) -> None:
+        if not self._commands:
+            return  # fast path, unlocked: a command queued meanwhile also pokes the wake socket, so it is not missed
         while True:
             with self._lock:
                 if not self._commands:
@@ -183,12 +226,15 @@ class HeartbeatReactor:
                     done.set()
 
     def _exit_if_idle(self) -> bool:
+        if self.clients:
+            return False  # fast path, unlocked: only this thread removes clients, so a busy reactor stays busy
         with self._lock:
             if self.clients or self._commands:
                 return False
             # Last client gone: release everything; the next call() starts a fresh thread.
             # Cleared under the lock: once it is released a new thread may start and set timers of its own.
             self._timers.clear()
+            self._heap.clear()
             self._stopped_threads.append(self._thread)
             self._thread = None
             selector, wake_r, wake_w = self._selector, self._wake_r, self._wake_w
@@ -214,8 +260,9 @@ class HeartbeatReactor:
             if self._exit_if_idle():
                 return
             timeout = None
-            if self._timers:
-                timeout = max(0.0, min(self._timers.values()) - self._clock())
+            earliest = self._earliest_timer()
+            if earliest is not None:
+                timeout = max(0.0, earliest - self._clock())
             try:
                 events = self._selector.select(timeout)  # type: ignore[union-attr]
             except (OSError, ValueError) as exc:
@@ -229,11 +276,10 @@ class HeartbeatReactor:
                 if client is None:
                     self._drain_wake()
                     continue
-                self._guard(client, lambda c=client, s=key.fileobj: c._reactor_readable(s, now))
+                self._guard(client, functools.partial(client._reactor_readable, key.fileobj, now))
             now = self._clock()
-            due = [c for c, at in self._timers.items() if at <= now + c._timer_slack()]
-            for client in due:
-                self._guard(client, lambda c=client: c._reactor_timer(now))
+            for client in self._take_due(now):
+                self._guard(client, functools.partial(client._reactor_timer, now))
 
     def _guard(self, client: Any, fn: Callable[[], Optional[float]]) -> None:
         """Run a client callback; a bug in one client must not stop the others."""
@@ -255,5 +301,5 @@ class HeartbeatReactor:
                 self.unwatch(sock)
                 client = key.data
                 if client is not None and client in self.clients:
-                    self._guard(client, lambda c=client: c._reactor_socket_dead(self._clock()))
+                    self._guard(client, functools.partial(client._reactor_socket_dead, self._clock()))
         log.debug("heartbeat reactor select failed (%s); pruned dead sockets", exc)

@@ -53,9 +53,9 @@ def call_arity(handler: Callable[..., Any]) -> Optional[int]:
 
 
 def is_coroutine_handler(handler: Callable[..., Any]) -> bool:
-    target = handler
+    target: Any = handler
     for _ in range(8):  # functools.wraps chains
-        if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None)):
+        if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):  # async __call__
             return True
         target = getattr(target, "__wrapped__", None)
         if target is None:
@@ -186,8 +186,8 @@ class Dispatcher:
                 if thread.is_alive():
                     log.warning("%s: a handler is still running after %.0f s; not waiting for it", self.name,
                                 timeout or 0)
-        loop, thread = self._loop, self._loop_thread
-        if loop is not None and thread is not None:
+        loop, loop_thread = self._loop, self._loop_thread
+        if loop is not None and loop_thread is not None:
             def shutdown() -> None:
                 for task in asyncio.all_tasks(loop):
                     task.cancel()

@@ -905,7 +905,7 @@ class MessageClient(IClient):
                 with self._lock:
                     conn = self._conn
                     item = self._machine.next_item() if conn is not None else None
-                    if item is None:
+                    if item is None or conn is None:
                         return
                     self._machine.written(item)
                 try:

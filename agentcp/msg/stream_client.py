@@ -152,7 +152,7 @@ class _Frame:
 class StreamClient:
     """The push WebSocket of one stream (``server_url`` is the ``push_url`` of ``session_create_stream_ack``)."""
 
-    def __init__(self, agent_id: str, session_id, server_url: str, signature: str, *,
+    def __init__(self, agent_id: str, session_id, server_url: str, signature: Optional[str], *,
                  config: Optional[StreamClientConfig] = None,
                  signature_provider: Optional[Callable[[], Optional[str]]] = None,
                  clock: Callable[[], float] = time.monotonic, limits: Limits = DEFAULT_LIMITS,
@@ -613,7 +613,7 @@ class StreamClient:
 
     def _do_write(self, conn: _Conn, frame: _Frame) -> None:
         try:
-            if frame.opcode == _BINARY:
+            if isinstance(frame.payload, bytes):
                 conn.ws.send_binary(frame.payload)
             else:
                 conn.ws.send(frame.payload)

@@ -137,7 +137,7 @@ def _inflate(payload: bytes) -> bytes:
     return out
 
 
-def _unpack(data: Any) -> Tuple[Tuple[int, ...], bytes]:
+def _unpack(data: Any) -> Tuple[Tuple[int, int, int, int, int, int, int, int, int, int, int], bytes]:
     """Validate a frame; return its 11 header values and its payload (decompressed if ``compressed`` is 1)."""
     raw = _as_bytes("data", data)
     if len(raw) < HEADER_SIZE:

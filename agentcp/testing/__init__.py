@@ -3,6 +3,7 @@
 - :class:`FakeACPServer`: heartbeat server on loopback (HTTP two-step sign-in, UDP heartbeat) with fault controls.
 - :class:`Beat`, :class:`SignInRecord`, :class:`InviteResponse`, :class:`Session`: what it records.
 - :class:`HttpRequest`, :class:`HttpResponse`, :class:`HttpError`: for routes added with ``FakeACPServer.add_route``.
+- :class:`LossyRelay`: a lossy, delaying UDP/TCP path between a client and a server (no privileges needed).
 - :class:`FakePKI`: the server's CA (``FakeACPServer.pki``), for such routes (e.g. a fake CA issuing certificates).
 - pytest fixtures ``acp_server`` and ``acp_server_factory`` (:mod:`agentcp.testing.pytest_plugin`, auto-loaded).
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._http import HttpError, HttpRequest, HttpResponse
     from ._pki import FakePKI
     from .fake_server import Beat, FakeACPServer, InviteResponse, Session, SignInRecord
+    from .lossy import LossyRelay
 
 __all__ = [
     "FakeACPServer",
@@ -29,6 +31,7 @@ __all__ = [
     "HttpResponse",
     "HttpError",
     "FakePKI",
+    "LossyRelay",
 ]
 
 _LAZY: Dict[str, str] = {
@@ -41,6 +44,7 @@ _LAZY: Dict[str, str] = {
     "HttpResponse": "agentcp.testing._http",
     "HttpError": "agentcp.testing._http",
     "FakePKI": "agentcp.testing._pki",
+    "LossyRelay": "agentcp.testing.lossy",
 }
 
 

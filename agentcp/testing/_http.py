@@ -403,7 +403,7 @@ class HttpFrontend:
                     closing = self._closing
                 if closing:
                     return
-                conn.sock.do_handshake()  # type: ignore[attr-defined]
+                conn.sock.do_handshake()
             _Handler(conn.sock, address, server)
         except (OSError, ssl.SSLError) as exc:
             logger.debug("http connection from %s ended: %s", address, exc)

@@ -433,7 +433,7 @@ class AccessPoint:
             stored = self._files.setdefault(owner, {})
             need = [item.get("full_path") for item in items
                     if isinstance(item, dict) and item.get("full_path")
-                    and item.get("full_path").replace("\\", "/").rsplit("/", 1)[-1] not in stored]
+                    and str(item["full_path"]).replace("\\", "/").rsplit("/", 1)[-1] not in stored]
         return HttpResponse(200, {"need_upload_files": need, "need_download_files": []})
 
     def handle_upload(self, request: HttpRequest) -> HttpResponse:

@@ -181,6 +181,7 @@ class FakeACPServer:
         self._next_beat_ms = int(next_beat_ms)
         self._encoding = next_beat_encoding
         self._silent = False
+        self._announce: Optional[Tuple[str, int]] = None  # announce_udp_address()
         self._sign_in_mode = "ok"
         self._sign_in_delay = 0.0
         self._sign_in_overrides: Dict[str, Any] = {}
@@ -535,6 +536,12 @@ class FakeACPServer:
             self._loop.call(swap)
         logger.info("FakeACPServer restarted (move_port=%s, udp port %d)", move_port, self._udp_port)
 
+    def announce_udp_address(self, address: Optional[Tuple[str, int]]) -> None:
+        """Announce ``address`` as ``server_ip``/``port`` in sign-in replies instead of the server's own UDP socket
+        (e.g. a :class:`~agentcp.testing.lossy.LossyRelay` in front of it); ``None`` restores the real one."""
+        with self._lock:
+            self._announce = None if address is None else (str(address[0]), int(address[1]))
+
     def go_silent(self) -> None:
         """Stop answering heartbeats (they are still received and recorded), as if replies were lost."""
         with self._lock:
@@ -658,7 +665,8 @@ class FakeACPServer:
         except HttpError as exc:
             self._record_sign_in("", 0, exc.status, received, exc.message)
             raise
-        agent_id = body.get("agent_id") if isinstance(body.get("agent_id"), str) else ""
+        agent_id = body.get("agent_id")
+        agent_id = agent_id if isinstance(agent_id, str) else ""
         step = 2 if "nonce" in body else 1
         with self._lock:
             mode, delay = self._sign_in_mode, self._sign_in_delay
@@ -777,9 +785,9 @@ class FakeACPServer:
                 self._drop_session(old)
             self._sessions[session.token] = session
             self._by_cookie[(agent_id, session.sign_cookie)] = session
-            udp_port = self._udp_port
+            udp_host, udp_port = self._announce or (self._host, self._udp_port)
         logger.debug("sign_in %s ok", agent_id)
-        reply = {"signature": session.token, "server_ip": self._host, "port": udp_port,
+        reply = {"signature": session.token, "server_ip": udp_host, "port": udp_port,
                  "sign_cookie": session.sign_cookie}
         with self._lock:
             reply.update(self._sign_in_overrides)

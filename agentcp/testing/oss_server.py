@@ -192,7 +192,7 @@ class OssServer:
         if storage_dir is None:
             storage_dir = tempfile.mkdtemp(prefix="agentcp-oss-")
             # Removed when this object goes away (or at exit): uploads of a test run do not pile up in /tmp.
-            self._cleanup = weakref.finalize(self, shutil.rmtree, storage_dir, True)
+            self._cleanup: Optional[weakref.finalize] = weakref.finalize(self, shutil.rmtree, storage_dir, True)
         else:
             os.makedirs(storage_dir, exist_ok=True)
             self._cleanup = None
@@ -367,8 +367,9 @@ class OssServer:
                 name_match = _DISPOSITION_NAME.search(head)
                 name = name_match.group(1).decode("utf-8", "replace") if name_match else ""
                 if name == "file" and stored is None:
-                    filename = _DISPOSITION_FILENAME.search(head)
-                    stored = self._store(content, filename.group(1).decode("utf-8", "replace") if filename else "")
+                    disposition = _DISPOSITION_FILENAME.search(head)
+                    stored = self._store(content, disposition.group(1).decode("utf-8", "replace")
+                                         if disposition else "")
                     continue
                 value = b""
                 for chunk in content:

@@ -331,8 +331,7 @@ class StreamServer:
                 new = stream.frames[index:]
                 index += len(new)
                 done = stream.closed and index >= len(stream.frames)
-            for item in new:
-                yield item
+            yield from new
             if done:
                 return
             if not new:
@@ -357,7 +356,7 @@ class StreamServer:
                 if item is None:
                     yield b": keep-alive\n\n"
                 elif item[0] == "text":
-                    yield f"data: {item[1]}\n\n".encode("utf-8")
+                    yield f"data: {item[1]}\n\n".encode()
             yield b"event: done\n\n"
 
         return HttpResponse(200, stream=events(), content_type="text/event-stream; charset=utf-8")
