@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set
 
+from agentcp.base.limits import LimitExceeded, Limits
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.context import exceptions
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
@@ -67,6 +68,9 @@ class MessagingMixin:
     _forgotten_sessions: Set[str]
     _publish: Callable[[SDKError], None]
     _on_stream_announce: Callable[[dict, dict], None]
+    limits: Limits
+    _check_trusted: Callable[[str, str], bool]
+    _limit_crossed: Callable[[LimitExceeded], None]
 
     # --- handlers -----------------------------------------------------------------------------------------------
     def message_handler(self, router: str = ""):

@@ -764,7 +764,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         if sm is not None:
             with sm.lock:
                 auths += [getattr(c, "auth_client", None) for c in sm.message_client_map.values()]
-        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", "")}
+        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", None)}
 
     @property
     def state(self) -> str:

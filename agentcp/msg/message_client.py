@@ -671,7 +671,8 @@ class MessageClient(IClient):
         Never blocks on a connect.
         """
         text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)
-        ticket = Ticket(message_id or (ack_key or ""), session_id)
+        # A str ack key is the message id (session_message); a reply_key() tuple is not one.
+        ticket = Ticket(message_id or (ack_key if isinstance(ack_key, str) else ""), session_id)
         problem = utf8_error(text)
         if problem is not None:
             # Refused here, at the boundary: an unencodable frame in the outbox would fail at every reconnect and
