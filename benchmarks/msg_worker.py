@@ -51,7 +51,7 @@ def make_acp(data, ap_url):
 def online(aid):
     aid.online()
     if not aid.is_online_success:
-        say(event="error", error="%s did not come online" % aid.id)
+        say(event="error", error=f"{aid.id} did not come online")
         os._exit(2)
 
 
@@ -133,14 +133,14 @@ def send(data, domain, name, target, ap_url=""):
         elif cmd == "rtt":
             samples = []
             for i in range(int(arg) + 20):  # 20 warm-up round trips are not counted
-                text = "rtt %d" % i
+                text = f"rtt {i}"
                 t0 = time.perf_counter()
                 send_text(text)
                 try:
                     while replies.get(timeout=5) != text:
                         pass
                 except queue.Empty:
-                    say(event="rtt", error="no echo of %r within 5 s" % text)
+                    say(event="rtt", error=f"no echo of {text!r} within 5 s")
                     break
                 if i >= 20:
                     samples.append((time.perf_counter() - t0) * 1000)
@@ -149,7 +149,7 @@ def send(data, domain, name, target, ap_url=""):
         elif cmd == "flood":
             n = int(arg)
             t0 = time.monotonic()
-            ok = sum(1 for i in range(n) if send_text("tp %d" % i))
+            ok = sum(1 for i in range(n) if send_text(f"tp {i}"))
             t1 = time.monotonic()
             say(event="flood", t0=t0, t1=t1, ok=ok)
         elif cmd == "quit":
@@ -166,7 +166,7 @@ def idle(data, domain, ap_url=""):
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "online":
             while len(agents) < int(arg):
-                aid = acp.create_aid(domain, "idle%d" % len(agents))
+                aid = acp.create_aid(domain, f"idle{len(agents)}")
                 online(aid)
                 agents.append(aid)
             say(event="online", agents=len(agents), threads=os_threads(), py_threads=threading.active_count())
