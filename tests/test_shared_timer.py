@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from agentcp.base.shared_timer import TIMER, SharedTimer
 from conftest import until
 
@@ -73,3 +75,14 @@ def test_a_call_at_infinity_waits_without_breaking_the_thread():
     assert done.wait(5)
     timer.cancel(far)
     assert timer.join_if_idle() and timer.stats()["errors"] == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end is the point
+def test_a_call_that_ends_its_thread_does_not_stop_later_calls():
+    timer = SharedTimer(name="agentcp-test-timer")
+    timer.call_later(0.0, lambda: (_ for _ in ()).throw(SystemExit()))  # ends the thread (not an Exception)
+    until(lambda: not timer.stats()["running"], timeout=5, what="the thread ended")
+    done = threading.Event()
+    timer.call_later(0.0, done.set)
+    assert done.wait(5)
+    assert timer.join_if_idle()

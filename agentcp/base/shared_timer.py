@@ -98,19 +98,26 @@ class SharedTimer:
 
     def _run(self) -> None:
         me = threading.current_thread()
-        while True:
-            with self._cond:
-                handle = self._next(me)
-            if handle is None:
-                return
-            try:
-                handle.fn()
-            except Exception:  # one agent's chore must not stop the others'
+        try:
+            while True:
                 with self._cond:
-                    self.errors += 1
-                _log.exception("scheduled call %r failed", handle.fn)
-            with self._cond:
-                self.calls += 1
+                    handle = self._next(me)
+                if handle is None:
+                    return
+                try:
+                    handle.fn()
+                except Exception:  # one agent's chore must not stop the others'
+                    with self._cond:
+                        self.errors += 1
+                    _log.exception("scheduled call %r failed", handle.fn)
+                with self._cond:
+                    self.calls += 1
+        finally:
+            with self._cond:  # also when a call ended the thread (SystemExit): the next call_at starts a new one
+                if self._thread is me:
+                    self._thread = None
+                    self._finished.append(me)
+                    self._cond.notify_all()
 
     def join_if_idle(self) -> bool:
         """Join the thread if nothing live is scheduled (it then ends at once); True if no thread runs now."""
