@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from agentcp.base.serial_pool import SerialPool
 from conftest import until
 
@@ -83,3 +85,19 @@ def test_join_if_idle_refuses_while_work_is_running():
     release.set()
     until(lambda: pool.join_if_idle(), timeout=5, what="idle")
     assert not _pool_threads("agentcp-test-pool")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end is the point
+def test_a_callback_that_ends_its_thread_does_not_stop_the_lane():
+    pool = SerialPool("agentcp-test-pool", max_workers=1, linger=0.05)
+    lane = pool.lane()
+    ran = []
+
+    def ends_thread():
+        raise SystemExit()
+
+    lane.submit(ends_thread)
+    lane.submit(ran.append, "after")
+    until(lambda: ran == ["after"], timeout=5, what="the next callback on a new worker")
+    lane.close()  # returns: nothing is marked running any more
+    assert pool.join_if_idle()

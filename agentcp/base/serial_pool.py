@@ -116,19 +116,31 @@ class SerialPool:
 
     def _work(self) -> None:
         me = threading.current_thread()
-        while True:
-            with self._cond:
-                job = self._take(me)
-            if job is None:
-                return
-            lane, fn, args = job
-            try:
-                if not lane.closed:
-                    fn(*args)
-            except Exception:  # the submitter reports its own errors; this is a last resort
+        try:
+            while True:
                 with self._cond:
-                    self.errors += 1
-                _log.exception("callback %r failed", fn)
+                    job = self._take(me)
+                if job is None:
+                    return
+                self._run_job(*job)
+        finally:
+            with self._cond:  # also when a callback ended the thread (SystemExit): the pool starts another
+                if me in self._workers:
+                    self._workers.remove(me)
+                    self._finished.append(me)
+                    if self._ready:
+                        self._wake_worker_locked()
+                self._cond.notify_all()
+
+    def _run_job(self, lane: Lane, fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+        try:
+            if not lane.closed:
+                fn(*args)
+        except Exception:  # the submitter reports its own errors; this is a last resort
+            with self._cond:
+                self.errors += 1
+            _log.exception("callback %r failed", fn)
+        finally:
             with self._cond:
                 lane._running = None
                 self._running -= 1
