@@ -277,7 +277,11 @@ def bench_loss(pair: Pair, ms: Any, table: Table, count: int, drops: int) -> Non
         pair.send(f"seq {i}")
         if i % 50 == 0:
             time.sleep(0.005)  # let drops land mid-stream rather than all before the sends
-    wait_until(lambda: len(pair.received) >= count, 20, 0.01)
+    def all_seq_arrived() -> bool:  # count only this test's messages (late ones of earlier rounds may still come)
+        with pair.lock:
+            return len({t for _, t in pair.received if t.startswith("seq ")}) >= count
+
+    wait_until(all_seq_arrived, 20, 0.01)
     time.sleep(0.5)  # late duplicates would show up now
     with pair.lock:
         texts = [t for _, t in pair.received if t.startswith("seq ")]
