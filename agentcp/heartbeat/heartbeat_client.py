@@ -18,7 +18,6 @@ import os
 import queue
 import random
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -49,21 +48,6 @@ log = logging.getLogger("agentcp.heartbeat")
 __all__ = ["HeartbeatClient"]
 
 _STOP = object()
-
-
-_REPLY_BODY = struct.Struct(">HHQ")
-
-
-def _fast_reply(data: bytes) -> Optional[int]:
-    """NextBeat of the usual HeartbeatResp (one-byte mask and sequence, a u64 NextBeat), else None.
-
-    The reply is read once per beat of every agent, so it skips the general decoder; anything else (a varint
-    NextBeat, a longer sequence number, another message type) goes through the full one.
-    """
-    if len(data) != 14 or data[0] & 0x80 or data[1] & 0x80:
-        return None
-    msg_type, _size, next_beat = _REPLY_BODY.unpack_from(data, 2)
-    return next_beat if msg_type == MSG_HEARTBEAT_RESP else None
 
 
 class _OwnedSocket(socket.socket):
@@ -141,9 +125,8 @@ class HeartbeatClient:
     BEAT_SLACK: float = 0.001
     MAX_BEAT_SLACK: float = 0.005
     RECV_BUFFER: int = 1536
-    #: Datagrams read per readiness event before other clients get their turn. One: the reactor asks the selector
-    #: again while any socket is ready, which is cheaper than a read that ends in EAGAIN after every reply.
-    RECV_BATCH: int = 1
+    #: Datagrams read per readiness event before other clients get their turn.
+    RECV_BATCH: int = 64
 
     def __init__(
         self,
@@ -489,14 +472,13 @@ class HeartbeatClient:
                            addr[0], addr[1])
             return
         try:
-            fast = _fast_reply(data)
-            msg_type = MSG_HEARTBEAT_RESP if fast is not None else peek_message_type(data)
+            msg_type = peek_message_type(data)
             if msg_type == MSG_HEARTBEAT_RESP:
-                next_beat = fast if fast is not None else HeartbeatMessageResp.deserialize(data, 0)[0].NextBeat
+                resp, _ = HeartbeatMessageResp.deserialize(data, 0)
                 with self._lock:
                     if sock is not self.udp_socket:
                         return
-                    self._machine.reply(now, next_beat)
+                    self._machine.reply(now, resp.NextBeat)
                     self.heartbeat_interval = int(self._machine.interval * 1000)
                     if self._machine.state is State.ONLINE and not self._online_event.is_set():
                         self._online_event.set()

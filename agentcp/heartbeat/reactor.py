@@ -48,13 +48,6 @@ class HeartbeatReactor:
     _shared: Optional["HeartbeatReactor"] = None
     #: Upper bound of any client's timer slack (seconds).
     MAX_SLACK: float = 0.05
-    #: When the next timer is due within this many seconds, the loop sleeps on the timer (and the command wake-up)
-    #: only, and reads every readable socket when it wakes, before running timers. So a process with many agents
-    #: wakes about once per beat instead of once per beat and once per reply; a reply, invite or ICMP error waits
-    #: at most this long. With no timer that close, sockets wake the loop at once as usual. 0 disables it.
-    LAZY_READ_WINDOW: float = 0.05
-    #: Non-blocking passes over the ready sockets per deferred read (each client reads RECV_BATCH per pass).
-    DRAIN_ROUNDS: int = 64
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -76,8 +69,6 @@ class HeartbeatReactor:
         self._wake_w: Optional[socket.socket] = None
         # Reactor-thread state:
         self._selector: Optional[selectors.BaseSelector] = None
-        #: Watches the wake socket only: the loop's sleep while reads are deferred (see LAZY_READ_WINDOW).
-        self._timer_selector: Optional[selectors.BaseSelector] = None
         self._wake_r: Optional[socket.socket] = None
         self._timers: Dict[Any, float] = {}  # client -> its one timer
         self._heap: List[Tuple[float, int, Any]] = []  # (at, tie-breaker, client); stale entries skipped lazily
@@ -141,8 +132,6 @@ class HeartbeatReactor:
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._timer_selector = selectors.DefaultSelector()
-        self._timer_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -248,13 +237,11 @@ class HeartbeatReactor:
             self._heap.clear()
             self._stopped_threads.append(self._thread)
             self._thread = None
-            selectors_ = (self._selector, self._timer_selector)
-            wake_r, wake_w = self._wake_r, self._wake_w
-            self._selector = self._timer_selector = self._wake_r = self._wake_w = None
+            selector, wake_r, wake_w = self._selector, self._wake_r, self._wake_w
+            self._selector = self._wake_r = self._wake_w = None
             self._changed.notify_all()
-        for selector in selectors_:
-            if selector is not None:
-                selector.close()
+        if selector is not None:
+            selector.close()
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
@@ -277,42 +264,22 @@ class HeartbeatReactor:
             if earliest is not None:
                 timeout = max(0.0, earliest - self._clock())
             try:
-                if timeout is not None and timeout <= self.LAZY_READ_WINDOW:
-                    # A timer is due soon: sleep until it (or a command) only, then read whatever arrived
-                    # meanwhile, before the timers run (so a reply that came in time is never taken for a miss).
-                    if timeout > 0:
-                        self._timer_selector.select(timeout)  # type: ignore[union-attr]
-                    self.wakeups += 1
-                    self._drain(self.DRAIN_ROUNDS)
-                else:
-                    events = self._selector.select(timeout)  # type: ignore[union-attr]
-                    self.wakeups += 1
-                    self._dispatch_events(events)
+                events = self._selector.select(timeout)  # type: ignore[union-attr]
             except (OSError, ValueError) as exc:
                 # A watched descriptor died behind our back; drop dead keys and carry on.
                 self._prune_dead(exc)
                 continue
+            self.wakeups += 1
+            now = self._clock()
+            for key, _mask in events:
+                client = key.data
+                if client is None:
+                    self._drain_wake()
+                    continue
+                self._guard(client, functools.partial(client._reactor_readable, key.fileobj, now))
             now = self._clock()
             for client in self._take_due(now):
                 self._guard(client, functools.partial(client._reactor_timer, now))
-
-    def _dispatch_events(self, events: List[Tuple[selectors.SelectorKey, int]]) -> None:
-        now = self._clock()
-        for key, _mask in events:
-            client = key.data
-            if client is None:
-                self._drain_wake()
-                continue
-            self._guard(client, functools.partial(client._reactor_readable, key.fileobj, now))
-
-    def _drain(self, rounds: int) -> None:
-        """Serve every ready socket without blocking, until none is ready (at most ``rounds`` passes, so a flood
-        cannot hold the timers back; what is left is read at the next pass of the loop)."""
-        for _ in range(rounds):
-            events = self._selector.select(0)  # type: ignore[union-attr]
-            if not events:
-                return
-            self._dispatch_events(events)
 
     def _guard(self, client: Any, fn: Callable[[], Optional[float]]) -> None:
         """Run a client callback; a bug in one client must not stop the others."""
