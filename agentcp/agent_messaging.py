@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set
 
+from agentcp.base.limits import LimitExceeded, Limits
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.context import exceptions
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
@@ -23,6 +24,19 @@ from agentcp.msg.session_manager import SessionManager, to_plain
 
 
 _log = logging.getLogger("agentcp.agent")
+
+
+class _OpenOnUse:
+    """The session manager's view of the history: ``load_session_history`` opens the database on first use."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self, open_db) -> None:
+        self._open = open_db
+
+    def load_session_history(self, session_id: str) -> list:
+        db = self._open()
+        return db.load_session_history(session_id) if db is not None else []
 
 
 class MessagingMixin:
@@ -54,6 +68,9 @@ class MessagingMixin:
     _forgotten_sessions: Set[str]
     _publish: Callable[[SDKError], None]
     _on_stream_announce: Callable[[dict, dict], None]
+    limits: Limits
+    _check_trusted: Callable[[str, str], bool]
+    _limit_crossed: Callable[[LimitExceeded], None]
 
     # --- handlers -----------------------------------------------------------------------------------------------
     def message_handler(self, router: str = ""):
@@ -133,6 +150,7 @@ class MessagingMixin:
         except Exception as exc:  # history must never break messaging
             self._count_history_error("open", exc)
             return None
+        db.on_flush_error = lambda exc, rows: self._count_history_error("write", exc)
         self.db_manager = db
         return db
     def _count_history_error(self, what: str, exc: BaseException) -> None:
@@ -155,6 +173,17 @@ class MessagingMixin:
             fn(*args)
         except Exception as exc:  # history must never break messaging
             self._count_history_error(method, exc)
+    def _flush_history(self) -> None:
+        """Write the history rows still buffered (write-behind) now; failures are counted like other writes."""
+        db = self.db_manager
+        if db is not None and hasattr(db, "flush"):
+            try:
+                db.flush()
+            except Exception as exc:  # history must never break messaging
+                self._count_history_error("flush", exc)
+        from agentcp.db.write_behind import FLUSHER
+
+        FLUSHER.stop_if_idle()  # the shared writer thread ends with the last agent that used it
     def _start_messaging(self, message_server: str, certs: str) -> None:
         """Lock held, from the connect thread: open the message-server connection now (not on first send)."""
         if not message_server:
@@ -164,8 +193,9 @@ class MessagingMixin:
         if old is not None and old.server_url == message_server.rstrip("/"):
             return
         config = self.message_config or self.MESSAGE_CONFIG or MessageClientConfig()
-        # The history restores ownership of sessions on demand (after a restart), so open it now.
-        sm = SessionManager(self.id, message_server, certs, self.seed_password, self._db(), config=config)
+        # The history restores ownership of sessions on demand (after a restart); it is opened on first use, so an
+        # agent that only idles holds no SQLite connection (memory per idle agent).
+        sm = SessionManager(self.id, message_server, certs, self.seed_password, _OpenOnUse(self._db), config=config)
         sm.confirm_handled = True  # a message dropped by offline() before its handler ran is asked for again
         # trust.md rules 1 and 4: sign-ins and stream tokens go only to trusted hosts; message clients are bounded.
         sm.trust_check = self._check_trusted
@@ -240,7 +270,7 @@ class MessagingMixin:
         dispatcher = self._dispatcher
         if dispatcher is None or dispatcher.stopped:
             return  # dropped by offline(): not confirmed (see _on_incoming)
-        self._history("save_message", dict(data))
+        self._history("save_message_later", dict(data))
         try:
             blocks = self.get_content_array_from_message(data)
         except AttributeError:
@@ -380,10 +410,10 @@ class MessagingMixin:
         if result.status is SendStatus.FAILED:
             return result
         if insert_message:
-            self._history("save_message", {
+            self._history("save_message_later", {
                 "session_id": sessionId, "message_id": result.message_id, "sender": self.id,
                 "receiver": receivers, "ref_msg_id": ref_msg_id or "", "instruction": instruction,
-                "message": json.dumps(blocks)})
+                "message": blocks})  # fresh copies (see _blocks): serialised by the history writer
         return result
     def send_message_content(self, session_id: str, to_aid_list: list, llm_content: str, ref_msg_id: str = "",
                              message_id: str = ""):

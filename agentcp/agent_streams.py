@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional
 
+from agentcp.base.limits import LimitExceeded, Limits
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
 from agentcp.context.exceptions import AuthError, CredentialError, SDKError  # noqa: F401
 from agentcp.message import AgentInstructionBlock, AssistantMessageBlock  # noqa: F401
@@ -36,6 +37,10 @@ class StreamsMixin:
     _handler_calls: Callable[[dict], list]
     send_message: Callable[..., Any]
     get_content_array_from_message: Callable[[Any], Any]
+    limits: Limits
+    _msg_counters: Dict[str, int]
+    _check_trusted: Callable[[str, str], bool]
+    _limit_crossed: Callable[[LimitExceeded], None]
 
     # --- streams (messaging.md §4) ------------------------------------------------------------------------------
     #: Settings of the stream push sockets (``StreamClientConfig``; None: defaults).
@@ -333,8 +338,6 @@ class StreamsMixin:
         if thread is not None:
             thread.start()
         if not accepted:
-            from agentcp.base.limits import LimitExceeded
-
             with self._lock:
                 self._msg_counters["announces_dropped"] = self._msg_counters.get("announces_dropped", 0) + 1
             self._limit_crossed(LimitExceeded(

@@ -29,6 +29,7 @@ from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Bac
 from agentcp.base.html_util import parse_html
 from agentcp.base.names import check_aid, is_valid_aid, resolve_inside
 from agentcp.base.http import release_idle_threads
+from agentcp.base.shared_timer import TIMER, TimerHandle
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.trust import RefusalLog, TrustPolicy, UntrustedHostError
 from agentcp.base.log import log_debug, log_error, log_exception, log_info, set_log_enabled  # noqa: F401
@@ -481,6 +482,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         self._last_error: Optional[str] = None
         self._published_error: Optional[str] = None
         self._next_renewal_check = 0.0
+        self._renewal: Optional[TimerHandle] = None  # the next certificate check on the shared timer
         self._online_since: Optional[float] = None
         self.on_state_change: Optional[Callable[[str, str], Any]] = None
         self.message_config: Optional[MessageClientConfig] = None
@@ -581,7 +583,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             llm_server.add_llm_aid(self)  # a caller of the local LLM gateway (api.md §3.9)
             with self._lock:
                 running = self._conn_thread is not None and self._conn_thread.is_alive()
-                if running and self._phase == "started":
+                if self._phase == "started":  # online (the connect thread ended; renewal runs on the timer)
                     return
                 self._attempted.clear()
                 if running:
@@ -651,6 +653,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
             self._wake.set()
             # Components are installed under this lock only while the stop is not set, so after it they are final.
             thread, self._conn_thread = self._conn_thread, None
+            renewal, self._renewal = self._renewal, None
             connecting, self._connecting_aps = list(self._connecting_aps), set()
             sm, self.session_manager = self.session_manager, None
             if sm is not None:
@@ -665,9 +668,10 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         self._attempted.set()  # an online() waiting for the first attempt returns now
         for client in connecting + ([ap] if ap is not None else []):
             client.abort()  # an access point that trickles its reply must not hold offline() (trust.md rule 4)
+        TIMER.cancel(renewal)  # no certificate check starts after this
         abort_ca = getattr(self.ca_client, "abort", None)
-        if thread is not None and abort_ca is not None:
-            abort_ca()  # a certificate renewal in flight on the connect thread
+        if (thread is not None or renewal is not None) and abort_ca is not None:
+            abort_ca()  # a certificate renewal in flight on the connect thread or the shared timer
         llm_server.agent_offline(self)  # its LLM gateway requests in flight answer 503 now
         if dispatcher is not None:
             dispatcher.halt()
@@ -694,6 +698,8 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 with self._lock:
                     if self._retiring_sm is sm:
                         self._retiring_sm = None
+            self._flush_history()  # messages sent and received up to now are on disk when offline() returns
+            TIMER.join_if_idle()  # the shared timer thread ends with the last online agent
             hb = stopping.hb
             if hb is not None:
                 hb.offline()
@@ -758,7 +764,7 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
         if sm is not None:
             with sm.lock:
                 auths += [getattr(c, "auth_client", None) for c in sm.message_client_map.values()]
-        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", "")}
+        return {a.server_url: a.server_auth_state for a in auths if a is not None and getattr(a, "server_url", None)}
 
     @property
     def state(self) -> str:
@@ -833,11 +839,19 @@ class AgentID(HistoryMixin, MessagingMixin, StreamsMixin, FilesMixin):
                 wait = policy.delay(failures - 1)
                 self._wake.wait(wait)
                 self._wake.clear()
-        # Connected (or stopped): look after the certificate until offline().
-        while not stop.is_set():
-            self._maybe_renew()
-            self._wake.wait(self.RENEWAL_CHECK_INTERVAL)
-            self._wake.clear()
+        # Connected (or stopped): the certificate is looked after on the shared timer until offline(); this
+        # thread ends here (one thread per agent less while it is online).
+        if not stop.is_set():
+            self._renewal_tick(stop)
+
+    def _renewal_tick(self, stop: threading.Event) -> None:
+        """On the shared timer (first from the connect thread): renew the certificate if due, schedule the next
+        check unless ``offline()`` began."""
+        self._maybe_renew()
+        with self._lock:
+            if stop.is_set() or self._stop is not stop:
+                return
+            self._renewal = TIMER.call_later(self.RENEWAL_CHECK_INTERVAL, lambda: self._renewal_tick(stop))
 
     def _connect_once(self, stop: threading.Event) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ time (about 20-40 s). Prints one table, each figure beside its target; exit stat
 
     python benchmarks/messaging.py                 # defaults below
     python benchmarks/messaging.py --rtt 2000 --messages 1000 --drops 5
+    python benchmarks/messaging.py --vs-0199       # ours beside the published 0.1.99 (see bench_vs_0199)
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import argparse
 import logging
 import os
 import queue
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agentcp import AgentCP, AgentID
@@ -273,7 +277,11 @@ def bench_loss(pair: Pair, ms: Any, table: Table, count: int, drops: int) -> Non
         pair.send(f"seq {i}")
         if i % 50 == 0:
             time.sleep(0.005)  # let drops land mid-stream rather than all before the sends
-    wait_until(lambda: len(pair.received) >= count, 20, 0.01)
+    def all_seq_arrived() -> bool:  # count only this test's messages (late ones of earlier rounds may still come)
+        with pair.lock:
+            return len({t for _, t in pair.received if t.startswith("seq ")}) >= count
+
+    wait_until(all_seq_arrived, 20, 0.01)
     time.sleep(0.5)  # late duplicates would show up now
     with pair.lock:
         texts = [t for _, t in pair.received if t.startswith("seq ")]
@@ -330,6 +338,222 @@ def bench_detection(server: Any, ms: Any, data: str, table: Table, ping_interval
         client.stop_websocket_client()
 
 
+# --- ours beside the published 0.1.99 ------------------------------------------------------------------------
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))  # peer0199: the interop tests' harness (redirect, line protocol)
+
+
+class Worker:
+    """A client process running ``msg_worker.py`` (``ask(cmd)``: a command line in, the next answer out)."""
+
+    def __init__(self, python: str, args: List[str], env: Dict[str, str], cwd: str) -> None:
+        from peer0199 import LineProcess  # the interop tests' line protocol, one copy
+
+        proc = subprocess.Popen([python, str(HERE / "msg_worker.py"), *args], cwd=cwd, env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = LineProcess(proc, "BENCH ")
+        self.pid = proc.pid
+
+    def next(self, timeout: float = 60.0) -> dict:
+        try:
+            answer = self.lines.next(timeout)
+        except RuntimeError:
+            self.dump_stacks()
+            raise
+        if answer.get("event") == "error" or answer.get("error"):
+            raise RuntimeError(f"worker {self.pid}: {answer}; stderr:\n" + "".join(self.lines.stderr))
+        return answer
+
+    def ask(self, cmd: str, timeout: float = 60.0) -> dict:
+        self.lines.proc.stdin.write(cmd + "\n")
+        self.lines.proc.stdin.flush()
+        return self.next(timeout)
+
+    def stop(self) -> None:
+        self.lines.stop()
+
+    def dump_stacks(self) -> None:
+        """Print where the threads of a worker that stopped answering are (faulthandler, SIGUSR1)."""
+        if self.lines.proc.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        if os.environ.get("BENCH_VERBOSE_HANG"):
+            print("".join(self.lines.stderr), file=sys.stderr, flush=True)
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A number from /proc/<pid>/status (``VmRSS`` in KiB, ``Threads``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+class Side:
+    """How to start client processes of one implementation against the devserver."""
+
+    def __init__(self, label: str, python: str, env: Dict[str, str], domain: str, ap_url: str) -> None:
+        self.label, self.python, self.env, self.domain, self.ap_url = label, python, env, domain, ap_url
+
+    def spawn(self, root: str, role: str, *args: str) -> Worker:
+        data = tempfile.mkdtemp(prefix=f"{role}-", dir=root)
+        extra = [self.ap_url] if self.ap_url else []
+        return Worker(self.python, [role, data, self.domain, *args, *extra], self.env, data)
+
+
+def pair_figures(side: Side, root: str, args: argparse.Namespace) -> Dict[str, float]:
+    """Round trips and one-way throughput between a sender and a receiver process of one implementation."""
+    out: Dict[str, float] = {}
+    r = side.spawn(root, "recv", "benchr")
+    s = None
+    try:
+        target = r.next(120)["aid"]
+        s = side.spawn(root, "send", "benchs", target)
+        s.next(120)
+        if not s.ask("probe", 60)["ok"]:
+            raise RuntimeError(f"{side.label}: the receiver never answered the probe")
+        samples = s.ask(f"rtt {args.rtt}", 60 + args.rtt * 0.1)["samples"]
+        out["rtt_p50"], out["rtt_p99"] = pct(samples, 50), pct(samples, 99)
+        r.ask("reset")
+        n = args.throughput
+        flood = s.ask(f"flood {n}", 120)
+        out["send_calls"] = n / max(flood["t1"] - flood["t0"], 1e-9)
+        deadline = time.monotonic() + 60
+        count = r.ask("count tp ")
+        while count["n"] < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+            count = r.ask("count tp ")
+        out["delivered_n"] = count["n"]
+        out["delivered"] = count["n"] / max(count["last"] - flood["t0"], 1e-9) if count["n"] else 0.0
+    finally:
+        for w in (s, r):
+            if w is not None:
+                w.stop()
+    return out
+
+
+def measure_side(side: Side, root: str, args: argparse.Namespace) -> Dict[str, Optional[float]]:
+    """The figures of one implementation: sender and receiver in two processes, idle agents in a third."""
+    print(f"  {side.label}: round trips and throughput", flush=True)
+    runs: List[Dict[str, float]] = []
+    failures = 0
+    while len(runs) < args.repeat and failures < 3:
+        try:
+            runs.append(pair_figures(side, root, args))
+        except RuntimeError as exc:  # a client process that hangs: again, with fresh processes
+            failures += 1
+            print(f"  {side.label}: attempt failed: {str(exc).splitlines()[0]}", flush=True)
+    out: Dict[str, Optional[float]]
+    if runs:  # each figure's median over the runs (--repeat)
+        out = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        out["delivered_n"] = min(run["delivered_n"] for run in runs)
+    else:
+        print(f"  {side.label}: no round-trip or throughput figures (every attempt hung)", flush=True)
+        out = {"rtt_p50": None, "rtt_p99": None, "send_calls": None, "delivered": None, "delivered_n": None}
+    print(f"  {side.label}: {args.idle_agents} idle agents", flush=True)
+    w = side.spawn(root, "idle")
+    try:
+        w.next(120)
+        w.ask("online 1", 120)
+        time.sleep(args.settle)
+        rss1 = proc_status(w.pid, "VmRSS")
+        w.ask(f"online {args.idle_agents}", 30 + 10 * args.idle_agents)
+        time.sleep(args.settle)
+        rss_n = proc_status(w.pid, "VmRSS")
+        out["rss_per_agent"] = (rss_n - rss1) / max(args.idle_agents - 1, 1)
+        cpu0, t0 = cpu_seconds(w.pid), time.monotonic()
+        time.sleep(args.idle_window)
+        out["cpu_idle"] = (cpu_seconds(w.pid) - cpu0) / (time.monotonic() - t0) * 100
+        out["threads"] = proc_status(w.pid, "Threads")
+    finally:
+        w.stop()
+    return out
+
+
+#: (key, figure, unit format, goal text, goal test on the ratio ours / 0.1.99)
+VS_FIGURES: List[Tuple[str, str, str, str, Callable[[float], bool]]] = [
+    ("send_calls", "`send_message` calls per second", "{:,.0f}", ">= 1.0", lambda r: r >= 1.0),
+    ("delivered", "delivered messages per second, {n:,} one-way", "{:,.0f}", ">= 1.5", lambda r: r >= 1.5),
+    ("rtt_p50", "round trip p50", "{:.2f} ms", "<= 1.0", lambda r: r <= 1.0),
+    ("rtt_p99", "round trip p99", "{:.2f} ms", "<= 1.0", lambda r: r <= 1.0),
+    ("threads", "OS threads, {k} idle agents in one process", "{:.0f}", "<= 0.5", lambda r: r <= 0.5),
+    ("rss_per_agent", "RSS per additional idle agent", "{:.0f} KiB", "<= 1.0", lambda r: r <= 1.0),
+    ("cpu_idle", "CPU, {k} idle agents ({w:g} s window)", "{:.2f} % of a core", "<= 1.0", lambda r: r <= 1.0),
+]
+
+
+def render_vs(ours: Dict[str, Optional[float]], theirs: Optional[Dict[str, Optional[float]]],
+              args: argparse.Namespace) -> str:
+    lines = ["| figure | ours | 0.1.99 | ratio | goal | |", "|---|---:|---:|---:|---|---|"]
+    for key, figure, fmt, goal, test in VS_FIGURES:
+        name = figure.format(n=args.throughput, k=args.idle_agents, w=args.idle_window)
+        mine = "hung" if ours[key] is None else fmt.format(ours[key])
+        if theirs is None:
+            lines.append(f"| {name} | {mine} | (not installed) | | {goal} | |")
+            continue
+        if theirs[key] is None or ours[key] is None:
+            lines.append(f"| {name} | {mine} | {'hung' if theirs[key] is None else fmt.format(theirs[key])} | n/a "
+                         f"| {goal} | |")
+            continue
+        if not theirs[key]:  # e.g. no CPU tick in the window: no ratio
+            verdict = "ok" if not ours[key] else "MISS"
+            lines.append(f"| {name} | {mine} | {fmt.format(theirs[key])} | n/a | {goal} | {verdict} |")
+            continue
+        ratio = ours[key] / theirs[key]
+        lines.append(f"| {name} | {mine} | {fmt.format(theirs[key])} | {ratio:.2f} | {goal} | "
+                     f"{'ok' if test(ratio) else 'MISS'} |")
+    return "\n".join(lines)
+
+
+def bench_vs_0199(args: argparse.Namespace) -> Tuple[str, List[str]]:
+    """Ours and the published 0.1.99 against one devserver, each client in its own process; the table and the
+    figures that missed their goal.
+
+    0.1.99 runs from the virtual environment ``--venv-0199`` (``AGENTCP_0199_VENV``) if agentcp 0.1.99 is installed
+    there (``tests/peer0199.py`` makes one: ``python -m pytest -m interop``); otherwise its column says so.
+    """
+    from peer0199 import installed_version, peer_env  # the interop tests' harness: one copy of the redirect
+
+    from agentcp.testing.devserver import start_dev_network
+
+    venv = Path(args.venv_0199)
+    py0199 = venv / "bin" / "python"
+    version = installed_version(py0199)
+    if version != "0.1.99":
+        print(f"agentcp 0.1.99 is not installed in {venv} (found {version or 'nothing'}): its column is skipped; "
+              "create it with: python -m venv DIR && DIR/bin/pip install agentcp==0.1.99", flush=True)
+    server, access_point = start_dev_network(port=0)
+    try:
+        with tempfile.TemporaryDirectory(prefix="agentcp-vs0199-") as root:
+            ours_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+            ours = measure_side(Side("ours", sys.executable, ours_env, "example.com", access_point.url), root, args)
+            theirs = None
+            if version == "0.1.99":
+                harness = Path(root) / "harness"
+                harness.mkdir()
+                side = Side("0.1.99", str(py0199), peer_env(harness, access_point.url), "agentunion.cn", "")
+                theirs = measure_side(side, root, args)
+    finally:
+        server.stop()
+    for label, figures in (("ours", ours), ("0.1.99", theirs)):
+        if figures is not None and figures["delivered_n"] is not None and figures["delivered_n"] < args.throughput:
+            print(f"  {label}: only {figures['delivered_n']:.0f} of {args.throughput} one-way messages arrived")
+    table = render_vs(ours, theirs, args)
+    missed = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.endswith("| MISS |")]
+    return table, missed
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rtt", type=int, default=1000, help="round trips to time (default 1000)")
@@ -342,9 +566,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", choices=["rtt", "throughput", "resume", "loss", "detection"], action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the SDK at INFO")
+    parser.add_argument("--vs-0199", action="store_true",
+                        help="only the comparison with the published 0.1.99 (client processes on one devserver)")
+    parser.add_argument("--venv-0199", default=os.environ.get("AGENTCP_0199_VENV", str(REPO / ".venv0199")),
+                        help="virtual environment with agentcp==0.1.99 (default $AGENTCP_0199_VENV or .venv0199)")
+    parser.add_argument("--idle-agents", type=int, default=50, help="idle agents in one process (default 50)")
+    parser.add_argument("--idle-window", type=float, default=20.0, help="seconds of idle CPU measured (default 20)")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds to settle before RSS readings")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="--vs-0199: client pairs measured per side; each figure is their median (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.vs_0199:
+        started = time.monotonic()
+        table, missed = bench_vs_0199(args)
+        print(f"\n{table}\n\n(ratio = ours / 0.1.99; medians of {args.repeat} client pair(s) per side; "
+              f"total {time.monotonic() - started:.1f} s, "
+              f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")
+        if missed:
+            print("missed: " + ", ".join(missed))
+            return 1
+        return 0
 
     table = Table()
     started = time.monotonic()

@@ -12,13 +12,15 @@ from the access point's config, which the devserver fills with local addresses.
 """
 from __future__ import annotations
 
+import collections
+import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional
-
-import pytest
 
 PUBLISHED = "agentcp==0.1.99"
 REQUIRED_ENV = "AGENTCP_0199_REQUIRED"
@@ -53,6 +55,8 @@ def run(args: List[str], **kwargs) -> subprocess.CompletedProcess:
 
 def unavailable(reason: str) -> None:
     """Skip the test (or fail it where 0.1.99 is required, as in CI)."""
+    import pytest  # here, not at the top: benchmarks/messaging.py imports this module without pytest
+
     if os.environ.get(REQUIRED_ENV) == "1" or os.environ.get("AGENTCP_UPGRADE_REQUIRED") == "1":
         pytest.fail(f"agentcp 0.1.99 is required but {reason}")
     pytest.skip(reason)
@@ -65,17 +69,27 @@ def make_side_venv(venv: Path) -> Path:
         made = run([sys.executable, "-m", "venv", str(venv)])
         if made.returncode != 0:
             unavailable(f"cannot create a virtual environment: {made.stderr[-500:]}")
-    check = run([str(py), "-c", "import importlib.metadata as m; print(m.version('agentcp'))"])
-    if check.returncode != 0 or check.stdout.strip() != "0.1.99":
+    if installed_version(py) != "0.1.99":
         installed = run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PUBLISHED])
         if installed.returncode != 0:
             unavailable(f"cannot install {PUBLISHED} into a side venv: {installed.stderr[-800:]}")
     return py
 
 
+def installed_version(py: Path) -> Optional[str]:
+    """The version of agentcp installed for the interpreter ``py``; None if there is none (or no ``py``)."""
+    if not Path(py).exists():
+        return None
+    # -I: not the current directory (a source checkout of ours there would answer for the venv)
+    check = run([str(py), "-I", "-c", "import importlib.metadata as m; print(m.version('agentcp'))"], timeout=60)
+    return check.stdout.strip() if check.returncode == 0 else None
+
+
 def side_python(tmp_path_factory) -> Path:
     """The python of a side venv with 0.1.99 (``AGENTCP_0199_VENV`` or a fresh one for this test session)."""
     if os.name != "posix":
+        import pytest
+
         pytest.skip("side virtual environment layout is POSIX")
     where = os.environ.get(VENV_ENV)
     venv = Path(where) if where else tmp_path_factory.mktemp("side0199") / "venv"
@@ -89,3 +103,56 @@ def peer_env(harness: Path, ap_url: str, extra: Optional[Dict[str, str]] = None)
     env.update(PYTHONPATH=str(harness), PEER0199_AP_URL=ap_url, PYTHONUNBUFFERED="1")
     env.update(extra or {})
     return env
+
+
+class LineProcess:
+    """A child process driven line by line: ``ask(cmd)`` writes a command line and returns the next answer, one
+    ``<prefix>{json}`` on its stdout (other output, e.g. a library's logging, is skipped; stderr is kept)."""
+
+    def __init__(self, proc: subprocess.Popen, prefix: str) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.prefix = prefix
+        self.lines: "queue.Queue[dict]" = queue.Queue()
+        self.stderr: "collections.deque[str]" = collections.deque(maxlen=40)
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._drain_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            # anywhere in the line: the child's own output (0.1.99 prints without a newline now and then) may
+            # precede the answer on the same line
+            at = line.find(self.prefix + "{")
+            if at >= 0:
+                self.lines.put(json.loads(line[at + len(self.prefix):]))
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def next(self, timeout: float = 60.0) -> dict:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"process {self.pid} said nothing within {timeout:g} s; stderr:\n"
+                               + "".join(self.stderr)) from None
+
+    def ask(self, cmd: str, timeout: float = 60.0) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.next(timeout)
+
+    def stop(self, cmd: str = "quit") -> None:
+        """Ask it to end (``cmd``), kill it if it does not within 10 s, join the pipe readers."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(cmd + "\n")
+                self.proc.stdin.flush()
+            self.proc.wait(10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
+        for t in self._threads:
+            t.join(5)

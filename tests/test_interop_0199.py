@@ -7,16 +7,13 @@ a stream from 0.1.99 read by our ``fetch_stream_message``, and replies both ways
 """
 from __future__ import annotations
 
-import json
-import queue
 import subprocess
-import threading
 import time
 
 import pytest
 
 from conftest import fast_messaging, until
-from peer0199 import peer_env, side_python
+from peer0199 import LineProcess, peer_env, side_python
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -72,35 +69,17 @@ os._exit(0)  # 0.1.99 leaves non-daemon threads behind; its exit is not what is 
 '''
 
 
-class Peer:
+class Peer(LineProcess):
     """The 0.1.99 process: ``ask(cmd)`` writes a command line and returns the next answer."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.lines: "queue.Queue[dict]" = queue.Queue()
-        self.stderr: list = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith("PEER "):
-                self.lines.put(json.loads(line[5:]))
-
-    def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
+        super().__init__(proc, "PEER ")
 
     def next(self, timeout: float = 60.0) -> dict:
         try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError("the 0.1.99 peer said nothing; stderr:\n" + "".join(self.stderr[-40:])) from None
-
-    def ask(self, cmd: str, timeout: float = 60.0) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.next(timeout)
+            return super().next(timeout)
+        except RuntimeError as exc:
+            raise AssertionError(f"the 0.1.99 peer said nothing; {exc}") from None
 
 
 @pytest.fixture(scope="module")

@@ -359,3 +359,21 @@ def test_a_queued_frame_that_cannot_be_encoded_fails_alone_and_the_rest_goes_out
     assert bad.wait(5) and bad.status is SendStatus.FAILED and "could not be encoded" in bad.error
     stats = c.stats()
     assert stats["inflight"] == 0 and stats["queued"] == 0 and stats["unencodable"] == 1
+
+
+def test_a_text_frame_with_invalid_utf8_is_dropped_and_counted_the_connection_stays(make_client, msg_server):
+    """UTF-8 is checked by the reader's own decode (websocket-client's pure-Python check cost ~0.3 ms a frame)."""
+    from agentcp.testing.message_server import OP_TEXT
+
+    a = make_client("alice")
+    a.start()
+    assert a.wait_connected(5)
+    msg_server.wait_connected(a.agent_id)
+    with msg_server._lock:
+        conn = msg_server._conns[a.agent_id]
+    connects = a.stats()["connects"]
+    conn.send_frame(OP_TEXT, b'{"cmd": "x", "data": {"t": "\xff\xfe"}\xc3')  # invalid UTF-8, and not JSON
+    msg_server.push(a.agent_id, "after", {"n": 1})
+    a.recorder.wait(lambda: a.recorder.cmds("after"))
+    assert a.stats()["malformed"] == 1
+    assert a.stats()["connects"] == connects and a.state == "connected"

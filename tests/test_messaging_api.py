@@ -107,8 +107,14 @@ def test_thousand_messages_five_drops_none_lost_none_duplicated(agents, network)
         t.start()
     ms = network.messages
     drops = 0
+    connects = {x.id: 1 for x in (a, b)}  # each drop must cut a live connection: wait for the reconnect first
     for mark in (150, 300, 450, 600, 750):
         _until(lambda mark=mark: sum(seen[a.id].values()) + sum(seen[b.id].values()) >= mark, timeout=20, what=f"{mark}")
+        _until(lambda: all(x.status()["messaging"]["state"] == "connected"
+                           and x.status()["messaging"]["connects"] >= connects[x.id] for x in (a, b)),
+               timeout=20, what="both reconnected before the next drop")
+        for x in (a, b):
+            connects[x.id] = x.status()["messaging"]["connects"] + 1
         ms.drop_all()
         drops += 1
     for t in threads:

@@ -436,10 +436,13 @@ def request_limited(
 
     Other failures raise what :mod:`requests` raises.
     """
+    send: Callable[..., requests.Response]
     if isinstance(session, AbortableSession):
-        http = session.session
+        send = session.session.request
+    elif session is not None:
+        send = session.request
     else:
-        http = session if session is not None else requests
+        send = requests.request
     seconds = total_deadline(timeout)
     deadline = time.monotonic() + seconds
     scope = _Scope()
@@ -456,8 +459,7 @@ def request_limited(
     try:
         kwargs.setdefault("proxies", no_proxy_for(url))
         try:
-            response = http.request(method, url, timeout=timeout, verify=resolve_verify(verify), stream=True,
-                                    **kwargs)
+            response = send(method, url, timeout=timeout, verify=resolve_verify(verify), stream=True, **kwargs)
         except requests.exceptions.RequestException:
             if scope.fired:
                 raise too_late() from None
@@ -477,7 +479,7 @@ def request_limited(
             raise too_late()
         # The body is read: hand it out as requests would have (.content/.text/.json()) and free the connection.
         response._content = body
-        response._content_consumed = True
+        response._content_consumed = True  # type: ignore[attr-defined]  # private in requests, not in its stubs
         response.close()
         return response
     finally:
@@ -490,11 +492,12 @@ def is_tls_verification_failure(exc: BaseException) -> bool:
     import ssl
 
     seen = 0
-    while exc is not None and seen < 8:  # requests and urllib3 wrap the ssl error a few levels deep
-        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+    current: Optional[BaseException] = exc
+    while current is not None and seen < 8:  # requests and urllib3 wrap the ssl error a few levels deep
+        if isinstance(current, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(current):
             return True
-        exc = exc.__cause__ or exc.__context__ or (exc.args[0] if exc.args and isinstance(exc.args[0],
-                                                                                          BaseException) else None)
+        current = current.__cause__ or current.__context__ or (
+            current.args[0] if current.args and isinstance(current.args[0], BaseException) else None)
         seen += 1
     return False
 

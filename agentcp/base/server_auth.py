@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from agentcp.context.exceptions import ServerAuthError
 
@@ -496,7 +496,7 @@ def check_server_identity(cert: x509.Certificate, host: str, domain: str = "") -
     if not host:
         return "no host to check the server certificate against"
     try:
-        eku = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         usages = set(eku)
     except x509.ExtensionNotFound:
         usages = None
@@ -507,7 +507,7 @@ def check_server_identity(cert: x509.Certificate, host: str, domain: str = "") -
     if usages is not None and not server_marked:
         return f"certificate {subject} is not a server certificate (its extended key usage excludes serverAuth)"
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
     except ValueError:

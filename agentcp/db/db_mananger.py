@@ -17,6 +17,9 @@ Unlike 0.1.99 (which stubbed every write out) messages and sessions are really s
 Concurrency and durability: one connection shared by all threads behind a re-entrant lock, WAL journal, every
 write in its own ``BEGIN IMMEDIATE`` transaction (also serialises against other processes), ``busy_timeout`` for
 concurrent writers. A crash mid-write rolls that transaction back; committed rows survive a process crash.
+The agent stores the messages it sends and receives with :meth:`DBManager.save_message_later` (write-behind, see
+:mod:`agentcp.db.write_behind`): rows are written in batches within 0.1 s, and before any other read or write of
+the database, so reads always see them; ``save_message`` itself still writes at once.
 
 Reading rules for old files (§6.3): columns are selected by name, the 0.1.30 per-agent tables
 (``messages_<md5(aid)>`` and friends, no ``instruction`` column) are read too, and INTEGER-affinity ids come back
@@ -31,10 +34,12 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from agentcp._legacy.signatures import selfless
+from agentcp.db.write_behind import FLUSHER, WriteBehindPolicy
 
 __all__ = ["DBManager", "DB_FILE_NAME", "SCHEMA_SQL"]
 
@@ -188,12 +193,24 @@ class DBManager:
         self._lock = threading.RLock()
         self._legacy_suffix = hashlib.md5(self.aid.encode("utf-8")).hexdigest()
         self._agentids_ready = False
+        #: When buffered rows are written (see :mod:`agentcp.db.write_behind`).
+        self.write_behind = WriteBehindPolicy()
+        #: Called as ``on_flush_error(exc, rows_lost)`` when a batch of buffered rows could not be written.
+        self.on_flush_error: Optional[Callable[[BaseException, int], None]] = None
+        self._pending: List[Dict[str, Any]] = []
+        # Guards only ``_pending``: a sender appends without waiting for a batch being written under ``_lock``.
+        self._pending_lock = threading.Lock()
+        self._wb = {"buffered": 0, "batches": 0, "written": 0, "duplicates": 0, "write_through": 0, "lost": 0,
+                    "flush_errors": 0, "invalid": 0}
+        self._registered = False
         # One connection for all threads: the lock serialises use, so check_same_thread can be off; autocommit
         # mode (isolation_level=None) so that our explicit BEGIN IMMEDIATE/COMMIT are the only transactions.
         self.conn: Optional[sqlite3.Connection] = sqlite3.connect(
             self.db_path, timeout=10.0, check_same_thread=False, isolation_level=None)
         self._configure()
         self.create_table()
+        FLUSHER.opened()
+        self._registered = True
 
     # --- connection -----------------------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -215,13 +232,17 @@ class DBManager:
         return self.conn
 
     def close(self) -> None:
-        """Close the connection (idempotent). Further calls raise RuntimeError."""
+        """Write buffered rows, then close the connection (idempotent). Further calls raise RuntimeError."""
         with self._lock:
             if self.conn is not None:
                 try:
+                    self._flush_locked(raise_errors=False)
                     self.conn.close()
                 finally:
                     self.conn = None
+            registered, self._registered = self._registered, False
+        if registered:
+            FLUSHER.closed()
 
     def __enter__(self) -> "DBManager":
         return self
@@ -235,6 +256,8 @@ class DBManager:
         processes); any exception rolls everything back, so a failed or interrupted write leaves no partial rows."""
         with self._lock:
             conn = self._conn()
+            if self._pending:
+                self._flush_locked(raise_errors=False)  # buffered rows first: writes keep their order
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -245,6 +268,8 @@ class DBManager:
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> List[sqlite3.Row]:
         with self._lock:
+            if self._pending:
+                self._flush_locked(raise_errors=False)  # read-your-writes
             cur = self._conn().execute(sql, params)
             return cur.fetchall()
 
@@ -487,11 +512,116 @@ class DBManager:
         (duplicates after a reconnect). The check and the insert are one transaction, so concurrent saves of the
         same message store it once.
         """
+        row = self._saved_row(message)
+        with self._write() as conn:
+            if not self._insert_new(conn, row):
+                _log.debug("message %s of session %s already stored", row["message_id"], message["session_id"])
+                return False
+        return True
+
+    def save_message_later(self, message: Dict[str, Any]) -> None:
+        """:meth:`save_message` written behind: stored within ``write_behind.max_delay`` seconds together with
+        other buffered rows, and before any later read or write of this database (read-your-writes). A full
+        buffer is written at once by this call; nothing is dropped.
+
+        The shape is checked now (a non-dict or a missing required field raises as in :meth:`save_message`); the
+        row is built when it is written, off the sender's thread, so ``message`` is kept until then and must not
+        be changed by the caller. A field of the wrong type found then is logged and counted (``invalid``)."""
+        self._check_message(message)
+        if self.conn is None:
+            self._conn()  # raises: closed
+        with self._pending_lock:
+            self._pending.append(message)
+            self._wb["buffered"] += 1
+            pending = len(self._pending)
+        if self.write_behind.write_through(pending):
+            with self._lock:
+                self._wb["write_through"] += 1
+                self._flush_locked(raise_errors=True)
+        elif pending == 1:
+            FLUSHER.schedule(self, self.write_behind.deadline(time.monotonic()))
+        elif self.write_behind.flush_soon(pending):
+            FLUSHER.schedule(self, time.monotonic())
+
+    def flush(self) -> int:
+        """Write the rows buffered by :meth:`save_message_later` now, in one transaction; how many were new.
+        Raises if the write fails (the rows are then lost: logged, counted and passed to ``on_flush_error``)."""
+        with self._lock:
+            return self._flush_locked(raise_errors=True)
+
+    def write_behind_stats(self) -> Dict[str, int]:
+        """Counters of the write-behind buffer: rows ``buffered``, ``pending`` now, ``batches`` written, rows
+        ``written``/``duplicates``/``invalid``, ``write_through`` flushes, rows ``lost`` in ``flush_errors`` failed
+        batches."""
+        with self._lock, self._pending_lock:
+            return dict(self._wb, pending=len(self._pending))
+
+    def _flush_locked(self, raise_errors: bool) -> int:
+        """Lock held: write the buffer in one transaction; the number of rows inserted (not duplicates)."""
+        with self._pending_lock:
+            rows, self._pending = self._pending, []
+        if not rows:
+            return 0
+        inserted = invalid = 0
+        try:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for message in rows:
+                    try:
+                        row = self._saved_row(message)
+                    except (TypeError, ValueError) as exc:  # one bad row: counted, the others are written
+                        invalid += 1
+                        _log.warning("%s: history row not stored: %s", self.db_path, exc)
+                        continue
+                    inserted += self._insert_new(conn, row)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except (sqlite3.Error, RuntimeError, OSError) as exc:
+            self._wb["flush_errors"] += 1
+            self._wb["lost"] += len(rows)
+            _log.error("%s: writing %d buffered history row(s) failed, they are lost: %s: %s", self.db_path,
+                       len(rows), type(exc).__name__, exc)
+            callback = self.on_flush_error
+            if callback is not None:
+                try:
+                    callback(exc, len(rows))
+                except Exception:  # a reporting callback must not break the writer
+                    _log.exception("on_flush_error callback failed")
+            if raise_errors:
+                raise
+            return 0
+        self._wb["batches"] += 1
+        self._wb["written"] += inserted
+        self._wb["invalid"] += invalid
+        self._wb["duplicates"] += len(rows) - inserted - invalid
+        return inserted
+
+    def _insert_new(self, conn: sqlite3.Connection, row: Dict[str, Any]) -> bool:
+        """Inside a transaction: insert ``row`` unless its ``(session_id, message_id, sender)`` is stored."""
+        if row["message_id"]:
+            dup = conn.execute("SELECT 1 FROM messages WHERE session_id = ? AND message_id = ? "
+                               "AND message_aid = ? LIMIT 1",
+                               (row["session_id"], row["message_id"], row["message_aid"])).fetchone()
+            if dup is not None:
+                return False
+        self._insert_row(conn, row)
+        return True
+
+    @staticmethod
+    def _check_message(message: Any) -> None:
+        """The shape of a ``save_message`` argument: a dict with the required fields."""
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, got {type(message).__name__}")
         missing = [k for k in ("session_id", "sender", "message") if k not in message]
         if missing:
             raise ValueError(f"message lacks required field(s): {', '.join(missing)}")
+
+    def _saved_row(self, message: Dict[str, Any]) -> Dict[str, Any]:
+        """The validated ``messages`` row for a ``save_message`` argument."""
+        self._check_message(message)
         sender = _require_str("sender", message["sender"])
         outgoing = sender == self.aid
         receiver = message.get("receiver", "")
@@ -501,23 +631,12 @@ class DBManager:
             receiver = _opt_str("receiver", receiver)
             if outgoing:
                 receiver = receiver.replace(";", ",")
-        row = self._message_row(
+        return self._message_row(
             message.get("role") or ("user" if outgoing else "assistant"),
             message["session_id"], sender, message.get("ref_msg_id", ""), receiver, message.get("instruction"),
             message["message"], message.get("type") or "text",
             message.get("status") or ("sent" if outgoing else "success"), message.get("message_id", ""),
         )
-        with self._write() as conn:
-            if row["message_id"]:
-                dup = conn.execute("SELECT 1 FROM messages WHERE session_id = ? AND message_id = ? "
-                                   "AND message_aid = ? LIMIT 1",
-                                   (row["session_id"], row["message_id"], row["message_aid"])).fetchone()
-                if dup is not None:
-                    _log.debug("message %s of session %s already stored", row["message_id"],
-                               message["session_id"])
-                    return False
-            self._insert_row(conn, row)
-        return True
 
     def _message_row(self, role, session_id, message_aid, parent_message_id, to_aids, instruction, content,
                      kind, status, message_id) -> Dict[str, Any]:

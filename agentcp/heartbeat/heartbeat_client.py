@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import random
 import socket
 import threading
@@ -26,6 +25,7 @@ from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import BLACKOUT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.base.names import InvalidNameError, check_host, check_port
 from agentcp.base.reporting import FaultReporter
+from agentcp.base.serial_pool import Lane, SerialPool
 from agentcp.context.exceptions import AuthError, HeartbeatError, SDKError, TransientAuthError
 from agentcp.heartbeat.liveness import Action, Event, Liveness, LivenessConfig, SignInHealth, State
 from agentcp.heartbeat.reactor import HeartbeatReactor
@@ -47,7 +47,9 @@ log = logging.getLogger("agentcp.heartbeat")
 
 __all__ = ["HeartbeatClient"]
 
-_STOP = object()
+#: Callbacks (invites, state changes) of every heartbeat client of the process: up to 4 shared threads that exist
+#: only while callbacks are queued or running (an idle agent holds none); each client's run in order.
+CALLBACKS = SerialPool("agentcp-hb-callbacks", max_workers=4)
 
 
 class _OwnedSocket(socket.socket):
@@ -182,9 +184,7 @@ class HeartbeatClient:
         self._have_session = False
         self._sock_gen = 0
         self._worker: Optional[threading.Thread] = None
-        self._callbacks: "queue.Queue[object]" = queue.Queue()
-        self._callback_thread: Optional[threading.Thread] = None
-        self._retired_callback_threads: List[threading.Thread] = []
+        self._callback_lane: Optional[Lane] = None  # this client's callbacks on the shared CALLBACKS threads
         self._extra = {"malformed": 0, "foreign": 0, "unknown_type": 0, "invites": 0, "callback_errors": 0,
                        "internal_errors": 0}
         self._report = FaultReporter(log, agent_id, HeartbeatError)
@@ -679,47 +679,30 @@ class HeartbeatClient:
         with self._lock:
             if self._stop.is_set():
                 return
-            if self._callback_thread is None or not self._callback_thread.is_alive():
-                self._callbacks = queue.Queue()
-                self._callback_thread = threading.Thread(
-                    target=self._callback_loop, args=(self._callbacks,),
-                    name=f"agentcp-hb-callbacks-{self.agent_id}", daemon=True,
-                )
-                self._callback_thread.start()
-            self._callbacks.put((fn, args))
+            if self._callback_lane is None:
+                self._callback_lane = CALLBACKS.lane()
+            self._callback_lane.submit(self._run_callback, fn, args)
 
-    def _callback_loop(self, q: "queue.Queue[Any]") -> None:
-        while True:
-            item = q.get()
-            if item is _STOP:
-                return
-            fn, args = item
-            if self._stop.is_set():
-                continue  # offline(): drop what is queued, run no callback after it returns
-            try:
-                fn(*args)
-            except Exception as exc:  # a user callback's bug must not kill the callback thread
-                with self._lock:
-                    self._extra["callback_errors"] += 1
-                self._report.note("callback", f"heartbeat callback {getattr(fn, '__name__', fn)!r} raised: {exc!r}",
-                                 exc, exc_info=True)
+    def _run_callback(self, fn: Callable, args: Tuple[Any, ...]) -> None:
+        """On a shared callback thread (this client's callbacks one at a time, in order)."""
+        if self._stop.is_set():
+            return  # offline(): drop what is queued, run no callback after it returns
+        try:
+            fn(*args)
+        except Exception as exc:  # a user callback's bug must not kill the callback thread
+            with self._lock:
+                self._extra["callback_errors"] += 1
+            self._report.note("callback", f"heartbeat callback {getattr(fn, '__name__', fn)!r} raised: {exc!r}",
+                             exc, exc_info=True)
 
     def _stop_callback_thread(self, current: threading.Thread) -> None:
         with self._lock:
-            thread, q = self._callback_thread, self._callbacks
             # Detached at once: if offline() runs in a callback that then calls online(), the new callbacks go to a
-            # new thread instead of behind the stop marker of this one.
-            self._callback_thread = None
-            retired, self._retired_callback_threads = self._retired_callback_threads, []
-        if thread is not None:
-            q.put(_STOP)
-            retired.append(thread)
-        for old in retired:
-            if old is current:
-                with self._lock:  # it ends when the callback that called offline() returns; joined next time
-                    self._retired_callback_threads.append(old)
-            else:
-                old.join()
+            # new lane.
+            lane, self._callback_lane = self._callback_lane, None
+        if lane is not None:
+            lane.close()  # waits for a running callback, unless offline() was called from it
+        CALLBACKS.join_if_idle()  # no callback thread outlives the last client that had work for it
 
     def _handle_invite(self, invite: InviteMessageReq) -> None:
         listener = self.on_recv_invite

@@ -197,8 +197,8 @@ class Dispatcher:
                 loop.call_soon_threadsafe(shutdown)
             except RuntimeError:  # loop already closed
                 pass
-            if thread is not current:
-                thread.join(timeout)
+            if loop_thread is not current:
+                loop_thread.join(timeout)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
 

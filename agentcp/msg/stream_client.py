@@ -253,12 +253,15 @@ class StreamClient:
         """Queue one raw frame (str/dict: text, bytes: binary)."""
         if isinstance(msg, dict):
             msg = json.dumps(msg, ensure_ascii=False)
-        opcode = _BINARY if isinstance(msg, (bytes, bytearray)) else _TEXT
-        problem = utf8_error(str(msg)) if opcode == _TEXT else None
-        if problem is not None:
-            return self._unencodable(problem)
-        return self._enqueue(_Frame(opcode, bytes(msg) if opcode == _BINARY else str(msg), "raw"),
-                             self.config.max_queue_bytes)
+        if isinstance(msg, (bytes, bytearray)):
+            frame = _Frame(_BINARY, bytes(msg), "raw")
+        else:
+            text = str(msg)
+            problem = utf8_error(text)
+            if problem is not None:
+                return self._unencodable(problem)
+            frame = _Frame(_TEXT, text, "raw")
+        return self._enqueue(frame, self.config.max_queue_bytes)
 
     def send_msg(self, msg: Union[str, bytes, dict]) -> SendResult:
         """Alias of :meth:`send_wss_message` (0.1.99 name)."""

@@ -20,6 +20,7 @@ from websocket._abnf import frame_buffer as _FrameBuffer
 
 from agentcp.base.http import VerifySetting, resolve_verify
 from agentcp.base.limits import LimitExceeded
+from agentcp.msg.mask import MaskKeys
 
 __all__ = ["sslopt", "WsConnection", "BoundedReader", "STATUS_MESSAGE_TOO_BIG", "utf8_error", "notify_limit"]
 
@@ -149,6 +150,7 @@ class WsConnection:
 
     def __init__(self, ws: websocket.WebSocket, gen: int) -> None:
         self.ws = ws
+        ws.set_mask_key(MaskKeys())  # fresh random keys without a system call per frame
         self.gen = gen
         self.reader: Optional[threading.Thread] = None
         self.opened_at = time.monotonic()

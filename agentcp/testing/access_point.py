@@ -196,6 +196,9 @@ class AccessPoint:
         """Attacker knob: the named endpoints answer 200 with a JSON-looking body of ``size`` bytes, sent as fast
         as the client reads it (``declare_length``: with a Content-Length header, else until the connection
         closes). ``None`` restores normal replies."""
+        if size is None:
+            self._set_hostile(endpoints, None)
+            return
         block = b" " * 65536
 
         def oversized(_request: HttpRequest) -> HttpResponse:
@@ -210,7 +213,7 @@ class AccessPoint:
             headers = {"Content-Length": str(size)} if declare_length else {}
             return HttpResponse(200, stream=pieces(), headers=headers, content_type="application/json")
 
-        self._set_hostile(endpoints, None if size is None else oversized)
+        self._set_hostile(endpoints, oversized)
 
     def _set_hostile(self, endpoints, make) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ address in sign-in replies, so clients signing in at :attr:`LossyRelay.url` beat
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -349,7 +350,7 @@ class LossyRelay:
             self._count("udp_up")
             back = self._back_for(client)
             if back is not None:
-                self._later(time.monotonic() + self._sample_delay(), lambda b=back, d=data: self._send_back(b, d))
+                self._later(time.monotonic() + self._sample_delay(), functools.partial(self._send_back, back, data))
 
     def _back_for(self, client: Address) -> Optional[socket.socket]:
         back = self._udp_back.pop(client, None)
@@ -391,7 +392,7 @@ class LossyRelay:
                 self._count("udp_down_dropped")
                 continue
             self._count("udp_down")
-            self._later(time.monotonic() + self._sample_delay(), lambda d=data, c=client: self._send_front(d, c))
+            self._later(time.monotonic() + self._sample_delay(), functools.partial(self._send_front, data, client))
 
     def _send_front(self, data: bytes, client: Address) -> None:
         if self._udp_front is None:
@@ -438,7 +439,7 @@ class LossyRelay:
             client.settimeout(2.0)
             # Set-up: the SYN up and the SYN-ACK down may each be lost (retried after 1 s, 2 s, ...).
             at = max(self._transit(True, 1.0, now), self._transit(False, 1.0, now))
-            self._later(at, lambda c=conn: self._connect_upstream(c))
+            self._later(at, functools.partial(self._connect_upstream, conn))
 
     def _connect_upstream(self, conn: _Conn) -> None:
         if conn.closed:
@@ -488,7 +489,7 @@ class LossyRelay:
 
     def _flush(self, conn: _Conn, pipe: _Pipe) -> None:
         now = time.monotonic()
-        while pipe.queue and pipe.queue[0][0] is not None and pipe.queue[0][0] <= now:  # type: ignore[operator]
+        while pipe.queue and pipe.queue[0][0] is not None and pipe.queue[0][0] <= now:
             _, data = pipe.queue.popleft()
             if conn.closed:
                 return
@@ -508,16 +509,16 @@ class LossyRelay:
         now = time.monotonic()
         connects, self._held_connects = self._held_connects, []
         for conn in connects:
-            self._later(now + self._sample_delay(), lambda c=conn: self._connect_upstream(c))
+            self._later(now + self._sample_delay(), functools.partial(self._connect_upstream, conn))
         held, self._held = self._held, []
         for pipe in held:
-            conn = next((c for c in self._conns if c.up is pipe or c.down is pipe), None)
-            if conn is None or conn.closed:
+            owner = next((c for c in self._conns if c.up is pipe or c.down is pipe), None)
+            if owner is None or owner.closed:
                 continue
             release = max(pipe.last_release, now + self._sample_delay())
             pipe.last_release = release
             pipe.queue = deque((release if at is None else at, data) for at, data in pipe.queue)
-            self._later(release, lambda c=conn, p=pipe: self._flush(c, p))
+            self._later(release, functools.partial(self._flush, owner, pipe))
 
     def _close_conn(self, conn: _Conn) -> None:
         if conn.closed:

@@ -556,13 +556,15 @@ class MessageServer:
         delivered = False
         online = getattr(self.server, "is_online", None)
         if self.invite_via != "ws" and online is not None and online(acceptor):
+            with self._lock:  # counted before it is sent: the invitee may have joined before send_invite returns
+                self.counters["invites_udp"] += 1
             try:
                 self.server.send_invite(acceptor, conn.agent_id, session_id, invite_code=code, message_server=self.url)
                 delivered = True
-                with self._lock:
-                    self.counters["invites_udp"] += 1
             except (LookupError, OSError, RuntimeError):
                 delivered = False
+                with self._lock:
+                    self.counters["invites_udp"] -= 1
         if not delivered and target is not None and self.invite_via != "udp":
             target.send_json("invite_agent_req", {"session_id": session_id, "inviter_id": conn.agent_id,
                                                   "invite_code": code, "acceptor_id": acceptor,
