@@ -51,6 +51,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+from agentcp.msg.message_client import replay_key
+
 from ._http import HttpRequest
 
 logger = logging.getLogger("agentcp.testing.msg")
@@ -211,7 +213,7 @@ class _Session:
     pushed_upto: Dict[str, int] = field(default_factory=dict)  # aid -> last log seq pushed to a live connection
     # (sender, sender's message id, digest of the content) -> entry: a sender's resend after a reconnect is acked
     # again but not relayed twice (senders' ids alone are not unique: 0.1.99 uses the millisecond clock).
-    by_sender_key: "OrderedDict[Tuple[str, str, bytes], _Entry]" = field(default_factory=OrderedDict)
+    by_sender_key: "OrderedDict[Tuple[str, str, str, bytes], _Entry]" = field(default_factory=OrderedDict)
 
 
 class MessageServer:
@@ -684,9 +686,9 @@ class MessageServer:
                 return
             resend_key = None
             if message_id:
-                body = "\x1f".join(str(data.get(k) or "") for k in ("message", "ref_msg_id", "receiver", "timestamp"))
-                resend_key = (conn.agent_id, message_id,
-                              hashlib.blake2b(body.encode("utf-8", "surrogatepass"), digest_size=12).digest())
+                # What identifies one message is the client's own rule (one definition): a resend, not a new
+                # message reusing an id. The sender is the connection's agent, whatever the frame claims.
+                resend_key = replay_key(dict(data, sender=conn.agent_id))
                 earlier = session.by_sender_key.get(resend_key)
                 if earlier is not None:  # the same message sent again (its ack was lost with a connection)
                     self.counters["resends"] = self.counters.get("resends", 0) + 1
