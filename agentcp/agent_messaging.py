@@ -207,7 +207,7 @@ class MessagingMixin:
         sm.on_invite = self._on_ws_invite_joined
         # Bounds on what the servers and peers can make this agent hold (trust.md rule 4).
         sm.client_options = {"limits": self.limits, "on_limit": self._limit_crossed,
-                             "backpressure": self._backlog_room}
+                             "backpressure": self._backlog_room, "when_room": self._backlog_when_room}
         sm.stream_options = {"limits": self.limits, "on_limit": self._limit_crossed}
         if old is not None:  # a new message server (config changed): carry the sessions over
             self._remember_sessions(old)
@@ -249,6 +249,12 @@ class MessagingMixin:
         False the reader does not read its socket (back-pressure; nothing is dropped)."""
         dispatcher = self._dispatcher
         return dispatcher is None or dispatcher.wait_for_room(timeout)
+    def _backlog_when_room(self, callback: Callable[[], Any]) -> bool:
+        """Message reactor, before it hands over a message: True if the handler backlog has room; otherwise
+        ``callback()`` is called once when it has (the connection is not read meanwhile; nothing is dropped)."""
+        dispatcher = self._dispatcher
+        return dispatcher is None or dispatcher.when_room(callback)
+
     def _on_incoming(self, data: dict) -> None:
         """Reader thread: queue the message for its session (history, ping reply, handlers run there)."""
         with self._lock:

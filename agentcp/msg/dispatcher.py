@@ -90,6 +90,7 @@ class Dispatcher:
         self._loop_thread: Optional[threading.Thread] = None
         self._reaper: Optional[threading.Thread] = None
         self._logged: Set[str] = set()
+        self._room_callbacks: List[Callable[[], Any]] = []  # one-shot, see when_room()
         self.counters: Dict[str, int] = {"dispatched": 0, "handler_errors": 0, "timeouts": 0, "dropped": 0,
                                          "backlog_peak": 0, "backlog_full": 0}
 
@@ -134,6 +135,31 @@ class Dispatcher:
             self.counters["backlog_full"] += 1
             return self._room.wait_for(self._has_room, timeout)
 
+    def when_room(self, callback: Callable[[], Any]) -> bool:
+        """True if the backlog has room now. Otherwise False, and ``callback()`` is called once (on the thread
+        that frees the room, or at :meth:`halt`) when it has: a producer on an event loop cannot wait, so it
+        stops reading and resumes from the callback (which must be quick)."""
+        with self._lock:
+            if self._has_room():
+                return True
+            self.counters["backlog_full"] += 1
+            self._room_callbacks.append(callback)
+            return False
+
+    def _take_room_callbacks(self) -> List[Callable[[], Any]]:
+        """Lock held: the waiting callbacks, if there is room now (they are called after the lock is released)."""
+        if not self._room_callbacks or not self._has_room():
+            return []
+        callbacks, self._room_callbacks = self._room_callbacks, []
+        return callbacks
+
+    def _call_room_callbacks(self, callbacks: List[Callable[[], Any]]) -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a producer's resume hook failed: logged; other producers still resume
+                log.exception("%s: room callback failed", self.name)
+
     def backlog(self) -> Dict[str, int]:
         """Items and bytes queued or running now."""
         with self._lock:
@@ -153,6 +179,8 @@ class Dispatcher:
             self._ready.clear()
             self._lock.notify_all()
             self._room.notify_all()
+            callbacks = self._take_room_callbacks()
+        self._call_room_callbacks(callbacks)
 
     def stop(self, timeout: Optional[float] = 30.0) -> None:
         """Drop queued work, wait for running handlers, stop the loop and join every thread. Idempotent.
@@ -268,6 +296,7 @@ class Dispatcher:
                     self._pending -= 1
                     self._pending_bytes -= size
                     self._room.notify_all()
+                    callbacks = self._take_room_callbacks()
                     self._busy.discard(key)
                     queue_ = self._queues.get(key)
                     if queue_:
@@ -275,6 +304,8 @@ class Dispatcher:
                         self._lock.notify()
                     elif queue_ is not None:
                         del self._queues[key]
+                if callbacks:
+                    self._call_room_callbacks(callbacks)
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
