@@ -298,28 +298,11 @@ def test_a_server_that_never_acks_stops_costing_an_ack_wait_per_send(make_client
     session = Session(a.agent_id, a)
     session.session_id = sid
     results = [session.send_msg([{"type": "content", "content": str(i)}], b.agent_id) for i in range(5)]
-    assert [r.status.value for r in results] == ["sent"] * 5
+    # The first ACK_PROBES waited in vain (and say 'sent'); the rest did not wait: 'queued' until the reactor
+    # wrote them, then 'sent' (never 'delivered': nothing acks them).
+    assert [r.status.value for r in results[:a.ACK_PROBES]] == ["sent"] * a.ACK_PROBES
+    _until(lambda: [r.status.value for r in results] == ["sent"] * 5)
     assert a.stats()["ack_timeouts"] == a.ACK_PROBES and not a.acks_expected
-
-
-def test_a_frame_without_ack_whose_direct_write_fails_goes_out_after_the_reconnect(make_client, msg_server):
-    """A command (no ack expected) written straight to a connection that fails under it is queued again, not lost
-    with its ticket still saying 'queued'."""
-    c = make_client("ann")
-    assert c.start_websocket_client()
-    conn = c._conn
-    real_send = conn.send
-
-    def failing(text):
-        conn.send = real_send
-        raise OSError("broken pipe")
-
-    conn.send = failing
-    ticket = c.send({"cmd": "create_session_req", "data": {"request_id": "r1", "type": "public",
-                                                           "group_name": "g", "subject": "", "timestamp": "1"}})
-    assert ticket.status is not SendStatus.FAILED
-    c.recorder.wait(lambda: c.recorder.cmds("create_session_ack"))
-    assert ticket.wait(5) and ticket.status is SendStatus.SENT  # the ack may be read before the writer settles it
 
 
 def test_a_message_read_from_a_superseded_socket_is_not_marked_seen(make_client, msg_server):

@@ -26,7 +26,7 @@ logging.getLogger(_ROOT_NAME).addHandler(logging.NullHandler())
 # ``name=value`` pairs whose value is a secret: signature (session tokens), *token, *cookie (sign cookies).
 _SECRET_PAIR = re.compile(r"((?:signature|token|cookie)=)[^&\s'\"#;,]+", re.IGNORECASE)
 #: Loggers of other libraries that log request URLs (query strings included) at DEBUG.
-REDACTED_LOGGERS = ("urllib3.connectionpool", "websocket")
+REDACTED_LOGGERS = ("urllib3.connectionpool", "websocket", "websockets.client", "agentcp.msg.wire")
 
 
 def redact_secrets(text: str) -> str:

@@ -339,6 +339,19 @@ class Channel:
         self._outbox.append(item)
         return True
 
+    def has_room(self) -> bool:
+        """True while the outbox takes another item (queued + in flight below ``max_queue_size``)."""
+        return not self.stopped and len(self._outbox) + len(self._inflight) < self.config.max_queue_size
+
+    def evict_oldest_inflight(self) -> Optional[OutItem]:
+        """Stop tracking the oldest written item still awaiting its ack (counted as ``unconfirmed``), to make
+        room when the server evidently does not ack; None if nothing is in flight."""
+        if not self._inflight:
+            return None
+        _, oldest = self._inflight.popitem(last=False)
+        self._forget_key(oldest)
+        return oldest
+
     def can_send_direct(self) -> bool:
         """True when a new item may be written at once (connected and nobody is waiting before it)."""
         return (self.state is ConnectionState.CONNECTED and not self._opening and not self._outbox

@@ -5,22 +5,29 @@ Compatible with 0.1.99's ``agentcp.msg.message_client`` (``ConnectionState``, ``
 ``start_websocket_client``, ``stop_websocket_client``, ``send_msg``, ``set_message_handler``,
 ``connection_state``). What changed (messaging.md §1.6-§1.8, §7):
 
-* One driver thread obeys the channel machine: sign in, connect, ping, drop a dead connection (no frame within
-  ``pong_timeout`` of a ping), reconnect with capped full-jitter backoff **for as long as the client runs**, sign in
-  again when the handshake is rejected. A receive-only client reconnects without sending anything.
-* One reader thread per connection feeds frames to the machine and the handler (``on_message(ws, text)``).
-  Acknowledgements (``session_message_ack``) complete the sender's :class:`SendResult`; incoming messages already
-  seen (same ``session_id``/``message_id``, e.g. redelivered after a reconnect) are dropped before the handler.
-* Sending never blocks on a connect. While disconnected, frames wait in a bounded outbox and go out in order after
-  the reconnect (after the handler's ``on_open`` re-joined the sessions). A full outbox raises
-  :class:`OutboxFullError`. Session messages not acked when a connection is lost are sent again.
-* ``stop_websocket_client()`` closes the socket and joins every thread; no handler call starts after it returns.
+* No thread of its own: the connection is a non-blocking socket on the process-wide message reactor
+  (:mod:`agentcp.msg.ws_reactor`, one thread for every agent's connection, TLS included), framed by
+  ``websockets``' sans-I/O protocol (:mod:`agentcp.msg.ws_link`). The reactor obeys the channel machine: sign in
+  and look up the address (on a small shared pool: both block), connect, ping, drop a dead connection (no frame
+  within ``pong_timeout`` of a ping), reconnect with capped full-jitter backoff **for as long as the client runs**,
+  sign in again when the handshake is rejected. A receive-only client reconnects without sending anything.
+* Incoming frames feed the machine and the handler (``on_message(ws, text)``) on the reactor.
+  Acknowledgements (``session_message_ack``) complete the sender's :class:`SendResult`; a message delivered again
+  (same session, sender, id and content, e.g. replayed after a re-join) is dropped before the handler.
+* Sending never blocks on a connect or a socket: a frame joins the bounded outbox and the reactor writes it (many
+  frames per system call under load), in order, after the handler's ``on_open`` re-joined the sessions. While
+  connected, a sender whose window (queued + awaiting an ack, ``max_queue_size``) is full waits up to
+  ``send_timeout`` for acks to make room; while disconnected a full outbox fails at once
+  (:class:`OutboxFullError`). Session messages not acked when a connection is lost are sent again, and so are
+  frames the socket never took.
+* ``stop_websocket_client()`` closes the connection; no handler call is running or starts after it returns.
 * The signature is never logged: URLs in logs read ``signature=***``.
 * Hostile input is bounded (trust.md rules 4 and 7): an incoming message larger than ``limits.ws_message_max``
   (all fragments together, checked from each frame header) closes the connection with 1009, is reported through
   ``on_limit`` and the client reconnects; a frame that cannot be encoded as UTF-8 (e.g. a peer's lone surrogate
-  echoed into a reply) fails its send at once and never enters the outbox. With a ``backpressure`` gate the reader
-  stops reading while the consumer's backlog is full (the connection is kept alive meanwhile).
+  echoed into a reply) fails its send at once and never enters the outbox. With a back-pressure gate
+  (``when_room`` or ``backpressure``) the connection is not read while the consumer's backlog is full (it is kept
+  alive meanwhile); a write the server takes nothing of for ``send_timeout`` ends the connection.
 """
 from __future__ import annotations
 
@@ -29,23 +36,29 @@ import hashlib
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
 
-import websocket
+from websockets.exceptions import WebSocketException
+from websockets.uri import parse_uri
 
 from agentcp.base.auth_client import AuthClient
 from agentcp.base.backoff import PERMANENT_ERROR_BACKOFF, RECONNECT_BACKOFF, Backoff
 from agentcp.base.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from agentcp.base.client import IClient
 from agentcp.base.reporting import FaultReporter
+from agentcp.base.serial_pool import Lane, SerialPool
 from agentcp.context.exceptions import AuthError, SDKError, SendMsgError
 from agentcp.msg.channel import Action, Channel, ChannelConfig, ConnectionState, OutItem
 from agentcp.base.http import connect_error_text
-from agentcp.msg.ws import BoundedReader, WsConnection as _Conn, notify_limit, sslopt, utf8_error
+from agentcp.msg.ws import notify_limit, ssl_context, utf8_error
+from agentcp.msg.ws_link import OP_TEXT, WsLink
+from agentcp.msg.ws_reactor import TimerHandle
+from agentcp.msg.ws_reactor import reactor as ws_reactor
 
 log = logging.getLogger("agentcp.msg")
 
@@ -117,7 +130,8 @@ class MessageClientConfig:
     #: How long ``send_message`` waits for the server's ack while connected. 0 (the default): it returns as soon
     #: as the message is written or queued, with a live :class:`SendResult` that settles when the ack arrives.
     ack_timeout: float = 0.0
-    #: Socket write timeout (and the reader's idle wake-up period).
+    #: Seconds a write may make no progress before the connection counts as stalled (and is rebuilt); also how
+    #: long a sender waits for room when its window of unacknowledged messages is full.
     send_timeout: float = 10.0
     reconnect_backoff: Backoff = RECONNECT_BACKOFF
     permanent_backoff: Backoff = PERMANENT_ERROR_BACKOFF
@@ -378,6 +392,10 @@ def redact(text: str, secret: Optional[str]) -> str:
 class MessageClient(IClient):
     """The agent's connection to one message server (``server_url`` as in the access point config)."""
 
+    #: Bytes written but not yet taken by the socket above which queued items wait in the outbox (bounded, and
+    #: counted there) instead of piling up in the connection's write buffer.
+    WRITE_HIGH_WATER: int = 1 << 20
+
     def __init__(
         self,
         agent_id: str,
@@ -391,14 +409,18 @@ class MessageClient(IClient):
         limits: Limits = DEFAULT_LIMITS,
         on_limit: Optional[Callable[[LimitExceeded], Any]] = None,
         backpressure: Optional[Callable[[float], bool]] = None,
+        when_room: Optional[Callable[[Callable[[], Any]], bool]] = None,
     ) -> None:
         """``limits``: bounds on incoming messages; ``on_limit(err)`` is told of every crossing (AgentID counts
-        it in ``status()``). ``backpressure(timeout) -> bool``: waits up to ``timeout`` for room in the consumer's
-        backlog (True: room); while it says False the socket is not read (nothing is dropped)."""
+        it in ``status()``). Back-pressure on incoming messages: ``when_room(callback) -> bool`` says whether the
+        consumer's backlog has room and, if not, calls ``callback()`` once when it has; or ``backpressure(timeout)
+        -> bool`` waits up to ``timeout`` for room (True: room). While there is none the socket is not read
+        (nothing is dropped)."""
         self.agent_id = agent_id
         self.limits = limits
         self.on_limit = on_limit
         self.backpressure = backpressure
+        self.when_room = when_room
         self.server_url = (server_url or "").rstrip("/")
         self.aid_path = aid_path
         self.seed_password = seed_password
@@ -413,22 +435,30 @@ class MessageClient(IClient):
         self.on_state_change: Optional[Callable[[str, str], Any]] = None
         self._clock = clock
         self._lock = threading.RLock()
-        self._send_lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected_event = threading.Event()
         # Set whenever nothing is in flight or queued, or the connection went away (stop() drains on it).
         self._drained = threading.Event()
+        # Senders wait on it while the in-flight window is full on a live connection (notified as acks arrive).
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
+        self._closed = threading.Event()  # the reactor has let go of this client's connection (after stop)
         self._machine = Channel(self.config.channel_config())
-        self._conn: Optional[_Conn] = None
+        self._conn: Optional[WsLink] = None  # the open connection
+        self._connecting: Optional[WsLink] = None  # a connection being opened
         self._gen = 0
-        self._driver: Optional[threading.Thread] = None
-        self._readers: List[threading.Thread] = []
+        self._reactor = ws_reactor()
+        self._holding_reactor = False
+        self._started = False
+        self._lane: Optional[Lane] = None
+        self._timer: Optional[TimerHandle] = None
+        self._kick_pending = False
+        self._pump_pending = False
         self._report = FaultReporter(log, agent_id, MessageChannelError,
                                      redact=lambda text: redact(text, self.auth_client.signature))
         self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0, "ack_timeouts": 0,
                                        "too_big": 0, "unencodable": 0, "backpressure_waits": 0}
-        #: True while the reader holds a message back because the consumer's backlog is full.
+        #: True while the client holds a message back because the consumer's backlog is full.
         self.reading_paused = False
         self._lost_at: Optional[float] = None
         #: Seconds from each lost connection to the next successful handshake (the last 32).
@@ -482,6 +512,10 @@ class MessageClient(IClient):
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` while connected for everything written or queued to be acknowledged;
         True if nothing is left (False: time ran out, or the connection is gone)."""
+        if self._reactor.in_reactor():
+            # The acks would be read by this very thread: waiting here would only time out.
+            with self._lock:
+                return not (self._machine.inflight or self._machine.queued)
         deadline = self._clock() + max(0.0, timeout)
         while True:
             with self._lock:
@@ -497,18 +531,19 @@ class MessageClient(IClient):
 
     def stop_websocket_client(self) -> None:
         """Stop: let what was already sent be acknowledged (up to ``drain_timeout`` while connected), then
-        settle what is left (written but unconfirmed: ``sent``; never written: ``failed``), close the connection
-        and join every thread. Idempotent."""
-        if threading.current_thread() not in (self._driver, *self._readers):
-            self.drain(self.config.drain_timeout)
+        settle what is left (written but unconfirmed: ``sent``; never written: ``failed``) and close the
+        connection. When it returns no handler call is running or will start (unless it is called from one).
+        Idempotent."""
+        self.drain(self.config.drain_timeout)
         with self._lock:
             left = self._machine.stop(self._clock())
             self._flush_state_changes()
+            first = not self._stop.is_set()
             self._stop.set()
-            self._wake.set()
-            conn, self._conn = self._conn, None
-            driver = self._driver
+            self._window_opened()
             self._connected_event.clear()
+            lane, self._lane = self._lane, None
+            holding, self._holding_reactor = self._holding_reactor, False
         for item in left:
             ticket = item.token
             if isinstance(ticket, Ticket) and not ticket.done:
@@ -520,22 +555,21 @@ class MessageClient(IClient):
         if left:
             log.warning("%s: %d outgoing message(s) not confirmed by the server when the client stopped",
                         self.agent_id, len(left))
-        if conn is not None:
-            conn.abort()
-        current = threading.current_thread()
-        if driver is not None and driver is not current:
-            driver.join()
-        with self._lock:
-            readers, self._readers = list(self._readers), []
-        for reader in readers:
-            if reader is not current:
-                reader.join()
-        with self._lock:
-            if self._driver is driver:
-                self._driver = None
+        if lane is not None:
+            lane.close()  # waits for a sign-in or lookup in progress (each bounded by its timeout)
+            _JOBS.join_if_idle()  # no job thread outlives the last client that had work for it
+        if holding:
+            if self._reactor.in_reactor():
+                self._close_links()
+            elif self._reactor.call_soon(self._close_links):
+                # Serialised with every handler call on the reactor: none runs once this is done.
+                self._closed.wait(10.0)
+            self._reactor.release()
+        elif first:
+            self._closed.set()
 
     def send_msg(self, msg: Union[str, dict]) -> bool:
-        """Send one frame: True if written now, False if queued (sent after the reconnect).
+        """Send one frame: True if written or on its way now, False if queued for a connection.
 
         Raises :class:`OutboxFullError` if the outbox is full and :class:`ClientStoppedError` after stop.
         """
@@ -544,12 +578,12 @@ class MessageClient(IClient):
             if "stopped" in (ticket.error or ""):
                 raise ClientStoppedError(ticket.error)
             raise OutboxFullError(ticket.error)
-        return ticket.status is not SendStatus.QUEUED
+        return self._conn is not None
 
-    # -- 0.1.99's WebSocketApp callbacks. The reader and driver threads handle these events themselves; these entry
-    #    points feed the same events in from outside (a custom transport, a test, code written for 0.1.99). ``ws``
-    #    is the connection (or its socket); an event for a connection that is no longer current is ignored.
-    def _current(self, ws: Any) -> Optional[_Conn]:
+    # -- 0.1.99's WebSocketApp callbacks. The reactor handles these events itself; these entry points feed the
+    #    same events in from outside (a custom transport, a test, code written for 0.1.99). ``ws`` is the
+    #    connection (or its socket); an event for a connection that is no longer current is ignored.
+    def _current(self, ws: Any) -> Optional[WsLink]:
         with self._lock:
             conn = self._conn
         if conn is not None and (ws is conn or ws is conn.ws):
@@ -566,14 +600,14 @@ class MessageClient(IClient):
 
     def on_message(self, ws: Any, message: Union[str, bytes]) -> None:
         """A text frame arrived on ``ws``: an ack completes its send, anything else goes to the handler
-        (duplicates dropped), as for the frames the reader thread reads."""
+        (duplicates dropped), as for the frames the reactor reads."""
         conn = self._current(ws)
         if conn is None:
             return
         with self._lock:
             self._machine.frame_received(self._clock())
         text = message.decode("utf-8", "replace") if isinstance(message, (bytes, bytearray)) else str(message)
-        self._on_text(conn, text)
+        self._on_text(conn, text, gate=False)
 
     def on_ping(self, ws: Any, message: Any = None) -> None:
         """A ping from the server on ``ws``: evidence the connection is alive."""
@@ -592,31 +626,35 @@ class MessageClient(IClient):
         text = redact(f"{type(error).__name__}: {error}", self.auth_client.signature)
         self._report.note("on_error", f"message channel of {self.agent_id}: {text}", MessageChannelError(text))
         if conn is not None:
-            self._connection_lost(conn, f"error: {type(error).__name__}")
+            conn.abort(f"error: {type(error).__name__}")
 
     def on_close(self, ws: Any, close_status_code: Optional[int] = None, close_msg: Any = None) -> None:
         """``ws`` was closed: the client reconnects (and re-joins) as after any lost connection."""
         conn = self._current(ws)
         if conn is not None:
-            self._connection_lost(conn, f"closed ({close_status_code} {close_msg or ''})".replace(" )", ")"))
+            conn.abort(f"closed ({close_status_code} {close_msg or ''})".replace(" )", ")"))
 
     # ------------------------------------------------------------------------------------------------------------
     # New API
     # ------------------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the driver thread (returns at once; no-op while running)."""
+        """Start connecting (returns at once; no-op while running). The connection lives on the process-wide
+        message reactor; sign-ins and address lookups run on a small shared pool."""
         with self._lock:
-            if self._driver is not None and self._driver.is_alive() and not self._stop.is_set():
+            if self._started and not self._stop.is_set():
                 return
-            if self._stop.is_set() and self._driver is not None:
+            if self._stop.is_set() and self._started:
                 raise RuntimeError("a stopped MessageClient cannot be restarted; create a new one")
             previous = self._machine
             self._machine = Channel(self.config.channel_config())
             self._machine.counters = previous.counters
             self._machine.start(self._clock(), have_token=bool(self.auth_client.signature))
             self._flush_state_changes()
-            self._driver = threading.Thread(target=self._drive, name=f"agentcp-msg-{self.agent_id}", daemon=True)
-            self._driver.start()
+            self._started = True
+            self._lane = _JOBS.lane()
+            self._holding_reactor = True
+        self._reactor.acquire()
+        self._kick()
 
     def close(self) -> None:
         """Alias of :meth:`stop_websocket_client`."""
@@ -624,7 +662,7 @@ class MessageClient(IClient):
 
     @property
     def running(self) -> bool:
-        return self._driver is not None and not self._stop.is_set()
+        return self._started and not self._stop.is_set()
 
     @property
     def state(self) -> str:
@@ -645,6 +683,11 @@ class MessageClient(IClient):
             return False  # acks wait in the socket until the backlog drains: waiting for one would only stall
         return self._machine.counters.acked > 0 or self._extra.get("ack_timeouts", 0) < self.ACK_PROBES
 
+    @property
+    def _never_acks(self) -> bool:
+        """The server let ``ACK_PROBES`` ack waits time out and never acked anything: it does not ack."""
+        return self._machine.counters.acked == 0 and self._extra.get("ack_timeouts", 0) >= self.ACK_PROBES
+
     def note_ack_timeout(self) -> None:
         """A sender waited ``ack_timeout`` for an ack in vain (counted; see :attr:`acks_expected`)."""
         with self._lock:
@@ -660,15 +703,18 @@ class MessageClient(IClient):
             snap.update(self._extra)
             snap["resume_times"] = list(self.resume_times)
             snap["server_url"] = self.server_url
+            conn = self._conn
+            snap["write_buffered"] = conn.buffered if conn is not None else 0
         return snap
 
     def send(self, msg: Union[str, dict], *, ack_key: Optional[Hashable] = None, message_id: str = "",
              session_id: str = "") -> Ticket:
         """Send one frame (JSON text or a dict); the :class:`Ticket` tells what became of it.
 
-        ``ack_key``: the frame expects a ``session_message_ack`` for this key (the message id), or an answer
-        (:func:`reply_key`); it stays tracked until then and is sent again if the connection is lost first.
-        Never blocks on a connect.
+        The frame joins the outbox and the reactor writes it (many frames per system call under load); the caller
+        never waits for the socket. ``ack_key``: the frame expects a ``session_message_ack`` for this key (the
+        message id), or an answer (:func:`reply_key`); it stays tracked until then and is sent again if the
+        connection is lost first.
         """
         text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)
         # A str ack key is the message id (session_message); a reply_key() tuple is not one.
@@ -681,33 +727,361 @@ class MessageClient(IClient):
                 self._extra["unencodable"] += 1
             ticket._finish(SendStatus.FAILED, problem)
             return ticket
-        item = OutItem(text, ack_key=ack_key, token=ticket)
-        with self._send_lock:
+        evicted: List[OutItem] = []
+        with self._lock:
+            if isinstance(ack_key, str) and self._never_acks:
+                ack_key = None  # an old server that acks nothing: the result says 'sent' once written
+            item = OutItem(text, ack_key=ack_key, token=ticket)
+            if not self._machine.has_room() and not self._wait_for_window():
+                if self._conn is not None and self._machine.counters.acked == 0 and self._machine.inflight:
+                    # A whole window waited send_timeout and the server acked none of it, nor anything before:
+                    # it does not ack. Stop tracking (and waiting for) acks of this server.
+                    self._extra["ack_timeouts"] = max(self._extra.get("ack_timeouts", 0), self.ACK_PROBES)
+                    while True:
+                        old = self._machine.evict_oldest_inflight()
+                        if old is None:
+                            break
+                        evicted.append(old)
+                    log.warning("message server %s acknowledged none of %d messages within %.0f s; sends no "
+                                "longer wait for acks (results say 'sent')", self.server_url, len(evicted),
+                                self.config.send_timeout)
+            if self._stop.is_set() or self._machine.stopped:
+                ticket._finish(SendStatus.FAILED, "message client stopped")
+                return ticket
+            if not self._machine.submit(item):
+                ticket._finish(SendStatus.FAILED, f"outbox full ({self.config.max_queue_size} messages wait "
+                                                  "for the message server); message not queued")
+                return ticket
+            pump = self._conn is not None and not self._pump_pending
+            if pump:
+                self._pump_pending = True
+        for old in evicted:
+            if isinstance(old.token, Ticket):
+                old.token._finish(SendStatus.SENT, "the server acknowledges no message; not tracked further")
+        if pump:
+            self._reactor.call_soon(self._pump)
+        return ticket  # QUEUED: the reactor writes it (or the next connection does)
+
+    def _wait_for_window(self) -> bool:
+        """Lock held, outbox full: on a live connection the sender waits (up to ``send_timeout``) for acks to
+        make room: a sender faster than the server is slowed down, not refused. While disconnected (or on the
+        reactor thread, which reads the acks) it does not wait: the caller is told at once."""
+        if self._conn is None or self._reactor.in_reactor():
+            return False
+        deadline = self._clock() + float(self.config.send_timeout)
+        self._room_waiters += 1
+        try:
+            while not self._machine.has_room():
+                left = deadline - self._clock()
+                if left <= 0 or self._conn is None or self._stop.is_set():
+                    return False
+                self._room.wait(left)
+            return True
+        finally:
+            self._room_waiters -= 1
+
+    def _window_opened(self) -> None:
+        """Lock held: acks made room (or the connection went away): waiting senders look again."""
+        if self._room_waiters:
+            self._room.notify_all()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: URLs and TLS
+    # ------------------------------------------------------------------------------------------------------------
+    def _ws_url(self, token: str) -> str:
+        query = urllib.parse.urlencode({"agent_id": self.agent_id, "signature": token}, quote_via=urllib.parse.quote)
+        return f"{ws_base_url(self.server_url)}/session?{query}"
+
+    def _redacted_url(self) -> str:
+        return f"{ws_base_url(self.server_url)}/session?agent_id={self.agent_id}&signature=***"
+
+    def _verify(self) -> Any:
+        return self.config.verify if self.config.verify is not None else self.auth_client.verify
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Internals: the machine's decisions, on the reactor
+    # ------------------------------------------------------------------------------------------------------------
+    def _flush_state_changes(self) -> None:
+        """Lock held: log state changes and call ``on_state_change``."""
+        for old, new in self._machine.take_state_changes():
+            log.info("message channel %s: %s -> %s", self.agent_id, old.value, new.value)
+            if new is not ConnectionState.CONNECTED:
+                self._connected_event.clear()  # set once the sessions are re-joined (see link_open)
+            callback = self.on_state_change
+            if callback is not None:
+                try:
+                    callback(old.value, new.value)
+                except Exception:  # a state callback's bug must not stop the channel
+                    log.exception("on_state_change callback of %s raised", self.agent_id)
+
+    def _kick(self) -> None:
+        """Any thread: let the machine decide again soon (on the reactor)."""
+        with self._lock:
+            if self._kick_pending or self._stop.is_set():
+                return
+            self._kick_pending = True
+        if not self._reactor.call_soon(self._tick):
             with self._lock:
-                if self._stop.is_set() or self._machine.stopped:
-                    ticket._finish(SendStatus.FAILED, "message client stopped")
-                    return ticket
-                conn = self._conn if self._machine.can_send_direct() else None
-                if conn is not None:
-                    self._machine.written(item)  # before the write: the ack may arrive before send() returns
-                elif not self._machine.submit(item):
-                    ticket._finish(SendStatus.FAILED, f"outbox full ({self.config.max_queue_size} messages wait "
-                                                      "for the message server); message not queued")
-                    self._wake.set()
-                    return ticket
-                else:
-                    self._wake.set()
-                    return ticket  # QUEUED
+                self._kick_pending = False
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._tick()
+
+    def _tick(self) -> None:
+        """Reactor: carry out what the machine decides now, and arm the timer for its next decision."""
+        with self._lock:
+            self._kick_pending = False
+        try:
+            for _ in range(8):  # each action is followed by a new decision; a few per tick at most
+                if self._stop.is_set():
+                    return
+                with self._lock:
+                    now = self._clock()
+                    if self.reading_paused:
+                        self._machine.reading_paused(now)  # frames wait unread: silence is not death
+                    decision = self._machine.poll(now)
+                    action = decision.action
+                    if action in (Action.SIGN_IN, Action.CONNECT):
+                        self._machine.repair_started(now)
+                    elif action is Action.PING:
+                        self._machine.ping_sent(now)
+                    conn = self._conn
+                    lane = self._lane
+                if action is Action.NONE:
+                    self._arm(decision.wake_at)
+                    return
+                if action is Action.SIGN_IN:
+                    if lane is not None:
+                        lane.submit(self._job_sign_in)
+                elif action is Action.CONNECT:
+                    if lane is not None:
+                        lane.submit(self._job_lookup)
+                elif action is Action.PING:
+                    if conn is not None:
+                        conn.ping()
+                elif action is Action.DROP and conn is not None:
+                    log.warning("message channel %s: no frame within %.1f s of a ping; dropping the dead "
+                                "connection", self.agent_id, self.config.channel_config().effective_pong_timeout())
+                    conn.fail("dead")
+        except Exception as exc:  # the decisions must never stop: a stuck channel is a deaf agent
+            with self._lock:
+                self._extra["internal_errors"] = self._extra.get("internal_errors", 0) + 1
+                conn = self._conn
+            self._report.note("internal", f"unexpected error in the message channel of {self.agent_id}: {exc!r}; "
+                                         "recovering", exc, exc_info=True)
+            if conn is not None:
+                conn.fail("internal error")
+            self._arm(self._clock() + 0.05)
+            return
+        self._kick()  # still deciding after 8 actions: go on after the other clients had their turn
+
+    def _arm(self, wake_at: Optional[float]) -> None:
+        """Reactor: the timer for the machine's next decision (one per client)."""
+        timer = self._timer
+        if timer is not None:
+            if wake_at is not None and timer.when == wake_at:
+                return
+            timer.cancel()
+            self._timer = None
+        if wake_at is not None and not self._stop.is_set():
+            self._timer = self._reactor.call_at(wake_at, self._on_timer)
+
+    # -- blocking steps, on the shared job pool ------------------------------------------------------------------
+    def _job_sign_in(self) -> None:
+        try:
+            self.auth_client.sign_in_once()
+        except AuthError as exc:
+            with self._lock:
+                self._machine.sign_in_failed(self._clock(), str(exc), permanent=exc.permanent,
+                                             retry_after=float(getattr(exc, "retry_after", 0.0) or 0.0))
+            self._report.note("sign_in", f"message server sign-in of {self.agent_id} failed (will retry): {exc}", exc)
+        else:
+            with self._lock:
+                self._machine.signed_in(self._clock())
+        self._kick()
+
+    def _job_lookup(self) -> None:
+        """Resolve the server's address (``getaddrinfo`` blocks), then open the connection on the reactor."""
+        url = self._ws_url(self.auth_client.signature or "")
+        try:
+            uri = parse_uri(url)
+            addrs = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+        except (WebSocketException, OSError, ValueError) as exc:
+            self._connect_failed(f"cannot connect to the message server {self._redacted_url()} "
+                                 f"({type(exc).__name__}: {exc})", exc)
+            return
+        if not self._reactor.call_soon(self._open_link, url, addrs):
+            self._connect_failed("the message reactor is not running", None)
+
+    def _connect_failed(self, text: str, exc: Optional[BaseException], status: Optional[int] = None) -> None:
+        rejected = status in (401, 403)
+        with self._lock:
+            self._machine.connect_failed(self._clock(), redact(text, self.auth_client.signature),
+                                         auth_rejected=rejected)
+        if status:
+            what = "token rejected; signing in again" if rejected else "retrying"
+            self._report.note(f"handshake_{status}", f"message server {self._redacted_url()} answered the "
+                                                    f"WebSocket handshake with HTTP {status} ({what})",
+                             MessageChannelError(f"handshake rejected with HTTP {status}"))
+        else:
+            self._report.note("connect", f"{redact(text, self.auth_client.signature)}; retrying",
+                              MessageChannelError(f"connect failed: {redact(text, self.auth_client.signature)}"))
+        self._kick()
+
+    # -- connections, on the reactor -----------------------------------------------------------------------------
+    def _open_link(self, url: str, addrs: List[Any]) -> None:
+        with self._lock:
+            if self._stop.is_set() or self._machine.stopped:
+                return
+            self._gen += 1
+            link = WsLink(self._reactor, self, url, ssl_context=ssl_context(self._verify()),
+                          max_size=self.limits.ws_message_max, send_timeout=self.config.send_timeout,
+                          gen=self._gen)
+            self._connecting = link
+        link.start(addrs, self._reactor.clock() + float(self.config.connection_timeout))
+
+    def _close_links(self) -> None:
+        """Reactor, at stop: close the connections, cancel the timer."""
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            with self._lock:
+                links = [link for link in (self._conn, self._connecting) if link is not None]
+                self._conn = self._connecting = None
+            for link in links:
+                link.close()
+        finally:
+            self._closed.set()
+
+    def link_open(self, link: WsLink) -> None:
+        """Reactor: ``link``'s handshake succeeded: re-join the sessions, then the outbox drains."""
+        with self._lock:
+            if link is not self._connecting or self._stop.is_set():
+                stale = True
+            else:
+                stale = False
+                self._connecting = None
+                self._conn = link
+                now = self._clock()
+                self._machine.connected(now)
+                if self._lost_at is not None:
+                    self.resume_times.append(now - self._lost_at)
+                    del self.resume_times[:-32]
+                    self._lost_at = None
+                self._flush_state_changes()
+        if stale:
+            link.close()
+            return
+        # A new outage deserves a new warning: forget the once-only keys of the connection faults.
+        self._report.forget("connect", "handshake", "sign_in", "lost")
+        log.info("message channel %s connected to %s", self.agent_id, self._redacted_url())
+        on_open = getattr(self.message_handler, "on_open", None)
+        if on_open is not None:
             try:
-                conn.send(text)
-                ticket._mark_sent()
+                on_open(link)  # re-joins sessions through link.send(), ahead of the outbox
+            except Exception as exc:  # a handler bug must not stop the channel
+                self._report.note("on_open", f"on_open of the message handler raised: {exc!r}", exc, exc_info=True)
+        with self._lock:
+            if self._conn is not link:
+                return
+            self._machine.opened()
+            self._connected_event.set()
+        self._pump()
+        self._tick()
+
+    def link_closed(self, link: WsLink, reason: str, opened: bool, status: Optional[int],
+                    error: Optional[BaseException]) -> None:
+        """Reactor: ``link`` ended (once per link)."""
+        with self._lock:
+            current = link is self._conn
+            connecting = link is self._connecting
+            if current:
+                self._conn = None
+            if connecting:
+                self._connecting = None
+        self._settle_unflushed(link)
+        if connecting and not self._stop.is_set():
+            text = reason
+            if error is not None and not status:
+                text = f"{reason} ({connect_error_text(error, self._redacted_url())})"
+            self._connect_failed(f"cannot connect to the message server {self._redacted_url()}: {text}", error,
+                                 status=status)
+            return
+        if not current:
+            return
+        with self._lock:
+            now = self._clock()
+            self._machine.connection_lost(now, reason)
+            self._window_opened()
+            self._drained.set()
+            self._lost_at = now
+            self.reading_paused = False
+            self._flush_state_changes()
+        if not self._stop.is_set():
+            key = "lost_dead" if reason == "dead" else "lost"
+            self._report.note(key, f"message channel of {self.agent_id} lost its connection ({reason}); "
+                                  "reconnecting", MessageChannelError(f"connection lost: {reason}"))
+        self._tick()
+
+    def _settle_unflushed(self, link: WsLink) -> None:
+        """Items written into ``link`` whose bytes the socket never took: those without an ack go back to the
+        head of the outbox (those with one are in flight: the machine puts them back itself)."""
+        items = [item for item in getattr(link, "unflushed", ()) if item.ack_key is None]
+        if not items:
+            return
+        with self._lock:
+            stopped = self._machine.stopped
+            if not stopped:
+                for item in reversed(items):
+                    self._machine.requeue_front(item)
+        if stopped:
+            for item in items:
+                ticket = item.token
+                if isinstance(ticket, Ticket) and not ticket.done:
+                    ticket._finish(SendStatus.FAILED, "message client stopped before it was sent")
+
+    def _pump(self) -> None:
+        """Reactor: write queued items into the connection, in order, then hand the bytes to the socket."""
+        with self._lock:
+            self._pump_pending = False
+        link = self._conn
+        if link is None or not link.open:
+            return
+        high = self.WRITE_HIGH_WATER
+        while link.buffered < high:
+            with self._lock:
+                if self._conn is not link:
+                    return
+                item = self._machine.next_item()
+                if item is None:
+                    break
+                self._machine.written(item)  # before the write: the ack may be read in this same turn
+                if item.ack_key is None:
+                    self._window_opened()  # it left the outbox for good: room for a waiting sender
+            try:
+                link.write(item.text, item)
             except (UnicodeError, TypeError, ValueError) as exc:
-                self._unsendable(item, exc)
-            except (websocket.WebSocketException, OSError) as exc:
-                # An item expecting an ack is in flight: the loss handling puts it back at the head of the outbox.
-                self._requeue_unsent(item)
-                self._connection_lost(conn, f"send failed: {type(exc).__name__}")
-        return ticket
+                self._unsendable(item, exc)  # that item fails; the ones behind it still go out
+            except (ConnectionError, WebSocketException):
+                with self._lock:
+                    if item.ack_key is None and not self._machine.stopped:
+                        self._machine.requeue_front(item)
+                return
+        link.flush()
+
+    def link_flushed(self, link: WsLink, items: List[Any]) -> None:
+        """Reactor: the socket took these items: sent (an ack, if expected, settles them later)."""
+        for item in items:
+            ticket = item.token
+            if isinstance(ticket, Ticket) and not ticket.done:
+                if item.ack_key is None:
+                    ticket._finish(SendStatus.SENT)
+                else:
+                    ticket._mark_sent()
+        if link is self._conn and link.buffered < self.WRITE_HIGH_WATER and self._machine.queued:
+            self._pump()
 
     def _unsendable(self, item: OutItem, exc: BaseException) -> None:
         """Encoding ``item`` failed (nothing was written): fail it alone and forget it, never retry it."""
@@ -721,303 +1095,75 @@ class MessageClient(IClient):
         self._report.note("unencodable", f"message channel {self.agent_id}: a frame could not be encoded and was "
                                          f"dropped ({type(exc).__name__}); later frames are unaffected", exc)
 
-    def _requeue_unsent(self, item: OutItem) -> None:
-        """Writing ``item`` failed: one without an ack goes back to the head of the outbox (it is not in flight)."""
-        with self._lock:
-            if item.ack_key is not None:
-                return
-            if not self._machine.stopped:
-                self._machine.requeue_front(item)
-                return
-        ticket = item.token
-        if isinstance(ticket, Ticket) and not ticket.done:
-            ticket._finish(SendStatus.FAILED, "message client stopped before it was sent")
-
     # ------------------------------------------------------------------------------------------------------------
-    # Internals: URLs and sockets
+    # Internals: incoming frames (reactor)
     # ------------------------------------------------------------------------------------------------------------
-    def _ws_url(self, token: str) -> str:
-        query = urllib.parse.urlencode({"agent_id": self.agent_id, "signature": token}, quote_via=urllib.parse.quote)
-        return f"{ws_base_url(self.server_url)}/session?{query}"
-
-    def _redacted_url(self) -> str:
-        return f"{ws_base_url(self.server_url)}/session?agent_id={self.agent_id}&signature=***"
-
-    def _sslopt(self) -> Dict[str, Any]:
-        return sslopt(self.config.verify if self.config.verify is not None else self.auth_client.verify)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Internals: the driver thread
-    # ------------------------------------------------------------------------------------------------------------
-    def _flush_state_changes(self) -> None:
-        """Lock held: log state changes and call ``on_state_change``."""
-        for old, new in self._machine.take_state_changes():
-            log.info("message channel %s: %s -> %s", self.agent_id, old.value, new.value)
-            if new is not ConnectionState.CONNECTED:
-                self._connected_event.clear()  # set once the sessions are re-joined (see _do_connect)
-            callback = self.on_state_change
-            if callback is not None:
-                try:
-                    callback(old.value, new.value)
-                except Exception:  # a state callback's bug must not stop the channel
-                    log.exception("on_state_change callback of %s raised", self.agent_id)
-
-    def _drive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._drive_step()
-            except Exception as exc:  # the driver must never die: a dead driver is a deaf agent
-                with self._lock:
-                    self._extra["internal_errors"] = self._extra.get("internal_errors", 0) + 1
-                    conn = self._conn
-                self._report.note("internal", f"unexpected error in the message driver of {self.agent_id}: "
-                                             f"{exc!r}; recovering", exc, exc_info=True)
-                if conn is not None:
-                    self._connection_lost(conn, "internal error")
-                self._stop.wait(0.05)
-
-    def _drive_step(self) -> None:
-        with self._lock:
-            now = self._clock()
-            decision = self._machine.poll(now)
-            if decision.action in (Action.SIGN_IN, Action.CONNECT):
-                self._machine.repair_started(now)
-            conn = self._conn
-            flush = self._machine.state is ConnectionState.CONNECTED and self._machine.queued > 0
-        action = decision.action
-        if action is Action.SIGN_IN:
-            self._do_sign_in()
-        elif action is Action.CONNECT:
-            self._do_connect()
-        elif action is Action.PING:
-            self._do_ping(conn)
-        elif action is Action.DROP:
-            if conn is not None:
-                log.warning("message channel %s: no frame within %.1f s of a ping; dropping the dead connection",
-                            self.agent_id, self.config.channel_config().effective_pong_timeout())
-                self._connection_lost(conn, "dead")
-        elif flush:
-            self._flush_outbox()
-        else:
-            timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self._clock())
-            self._wake.wait(timeout)
-            self._wake.clear()
-
-    def _do_sign_in(self) -> None:
-        try:
-            self.auth_client.sign_in_once()
-        except AuthError as exc:
-            with self._lock:
-                self._machine.sign_in_failed(self._clock(), str(exc), permanent=exc.permanent,
-                                             retry_after=float(getattr(exc, "retry_after", 0.0) or 0.0))
-            self._report.note("sign_in", f"message server sign-in of {self.agent_id} failed (will retry): {exc}", exc)
-            return
-        with self._lock:
-            self._machine.signed_in(self._clock())
-
-    def _do_connect(self) -> None:
-        token = self.auth_client.signature or ""
-        url = self._ws_url(token)
-        try:
-            ws = websocket.create_connection(
-                url,
-                timeout=self.config.connection_timeout,
-                sslopt=self._sslopt(),
-                enable_multithread=True,
-                suppress_origin=True,
-                # websocket-client's UTF-8 check is pure Python (about 0.3 ms per frame); the reader decodes every
-                # text frame itself (invalid bytes become U+FFFD, and such a frame fails as JSON and is counted)
-                skip_utf8_validation=True,
-            )
-        except websocket.WebSocketBadStatusException as exc:
-            status = int(getattr(exc, "status_code", 0) or 0)
-            rejected = status in (401, 403)
-            with self._lock:
-                self._machine.connect_failed(self._clock(), f"handshake rejected: HTTP {status}",
-                                             auth_rejected=rejected)
-            what = "token rejected; signing in again" if rejected else "retrying"
-            self._report.note(f"handshake_{status}", f"message server {self._redacted_url()} answered the "
-                                                    f"WebSocket handshake with HTTP {status} ({what})",
-                             MessageChannelError(f"handshake rejected with HTTP {status}"))
-            return
-        except (websocket.WebSocketException, OSError, ValueError) as exc:
-            text = redact(connect_error_text(exc, self._redacted_url()), token)  # TLS: names AGENTCP_TLS_VERIFY
-            with self._lock:
-                self._machine.connect_failed(self._clock(), text)
-            self._report.note("connect", f"cannot connect to the message server {self._redacted_url()} ({text}); "
-                                        "retrying", MessageChannelError(f"connect failed: {text}"))
-            return
-        try:
-            ws.settimeout(self.config.send_timeout)
-        except OSError:
-            pass
-        with self._lock:
-            if self._stop.is_set():
-                ws.shutdown()
-                return
-            self._gen += 1
-            conn = _Conn(ws, self._gen)
-            self._conn = conn
-            now = self._clock()
-            self._machine.connected(now)
-            if self._lost_at is not None:
-                self.resume_times.append(now - self._lost_at)
-                del self.resume_times[:-32]
-                self._lost_at = None
-            self._readers = [t for t in self._readers if t.is_alive()]
-            conn.reader = threading.Thread(target=self._read_loop, args=(conn,),
-                                           name=f"agentcp-msg-recv-{self.agent_id}", daemon=True)
-            self._readers.append(conn.reader)
-            conn.reader.start()
-            self._flush_state_changes()
-        # A new outage deserves a new warning: forget the once-only keys of the connection faults.
-        self._report.forget("connect", "handshake", "sign_in", "lost")
-        log.info("message channel %s connected to %s", self.agent_id, self._redacted_url())
-        handler = self.message_handler
-        on_open = getattr(handler, "on_open", None)
-        if on_open is not None:
-            try:
-                on_open(conn)  # re-joins sessions through conn.send(), ahead of the outbox
-            except (websocket.WebSocketException, OSError) as exc:
-                self._connection_lost(conn, f"send failed: {type(exc).__name__}")
-                return
-            except Exception as exc:  # a handler bug must not stop the channel
-                self._report.note("on_open", f"on_open of the message handler raised: {exc!r}", exc, exc_info=True)
-        with self._lock:
-            if self._conn is conn:
-                self._machine.opened()
-                self._connected_event.set()
-        self._flush_outbox()
-
-    def _do_ping(self, conn: Optional[_Conn]) -> None:
-        with self._lock:
-            self._machine.ping_sent(self._clock())
-        if conn is None:
-            return
-        try:
-            conn.ping()
-        except (websocket.WebSocketException, OSError) as exc:
-            self._connection_lost(conn, f"ping failed: {type(exc).__name__}")
-
-    def _flush_outbox(self) -> None:
-        """Write queued items in order while connected (under the send lock, so direct sends cannot overtake)."""
-        while not self._stop.is_set():
-            with self._send_lock:
-                with self._lock:
-                    conn = self._conn
-                    item = self._machine.next_item() if conn is not None else None
-                    if item is None or conn is None:
-                        return
-                    self._machine.written(item)
-                try:
-                    conn.send(item.text)
-                except (UnicodeError, TypeError, ValueError) as exc:
-                    self._unsendable(item, exc)  # that item fails; the ones behind it still go out
-                    continue
-                except (websocket.WebSocketException, OSError) as exc:
-                    self._requeue_unsent(item)
-                    self._connection_lost(conn, f"send failed: {type(exc).__name__}")
-                    return
-                ticket = item.token
-                if isinstance(ticket, Ticket) and not ticket.done:
-                    if item.ack_key is None:
-                        ticket._finish(SendStatus.SENT)
-                    else:
-                        ticket._mark_sent()
-
-    def _connection_lost(self, conn: _Conn, reason: str) -> None:
-        """``conn`` failed or closed: tell the machine (once per connection), wake the driver, unblock the reader."""
-        with self._lock:
-            current = self._conn is conn
-            if current:
-                self._conn = None
-                now = self._clock()
-                self._machine.connection_lost(now, reason)
-                self._drained.set()
-                self._lost_at = now
-                self._flush_state_changes()
-                self._wake.set()
-        conn.abort()
-        if current and not self._stop.is_set():
-            key = "lost_dead" if reason == "dead" else "lost"
-            self._report.note(key, f"message channel of {self.agent_id} lost its connection ({reason}); "
-                                  "reconnecting", MessageChannelError(f"connection lost: {reason}"))
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Internals: the reader thread
-    # ------------------------------------------------------------------------------------------------------------
-    def _read_loop(self, conn: _Conn) -> None:
-        reason = "closed"
-        frames = BoundedReader(conn.ws, self.limits.ws_message_max, "ws_message_max",
-                               f"message server {self.server_url}")
-        try:
-            while not self._stop.is_set():
-                try:
-                    opcode, data = frames.recv()
-                except websocket.WebSocketTimeoutException:
-                    continue  # idle; the driver's pings decide whether the connection is dead
-                except websocket.WebSocketConnectionClosedException:
-                    reason = "closed by peer"
-                    break
-                except LimitExceeded as exc:
-                    self._too_big(exc)  # counted before the peer sees the close
-                    frames.close_too_big()
-                    reason = "message too big (closed with 1009)"
-                    break
-                except (websocket.WebSocketException, OSError, ValueError, AttributeError) as exc:
-                    reason = f"receive failed: {type(exc).__name__}"
-                    break
-                with self._lock:
-                    if self._conn is not conn:
-                        break
-                    self._machine.frame_received(self._clock())
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    reason = "closed by server"
-                    break
-                if opcode == websocket.ABNF.OPCODE_TEXT:
-                    text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
-                    self._on_text(conn, text)
-                elif opcode == websocket.ABNF.OPCODE_BINARY:
-                    self._report.log_once("binary", logging.DEBUG, "message channel %s: binary frame ignored", self.agent_id)
-        finally:
-            self._connection_lost(conn, reason)
-            try:
-                conn.ws.shutdown()
-            except Exception:  # closing is best effort; the descriptor is released either way
-                log.debug("closing the WebSocket failed", exc_info=True)
-
-    def _too_big(self, err: LimitExceeded) -> None:
+    def link_too_big(self, link: WsLink) -> None:
+        """Reactor: an incoming message crossed ``ws_message_max`` (the link closes with 1009 next)."""
+        err = LimitExceeded("ws_message_max", self.limits.ws_message_max, f"message server {self.server_url}",
+                            got=f"more than {self.limits.ws_message_max} bytes")
         with self._lock:
             self._extra["too_big"] += 1
         if not notify_limit(self.on_limit, err, self.agent_id):
             self._report.note("too_big", str(err), err)
 
-    def _wait_for_room(self, conn: _Conn) -> bool:
-        """Back-pressure: hold the message in hand (and read nothing more) until the consumer has room.
+    def link_alive(self, link: WsLink) -> None:
+        if link is self._conn:
+            with self._lock:
+                self._machine.frame_received(self._clock())
 
-        While waiting, the connection is not declared dead for missing pongs (they wait unread in the socket).
-        False if the client stopped or the connection was replaced meanwhile."""
-        gate = self.backpressure
-        if gate is None or gate(0.0):
+    def link_message(self, link: WsLink, opcode: int, payload: bytes) -> bool:
+        """Reactor: a whole message; False holds it (back-pressure) until :meth:`_resume`."""
+        if link is not self._conn:
             return True
+        with self._lock:
+            self._machine.frame_received(self._clock())
+        if opcode == OP_TEXT:
+            return self._on_text(link, payload.decode("utf-8", "replace"))
+        self._report.log_once("binary", logging.DEBUG, "message channel %s: binary frame ignored", self.agent_id)
+        return True
+
+    def _has_room(self, link: WsLink) -> bool:
+        """Back-pressure: True if the consumer takes a message now; otherwise reading stops until it has room
+        (pongs wait unread meanwhile, so the connection is not declared dead)."""
+        if self.when_room is not None:
+            if self.when_room(lambda: self._reactor.call_soon(self._resume, link)):
+                return True
+        elif self.backpressure is None or self.backpressure(0.0):
+            return True
+        else:
+            gate = self.backpressure
+            lane = self._lane
+            if lane is None or not lane.submit(self._wait_for_room, gate, link):
+                return True  # stopping: the message is not held back (the handler call is refused anyway)
         with self._lock:
             self.reading_paused = True
             self._extra["backpressure_waits"] += 1
+            self._machine.reading_paused(self._clock())
         self._report.log_once("backpressure", logging.INFO, "message channel %s: handler backlog full; not reading "
                               "until it drains (further pauses are only counted: backpressure_waits)", self.agent_id)
-        slice_ = max(0.05, self.config.channel_config().effective_pong_timeout() / 2)
-        try:
-            while True:
-                with self._lock:
-                    if self._stop.is_set() or self._conn is not conn:
-                        return False
-                    self._machine.reading_paused(self._clock())
-                if gate(slice_):
-                    return True
-        finally:
-            self.reading_paused = False
+        return False
 
-    def _on_text(self, conn: _Conn, text: str) -> None:
+    def _wait_for_room(self, gate: Callable[[float], bool], link: WsLink) -> None:
+        """Job pool, for a ``backpressure`` gate that can only wait: wait (in slices) for room, then resume."""
+        slice_ = max(0.05, self.config.channel_config().effective_pong_timeout() / 2)
+        while not self._stop.is_set() and link is self._conn and not link.closed:
+            if gate(slice_):
+                break
+        self._reactor.call_soon(self._resume, link)
+
+    def _resume(self, link: WsLink) -> None:
+        """Reactor: the consumer has room again: deliver what was held and read again."""
+        if link is not self._conn:
+            return
+        with self._lock:
+            self.reading_paused = False
+            self._machine.reading_paused(self._clock())
+        link.resume()
+
+    def _on_text(self, conn: Any, text: str, gate: bool = True) -> bool:
+        """One text frame: acks and answers settle sends; messages go to the handler (duplicates dropped).
+        False: the consumer's backlog is full, the frame is held (back-pressure)."""
         try:
             frame = json.loads(text)
         except ValueError:
@@ -1027,7 +1173,7 @@ class MessageClient(IClient):
                 self._extra["malformed"] += 1
             self._report.log_once("malformed", logging.WARNING, "message channel %s: dropping a frame without cmd/data "
                                                          "(further ones are only counted)", self.agent_id)
-            return
+            return True
         cmd, data = frame["cmd"], frame["data"]
         if cmd == "session_message_ack":
             self._on_ack(data)
@@ -1036,15 +1182,15 @@ class MessageClient(IClient):
         handler = self.message_handler
         on_message = getattr(handler, "on_message", None)
         if on_message is None:
-            return
+            return True
         # Only messages fill the consumer's backlog; acks and answers before them are not held back.
-        if cmd == "session_message" and not self._wait_for_room(conn):
-            return
+        if cmd == "session_message" and gate and isinstance(conn, WsLink) and not self._has_room(conn):
+            return False
         with self._lock:
             if self._stop.is_set() or self._conn is not conn:
                 # Stopped (no handler call starts after stop) or a superseded socket: not delivered, so not
                 # remembered as seen either (the server's replay after the re-join must get through).
-                return
+                return True
             duplicate = False
             message_id = str(data.get("message_id") or "") if cmd == "session_message" else ""
             if message_id:
@@ -1052,18 +1198,20 @@ class MessageClient(IClient):
         if duplicate:
             log.debug("message channel %s: duplicate message %s in %s dropped", self.agent_id, message_id,
                       data.get("session_id"))
-            return
+            return True
         try:
             on_message(conn, text)
-        except Exception as exc:  # a handler bug must not kill the reader
+        except Exception as exc:  # a handler bug must not stop the connection
             with self._lock:
                 self._extra["handler_errors"] += 1
             self._report.note("handler", f"message handler of {self.agent_id} raised: {exc!r}", exc, exc_info=True)
+        return True
 
     def forget(self, ack_key: Hashable, error: str = "no answer in time") -> None:
         """Stop tracking a frame whose answer the caller no longer waits for (it is not sent again)."""
         with self._lock:
             item = self._machine.acked(ack_key)
+            self._window_opened()
             if not (self._machine.inflight or self._machine.queued):
                 self._drained.set()
         ticket = item.token if item is not None else None
@@ -1074,6 +1222,7 @@ class MessageClient(IClient):
         """The answer to a request sent with ``ack_key=reply_key(request_id)`` arrived: it is no longer in flight."""
         with self._lock:
             item = self._machine.acked(reply_key(request_id))
+            self._window_opened()
             if not (self._machine.inflight or self._machine.queued):
                 self._drained.set()
         ticket = item.token if item is not None else None
@@ -1090,6 +1239,7 @@ class MessageClient(IClient):
                 oldest = self._machine.oldest_inflight(
                     lambda it: isinstance(it.token, Ticket) and getattr(it.token, "session_id", "") == session_id)
                 item = self._machine.acked(oldest) if oldest is not None else None
+            self._window_opened()
             if not (self._machine.inflight or self._machine.queued):
                 self._drained.set()
             if item is None:
@@ -1114,3 +1264,7 @@ class MessageClient(IClient):
             ticket._finish(SendStatus.FAILED, f"the message server refused the message: {code} "
                                               f"{data.get('message', '')}".strip())
 
+
+#: Blocking steps of every message client (sign-in over HTTP, address lookups): a few shared threads that exist
+#: only while there is such work, each client's steps in order.
+_JOBS = SerialPool("agentcp-msg-jobs", max_workers=4, linger=2.0)

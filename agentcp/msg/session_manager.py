@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 from agentcp.base.limits import LimitExceeded
 from agentcp.base.trust import UntrustedHostError
 from agentcp.msg.message_client import (
+    ConnectionState,
     MessageClient,
     MessageClientConfig,
     SendResult,
@@ -230,7 +231,10 @@ class Session:
                                           message_id=message_id, session_id=self.session_id)
         client = self.message_client
         wait = client.config.ack_timeout if wait_ack is None else wait_ack
-        if ticket.status is SendStatus.SENT and wait > 0 and client.acks_expected:
+        # While connected the message is on its way (the reactor writes it); while disconnected it waits in the
+        # outbox and the result says 'queued' at once (no wait on a connect).
+        if (wait > 0 and not ticket.done and client.acks_expected
+                and getattr(client, "connection_state", None) is ConnectionState.CONNECTED):
             if not ticket.wait(wait) and ticket.status is SendStatus.SENT:
                 client.note_ack_timeout()
         return ticket.result()
