@@ -395,6 +395,10 @@ class MessageClient(IClient):
     #: Bytes written but not yet taken by the socket above which queued items wait in the outbox (bounded, and
     #: counted there) instead of piling up in the connection's write buffer.
     WRITE_HIGH_WATER: int = 1 << 20
+    #: A send that follows the previous one by at least this many seconds is written by the sender's own thread
+    #: (no thread switch: lowest latency); sends closer together join the outbox and the reactor writes them in
+    #: batches (one system call for many: highest throughput). Like TCP autocorking.
+    DIRECT_WRITE_GAP: float = 0.0005
 
     def __init__(
         self,
@@ -454,6 +458,7 @@ class MessageClient(IClient):
         self._timer: Optional[TimerHandle] = None
         self._kick_pending = False
         self._pump_pending = False
+        self._last_send = float("-inf")
         self._report = FaultReporter(log, agent_id, MessageChannelError,
                                      redact=lambda text: redact(text, self.auth_client.signature))
         self._extra: Dict[str, int] = {"malformed": 0, "handler_errors": 0, "acks_unmatched": 0, "ack_timeouts": 0,
@@ -748,19 +753,35 @@ class MessageClient(IClient):
             if self._stop.is_set() or self._machine.stopped:
                 ticket._finish(SendStatus.FAILED, "message client stopped")
                 return ticket
-            if not self._machine.submit(item):
+            now = self._clock()
+            link = self._conn
+            direct = (link is not None and link.direct_ok and not self._pump_pending
+                      and now - self._last_send >= self.DIRECT_WRITE_GAP and self._machine.can_send_direct())
+            self._last_send = now
+            pump = False
+            if direct:
+                self._machine.written(item)  # before the write: the ack may be read before write_now returns
+            elif not self._machine.submit(item):
                 ticket._finish(SendStatus.FAILED, f"outbox full ({self.config.max_queue_size} messages wait "
                                                   "for the message server); message not queued")
                 return ticket
-            pump = self._conn is not None and not self._pump_pending
-            if pump:
-                self._pump_pending = True
+            else:
+                pump = link is not None and not self._pump_pending
+                if pump:
+                    self._pump_pending = True
         for old in evicted:
             if isinstance(old.token, Ticket):
                 old.token._finish(SendStatus.SENT, "the server acknowledges no message; not tracked further")
-        if pump:
+        if direct:
+            assert link is not None
+            done = link.write_now(text, item)
+            if done is None:  # the connection ended just now: the next one sends it
+                self._requeue_unwritten([item])
+            else:
+                self._settle_written(done)
+        elif pump:
             self._reactor.call_soon(self._pump)
-        return ticket  # QUEUED: the reactor writes it (or the next connection does)
+        return ticket  # QUEUED: on its way (the reactor writes it, or the next connection does)
 
     def _wait_for_window(self) -> bool:
         """Lock held, outbox full: on a live connection the sender waits (up to ``send_timeout``) for acks to
@@ -1026,9 +1047,13 @@ class MessageClient(IClient):
         self._tick()
 
     def _settle_unflushed(self, link: WsLink) -> None:
-        """Items written into ``link`` whose bytes the socket never took: those without an ack go back to the
-        head of the outbox (those with one are in flight: the machine puts them back itself)."""
-        items = [item for item in getattr(link, "unflushed", ()) if item.ack_key is None]
+        """Items written into ``link`` whose bytes the socket never took go out again on the next connection."""
+        self._requeue_unwritten(getattr(link, "unflushed", ()))
+
+    def _requeue_unwritten(self, unwritten: Any) -> None:
+        """Items never (fully) written: those without an ack go back to the head of the outbox (those with one
+        are in flight: the machine puts them back itself when the connection is lost)."""
+        items = [item for item in unwritten if item.ack_key is None]
         if not items:
             return
         with self._lock:
@@ -1073,6 +1098,12 @@ class MessageClient(IClient):
 
     def link_flushed(self, link: WsLink, items: List[Any]) -> None:
         """Reactor: the socket took these items: sent (an ack, if expected, settles them later)."""
+        self._settle_written(items)
+        if link is self._conn and link.buffered < self.WRITE_HIGH_WATER and self._machine.queued:
+            self._pump()
+
+    @staticmethod
+    def _settle_written(items: List[Any]) -> None:
         for item in items:
             ticket = item.token
             if isinstance(ticket, Ticket) and not ticket.done:
@@ -1080,8 +1111,6 @@ class MessageClient(IClient):
                     ticket._finish(SendStatus.SENT)
                 else:
                     ticket._mark_sent()
-        if link is self._conn and link.buffered < self.WRITE_HIGH_WATER and self._machine.queued:
-            self._pump()
 
     def _unsendable(self, item: OutItem, exc: BaseException) -> None:
         """Encoding ``item`` failed (nothing was written): fail it alone and forget it, never retry it."""

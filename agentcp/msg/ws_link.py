@@ -28,6 +28,7 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 from collections import deque
 from typing import Any, Deque, List, Optional, Tuple
 
@@ -56,7 +57,11 @@ _READ_SIZE = 256 * 1024
 
 class WsLink:
     """One message connection (see the module docstring). All methods run on the reactor thread, except
-    :meth:`send` and :meth:`abort`, which any thread may call."""
+    :meth:`write`, :meth:`write_now`, :meth:`send` and :meth:`abort`, which any thread may call.
+
+    ``lock`` guards the protocol object and the write buffer: a sender's thread may frame and write a message
+    itself (:meth:`write_now`) while the reactor reads; everything else about the socket (the selector, timers,
+    reading, closing) stays on the reactor."""
 
     def __init__(self, reactor: WsReactor, listener: Any, url: str, *, ssl_context: Optional[ssl.SSLContext],
                  max_size: int, send_timeout: float, gen: int = 0) -> None:
@@ -69,6 +74,7 @@ class WsLink:
         self.send_timeout = float(send_timeout)
         self.gen = gen
         self.sock: Optional[Any] = None
+        self.lock = threading.RLock()
         self.phase = "new"  # new -> tcp -> tls -> handshake -> open -> closed
         self.proto: Optional[ClientProtocol] = None
         self.too_big: Optional[PayloadTooBig] = None
@@ -104,6 +110,17 @@ class WsLink:
     @property
     def closed(self) -> bool:
         return self.phase == "closed"
+
+    @property
+    def direct_ok(self) -> bool:
+        """True if another thread may write to the socket while the reactor reads it (plain TCP; one TLS
+        connection must not be read and written by two threads at once)."""
+        return self.ssl_context is None
+
+    @property
+    def watching(self) -> int:
+        """The selector events this link waits for now (the reactor skips a write event it no longer wants)."""
+        return self._events
 
     @property
     def buffered(self) -> int:
@@ -186,9 +203,10 @@ class WsLink:
         proto = ClientProtocol(self.uri, max_size=self.max_size, logger=wire_log)
         request = proto.connect()
         proto.send_request(request)
-        self.proto = proto
-        self.phase = "handshake"
-        self._take_output()
+        with self.lock:
+            self.proto = proto
+            self.phase = "handshake"
+            self._take_output()
         self._flush()
         if self.phase == "handshake" and not self._events & EVENT_READ:
             self._watch(EVENT_READ | (EVENT_WRITE if self._wbuf else 0))
@@ -222,17 +240,19 @@ class WsLink:
             self.fail(f"receive failed: {type(exc).__name__}", error=exc)
             return
         if not data:
-            self.proto.receive_eof()
+            with self.lock:
+                self.proto.receive_eof()
             self.fail("closed by peer")
             return
-        self.proto.receive_data(data)
-        self._after_receive()
+        with self.lock:
+            self.proto.receive_data(data)
+            self._take_output()  # pongs, the answer to a close
+            events = self.proto.events_received()
+        self._after_receive(events)
 
-    def _after_receive(self) -> None:
+    def _after_receive(self, events: List[Any]) -> None:
         proto = self.proto
         assert proto is not None
-        self._take_output()  # pongs, the answer to a close
-        events = proto.events_received()
         if self.phase == "handshake":
             if not events:
                 if proto.handshake_exc is not None:
@@ -272,7 +292,8 @@ class WsLink:
         if isinstance(exc, PayloadTooBig):
             self.too_big = exc
             self.listener.link_too_big(self)  # counted before the peer sees the close
-        self._take_output()  # the close frame (1009 for a message too big, 1002 for a protocol error)
+        with self.lock:
+            self._take_output()  # the close frame (1009 for a message too big, 1002 for a protocol error)
         self._flush()
         if isinstance(exc, PayloadTooBig):
             self.fail("message too big (closed with 1009)", error=exc)
@@ -302,7 +323,6 @@ class WsLink:
                 self.listener.link_alive(self)
         elif opcode is _CLOSE:
             self.listener.link_alive(self)
-            self._take_output()
             self._flush()
             self.fail("closed by server")
         else:  # ping (answered by the protocol) or pong
@@ -327,22 +347,47 @@ class WsLink:
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def write(self, text: str, item: Any = None) -> None:
-        """Queue one text frame; ``item`` is reported through ``link_flushed`` once the socket took it.
+        """Queue one text frame (any thread); ``item`` is reported through ``link_flushed`` once the socket took
+        it. Raises ``UnicodeEncodeError`` for text that cannot be encoded (nothing is queued then)."""
+        data = text.encode("utf-8")
+        with self.lock:
+            proto = self.proto
+            if proto is None or self.phase != "open":
+                raise ConnectionError("the connection is not open")
+            proto.send_text(data)
+            self._take_output()
+            if item is not None:
+                self._marks.append((self._queued_total, item))
 
-        Raises ``UnicodeEncodeError`` for text that cannot be encoded (nothing is queued then)."""
-        proto = self.proto
-        if proto is None or self.phase != "open":
-            raise ConnectionError("the connection is not open")
-        proto.send_text(text.encode("utf-8"))
-        self._take_output()
-        if item is not None:
-            self._marks.append((self._queued_total, item))
+    def write_now(self, text: str, item: Any = None) -> Optional[List[Any]]:
+        """Any thread: frame ``text`` and hand it to the socket at once if nothing waits before it (a lone
+        message goes out without a thread switch). Returns the items the socket took (``item`` among them, or
+        not yet: the reactor writes the rest), or None if the connection is not open (nothing written)."""
+        data = text.encode("utf-8")
+        with self.lock:
+            proto = self.proto
+            if proto is None or self.phase != "open":
+                return None
+            waiting = bool(self._wbuf)
+            proto.send_text(data)
+            self._take_output()
+            if item is not None:
+                self._marks.append((self._queued_total, item))
+            if waiting:
+                return []  # the reactor is writing what waits, and this after it
+            done, error = self._send_locked()
+            rest = bool(self._wbuf)
+        if error is not None or rest:
+            self.reactor.call_soon(self._flush)  # the reactor watches the socket (or reports the error)
+        return done
 
     def ping(self, payload: bytes = b"") -> None:
-        if self.proto is not None and self.phase == "open":
+        with self.lock:
+            if self.proto is None or self.phase != "open":
+                return
             self.proto.send_ping(payload)
             self._take_output()
-            self._flush()
+        self._flush()
 
     def send(self, text: str) -> None:
         """Write one frame from any thread (0.1.99's ``ws.send``; e.g. a session's re-join in ``on_open``)."""
@@ -359,6 +404,7 @@ class WsLink:
             self._flush()
 
     def _take_output(self) -> None:
+        """Lock held: move what the protocol has to send into the write buffer."""
         proto = self.proto
         if proto is None:
             return
@@ -373,50 +419,66 @@ class WsLink:
         """Write what the socket takes now; the rest goes when it is writable."""
         self._flush()
 
-    def _flush(self) -> None:
+    def _send_locked(self) -> Tuple[List[Any], Optional[OSError]]:
+        """Lock held: write what the socket takes now; the items it took, and the error that stopped it."""
         sock = self.sock
-        if sock is None or self.phase in ("closed", "tcp", "tls"):
-            return
         wbuf = self._wbuf
-        sent_any = False
+        error: Optional[OSError] = None
+        sent = 0
         while wbuf:
             try:
-                n = sock.send(wbuf)
+                n = sock.send(wbuf)  # type: ignore[union-attr]
             except _WANT:
                 break
             except OSError as exc:
-                self.fail(f"send failed: {type(exc).__name__}", error=exc)
-                return
+                error = exc
+                break
             if n <= 0:
                 break
             del wbuf[:n]
-            self._sent_total += n
-            sent_any = True
-        if sent_any:
+            sent += n
+        done: List[Any] = []
+        if sent:
+            self._sent_total += sent
             self._progress_at = self.reactor.clock()
-            if self._marks and self._marks[0][0] <= self._sent_total:
-                done = []
-                marks = self._marks
-                while marks and marks[0][0] <= self._sent_total:
-                    done.append(marks.popleft()[1])
-                self.listener.link_flushed(self, done)
-                if self.phase == "closed":
-                    return
-        if wbuf:
+            marks = self._marks
+            while marks and marks[0][0] <= self._sent_total:
+                done.append(marks.popleft()[1])
+        return done, error
+
+    def _flush(self) -> None:
+        """Reactor: write what the socket takes now; watch for writability (and a stall) if some is left."""
+        with self.lock:
+            if self.sock is None or self.phase not in ("handshake", "open"):
+                return
+            before = self._sent_total
+            done, error = self._send_locked()
+            progressed = self._sent_total != before
+            left = bool(self._wbuf)
+            eof = not left and self._eof_after_flush
+            if eof:
+                self._eof_after_flush = False
+        if error is not None:
+            self.fail(f"send failed: {type(error).__name__}", error=error)
+            return
+        if done:
+            self.listener.link_flushed(self, done)
+            if self.phase == "closed":
+                return
+        if left:
             if self._stall is None:
-                if not sent_any:
+                if not progressed:
                     self._progress_at = self.reactor.clock()
                 self._stall = self.reactor.call_at(self._progress_at + self.send_timeout, self._check_stall)
             self._watch((0 if self.paused else EVENT_READ) | EVENT_WRITE)
-        else:
-            if self._eof_after_flush:
-                try:
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # the peer is gone already
-                self._eof_after_flush = False
-            if self._events & EVENT_WRITE:
-                self._watch(0 if self.paused else EVENT_READ)
+            return
+        if eof:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is gone already
+        if self._events & EVENT_WRITE:
+            self._watch(0 if self.paused else EVENT_READ)
 
     def _check_stall(self) -> None:
         self._stall = None
@@ -451,8 +513,9 @@ class WsLink:
         """Close from our side: a close frame if open (best effort, not awaited), then the socket."""
         if self.phase == "open" and self.proto is not None:
             try:
-                self.proto.send_close(code)
-                self._take_output()
+                with self.lock:
+                    self.proto.send_close(code)
+                    self._take_output()
                 self._flush()
             except Exception as exc:  # the socket is being closed anyway; say why at debug level
                 log.debug("close frame not sent: %r", exc)
@@ -468,10 +531,15 @@ class WsLink:
     def fail(self, reason: str, *, status: Optional[int] = None, error: Optional[BaseException] = None,
              notify: bool = True) -> None:
         """End the connection now (idempotent) and tell the listener once."""
-        if self.phase == "closed":
-            return
-        opened = self.phase == "open"
-        self.phase = "closed"
+        with self.lock:  # a sender writing now finishes first; none starts after
+            if self.phase == "closed":
+                return
+            opened = self.phase == "open"
+            self.phase = "closed"
+            self._wbuf = bytearray()
+            unflushed = [item for _end, item in self._marks]
+            self._marks.clear()
+            self.unflushed = unflushed
         for timer in (self._deadline, self._stall):
             if timer is not None:
                 timer.cancel()
@@ -485,9 +553,5 @@ class WsLink:
                 pass  # closing a broken socket: the descriptor is released either way
         self._held.clear()
         self._parts = bytearray()
-        self._wbuf = bytearray()
-        unflushed = [item for _end, item in self._marks]
-        self._marks.clear()
-        self.unflushed = unflushed
         if notify:
             self.listener.link_closed(self, reason, opened, status, error)

@@ -196,7 +196,14 @@ class WsReactor:
                 with self._lock:
                     if self._calls or self._users == 0:
                         continue  # queued meanwhile (or time to end): no sleep
-                events = selector.select(timeout)
+                try:
+                    events = selector.select(timeout)
+                except (OSError, ValueError) as exc:
+                    # A socket closed while still registered (a bug somewhere): forget it, never spin on it.
+                    self.counters["callback_errors"] += 1
+                    log.error("message reactor: select failed (%r); dropping closed sockets", exc)
+                    self._purge_closed(selector)
+                    continue
                 self.counters["wakeups"] += 1
                 for key, mask in events:
                     handler = key.data
@@ -205,7 +212,8 @@ class WsReactor:
                         continue
                     if mask & EVENT_READ:
                         self._guarded(handler.on_readable, (), handler)
-                    if mask & EVENT_WRITE and key.fileobj in selector.get_map():
+                    # Only if the read side did not close or re-register it meanwhile.
+                    if mask & EVENT_WRITE and getattr(handler, "watching", EVENT_WRITE) & EVENT_WRITE:
                         self._guarded(handler.on_writable, (), handler)
         finally:
             with self._lock:
@@ -237,6 +245,22 @@ class WsReactor:
             self._guarded(handle.fn, (), None)
             now = self.clock()
         return None
+
+    @staticmethod
+    def _purge_closed(selector: selectors.BaseSelector) -> None:
+        for key in list(selector.get_map().values()):
+            try:
+                closed = key.fileobj.fileno() < 0  # type: ignore[union-attr]
+            except (OSError, ValueError, AttributeError):
+                closed = True
+            if closed:
+                try:
+                    selector.unregister(key.fd)
+                except (KeyError, ValueError, OSError):
+                    pass  # gone already
+                fail = getattr(key.data, "fail", None)
+                if fail is not None:
+                    fail("internal error: socket closed while registered")
 
     @staticmethod
     def _drain_wake(run: _Run) -> None:
