@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from agentcp._legacy.signatures import selfless
 from agentcp.db.write_behind import FLUSHER, WriteBehindPolicy
@@ -563,18 +563,29 @@ class DBManager:
         if not rows:
             return 0
         inserted = invalid = 0
+        built: List[Dict[str, Any]] = []
+        for n, message in enumerate(rows, 1):
+            if n % 16 == 0:
+                # Building rows is pure Python: let the connection threads have the interpreter between chunks
+                # (a message's round trip must not wait a whole batch for it).
+                time.sleep(0)
+            try:
+                built.append(self._saved_row(message))
+            except (TypeError, ValueError) as exc:  # one bad row: counted, the others are written
+                invalid += 1
+                _log.warning("%s: history row not stored: %s", self.db_path, exc)
         try:
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for message in rows:
-                    try:
-                        row = self._saved_row(message)
-                    except (TypeError, ValueError) as exc:  # one bad row: counted, the others are written
-                        invalid += 1
-                        _log.warning("%s: history row not stored: %s", self.db_path, exc)
-                        continue
-                    inserted += self._insert_new(conn, row)
+                fresh = self._not_stored(conn, built)
+                if fresh:
+                    # One statement for the batch: the writer holds the interpreter lock for far less time than
+                    # a SELECT and an INSERT per row did (each message's round trip waited behind that).
+                    cols = list(fresh[0])
+                    conn.executemany(f"INSERT INTO messages ({', '.join(cols)}) VALUES "
+                                     f"({', '.join('?' * len(cols))})", [[row[c] for c in cols] for row in fresh])
+                inserted = len(fresh)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -598,6 +609,33 @@ class DBManager:
         self._wb["invalid"] += invalid
         self._wb["duplicates"] += len(rows) - inserted - invalid
         return inserted
+
+    @staticmethod
+    def _not_stored(conn: sqlite3.Connection, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Inside a transaction: the rows whose ``(session_id, message_id, sender)`` is neither stored nor earlier
+        in ``rows`` (rows without a message id are always new). One query per session and 500 ids."""
+        wanted: Dict[Any, Set[str]] = {}
+        for row in rows:
+            if row["message_id"]:
+                wanted.setdefault(row["session_id"], set()).add(row["message_id"])
+        seen: Set[Tuple[Any, str, str]] = set()
+        for session_id, ids in wanted.items():
+            id_list = list(ids)
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start:start + 500]
+                query = (f"SELECT message_id, message_aid FROM messages WHERE session_id = ? AND message_id IN "
+                         f"({', '.join('?' * len(chunk))})")
+                for message_id, sender in conn.execute(query, [session_id, *chunk]):
+                    seen.add((session_id, str(message_id), str(sender)))
+        fresh = []
+        for row in rows:
+            if row["message_id"]:
+                key = (row["session_id"], row["message_id"], row["message_aid"])
+                if key in seen:
+                    continue
+                seen.add(key)
+            fresh.append(row)
+        return fresh
 
     def _insert_new(self, conn: sqlite3.Connection, row: Dict[str, Any]) -> bool:
         """Inside a transaction: insert ``row`` unless its ``(session_id, message_id, sender)`` is stored."""
