@@ -265,8 +265,15 @@ class MessagingMixin:
         dispatcher = self._dispatcher
         # Bytes it holds, for the backlog bound: its content dominates (the rest is ids and a timestamp).
         size = len(str(data.get("message") or "")) + 256
-        if dispatcher is None or not dispatcher.submit(session_id, lambda: self._handle_incoming(data, sm, session),
-                                                       size):
+        calls = self._async_calls(data) if dispatcher is not None else None
+        if calls is not None and dispatcher is not None:
+            # Only coroutine handlers: the whole handling runs on the handlers' event loop (no worker in between).
+            submitted = dispatcher.submit(session_id, lambda: self._handle_incoming_async(data, sm, session, calls),
+                                          size, coroutine=True)
+        else:
+            submitted = dispatcher is not None and dispatcher.submit(
+                session_id, lambda: self._handle_incoming(data, sm, session), size)
+        if not submitted:
             # offline() is under way: not handled, so not confirmed; the next online()'s re-join asks for it again
             with self._lock:
                 self._msg_counters["not_handled"] = self._msg_counters.get("not_handled", 0) + 1
@@ -291,6 +298,41 @@ class MessagingMixin:
             return
         if sm is not None:
             sm.handled(session, data)
+    def _async_calls(self, data: dict) -> Optional[list]:
+        """The handler calls of an ordinary message whose handlers are all coroutines; None otherwise (a ping, a
+        stream announce, or a sync handler among them: the message goes to a worker thread)."""
+        try:
+            blocks = self.get_content_array_from_message(data)
+        except AttributeError:
+            return None
+        first = blocks[0] if blocks and isinstance(blocks[0], dict) else {}
+        if first.get("type") in ("ping", "text/event-stream"):
+            return None
+        calls = self._handler_calls(data)
+        if calls and all(is_coroutine_handler(handler) for handler, _args in calls):
+            return calls
+        return None
+    async def _handle_incoming_async(self, data: dict, sm, session, calls: list) -> None:
+        """:meth:`_handle_incoming` for a message whose handlers are all coroutines, on the handlers' loop."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.stopped:
+            return  # dropped by offline(): not confirmed (see _on_incoming)
+        self._history("save_message_later", dict(data))
+        await asyncio.gather(*(self._await_handler(dispatcher, h, a) for h, a in calls))
+        if sm is not None and not dispatcher.stopped:
+            sm.handled(session, data)  # as on the worker path: a handler that raised or timed out has run
+    @staticmethod
+    async def _await_handler(dispatcher: Dispatcher, handler: Callable, args: list) -> None:
+        """One coroutine handler, bounded by the dispatcher's ``handler_timeout``; what it raised is reported."""
+        try:
+            await asyncio.wait_for(handler(*args), dispatcher.handler_timeout)
+        except asyncio.TimeoutError:
+            with dispatcher._lock:
+                dispatcher.counters["timeouts"] += 1
+            _log.warning("%s: message handler %r still running after %.0f s; cancelled", dispatcher.name, handler,
+                         dispatcher.handler_timeout)
+        except Exception as exc:  # a handler's bug is reported, never retried, never fatal
+            dispatcher._report(handler, exc)
     def _dispatch(self, data: dict) -> bool:
         """0.1.99's first-match rule: session handler, else router handler, else every global handler.
         False if the dispatcher was stopped (nothing was called)."""

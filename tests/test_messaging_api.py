@@ -201,6 +201,49 @@ def test_async_handlers_share_one_loop_and_keep_session_order(agents, network):
     assert len(loops) == 1
 
 
+def test_async_handlers_run_on_the_loop_without_a_worker_thread(agents, network):
+    """Messages whose handlers are all coroutines are handled on the handlers' loop directly (0.2.0 passed each
+    through a worker thread that then waited for the loop: a thread switch more per message)."""
+    a, b, sid = _pair(agents, network)
+    seen, threads = [], set()
+
+    @b.message_handler()
+    async def on_message(msg):
+        threads.add(threading.current_thread().name)
+        seen.append(b.get_content_from_message(msg))
+
+    for i in range(10):
+        a.send_message_content(sid, [b.id], str(i))
+    _until(lambda: len(seen) == 10)
+    assert seen == [str(i) for i in range(10)]
+    assert threads == {f"agentcp-handlers-{b.id}-asyncio"}
+    workers = [t.name for t in threading.enumerate() if t.name.startswith(f"agentcp-handlers-{b.id}-")
+               and not t.name.endswith("asyncio")]
+    assert workers == []
+
+
+def test_session_order_holds_across_sync_and_async_handlers(agents, network):
+    """One session's messages keep their order when its handler changes from async to sync between them."""
+    a, b, sid = _pair(agents, network)
+    seen = []
+
+    async def slow_async(msg):
+        await asyncio.sleep(0.05)
+        seen.append(("async", b.get_content_from_message(msg)))
+
+    def quick_sync(msg):
+        seen.append(("sync", b.get_content_from_message(msg)))
+
+    b.add_message_handler(slow_async, sid)
+    a.send_message_content(sid, [b.id], "1")
+    _until(lambda: b.status()["messaging"]["received"] >= 1)
+    b.remove_message_handler(None, sid)
+    b.add_message_handler(quick_sync, sid)
+    a.send_message_content(sid, [b.id], "2")
+    _until(lambda: len(seen) == 2)
+    assert seen == [("async", "1"), ("sync", "2")]
+
+
 def test_session_and_router_handlers_win_over_global_ones(agents, network):
     a, b, sid = _pair(agents, network)
     glob, sess, routed = [], [], []

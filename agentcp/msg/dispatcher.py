@@ -2,8 +2,11 @@
 
 * Work is queued per key (the session id): one key's items run one after the other, in arrival order; different
   keys run concurrently on up to ``workers`` threads (started on first use).
-* Coroutine handlers run on one dedicated asyncio loop thread (not a new loop per message); the worker waits for
-  them (bounded by ``handler_timeout``), so the order of a session holds for async handlers too.
+* Coroutine handlers run on one dedicated asyncio loop thread (not a new loop per message). Work submitted as a
+  coroutine (``submit(..., coroutine=True)``) runs there directly, as a task, without a worker thread in between
+  (one thread switch less per message); per-key order holds across both kinds (a key's next item starts when its
+  previous one, of either kind, has finished). A sync worker that calls a coroutine handler waits for it (bounded
+  by ``handler_timeout``).
 * A handler that raises is reported (log + :class:`~agentcp.context.ErrorContext`), is called once, and never
   stops dispatching.
 * :meth:`Dispatcher.stop`: nothing new starts, queued work is dropped, every thread is joined (by a reaper thread
@@ -66,6 +69,9 @@ def is_coroutine_handler(handler: Callable[..., Any]) -> bool:
 class Dispatcher:
     """Keyed serial executor for handler calls (see the module docstring)."""
 
+    #: Seconds a coroutine item may run beyond ``handler_timeout`` before it is cancelled as a whole.
+    COROUTINE_GRACE: float = 5.0
+
     def __init__(self, name: str, workers: int = 4, handler_timeout: float = 60.0,
                  agent_id: str = "", *, backlog_messages: Optional[int] = None,
                  backlog_bytes: Optional[int] = None) -> None:
@@ -81,7 +87,11 @@ class Dispatcher:
         self._room = threading.Condition(mutex)  # producers wait on it for room in the backlog
         self._pending = 0  # items queued or running
         self._pending_bytes = 0
-        self._queues: Dict[Hashable, Deque[Tuple[Callable[[], None], int]]] = {}
+        # Per key: (work, size, coroutine) in arrival order; ``coroutine``: ``work()`` returns an awaitable that runs
+        # on the loop (no worker thread).
+        self._queues: Dict[Hashable, Deque[Tuple[Callable[[], Any], int, bool]]] = {}
+        self._async_running = 0  # coroutine items started on the loop and not finished
+        self._async_done = threading.Condition(mutex)
         self._ready: Deque[Hashable] = deque()
         self._busy: Set[Hashable] = set()
         self._threads: List[threading.Thread] = []
@@ -95,26 +105,87 @@ class Dispatcher:
                                          "backlog_peak": 0, "backlog_full": 0}
 
     # -- public -------------------------------------------------------------------------------------------------
-    def submit(self, key: Hashable, work: Callable[[], None], size: int = 0) -> bool:
+    def submit(self, key: Hashable, work: Callable[[], Any], size: int = 0, *, coroutine: bool = False) -> bool:
         """Queue ``work`` behind earlier work of ``key``; False once stopped. ``size``: bytes it holds (counted
-        in the backlog until it has run). Never blocks: bounded producers call :meth:`wait_for_room` first."""
+        in the backlog until it has run). ``coroutine``: ``work()`` returns an awaitable, run on the event loop
+        thread (bounded by ``handler_timeout``). Never blocks: bounded producers ask :meth:`wait_for_room` or
+        :meth:`when_room` first."""
+        if coroutine:
+            self._ensure_loop()
         with self._lock:
             if self._stopped:
                 return False
             queue_ = self._queues.get(key)
             if queue_ is None:
                 queue_ = self._queues[key] = deque()
-            queue_.append((work, size))
+            queue_.append((work, size, coroutine))
             self._pending += 1
             self._pending_bytes += size
             if self._pending > self.counters["backlog_peak"]:
                 self.counters["backlog_peak"] = self._pending
             if key not in self._busy and len(queue_) == 1:
-                self._ready.append(key)
-            if len(self._threads) < self.max_workers and len(self._ready) > self._idle_workers():
-                self._start_worker()
-            self._lock.notify()
+                self._schedule_locked(key)
         return True
+
+    def _schedule_locked(self, key: Hashable) -> None:
+        """Lock held; ``key`` is idle and has work: its next item goes to the loop (a coroutine) or a worker."""
+        queue_ = self._queues[key]
+        work, size, coroutine = queue_[0]
+        loop = self._loop
+        if coroutine and loop is not None and not loop.is_closed():
+            queue_.popleft()
+            self._busy.add(key)
+            self._async_running += 1
+            try:
+                loop.call_soon_threadsafe(self._start_async, key, work, size)
+                return
+            except RuntimeError:  # the loop closed meanwhile (stopping): a worker runs it instead
+                self._busy.discard(key)
+                self._async_running -= 1
+                queue_.appendleft((work, size, False))
+        self._ready.append(key)
+        if len(self._threads) < self.max_workers and len(self._ready) > self._idle_workers():
+            self._start_worker()
+        self._lock.notify()
+
+    def _start_async(self, key: Hashable, work: Callable[[], Any], size: int) -> None:
+        """On the loop: run one coroutine item of ``key``."""
+        asyncio.ensure_future(self._run_async(key, work, size))
+
+    async def _run_async(self, key: Hashable, work: Callable[[], Any], size: int) -> None:
+        try:
+            if not self._stopped:
+                # A safety net: the work bounds its own handler calls by handler_timeout.
+                await asyncio.wait_for(work(), self.handler_timeout + self.COROUTINE_GRACE)
+        except asyncio.TimeoutError:
+            with self._lock:
+                self.counters["timeouts"] += 1
+            log.warning("%s: work of %r still running after %.0f s; cancelled", self.name, key,
+                        self.handler_timeout + self.COROUTINE_GRACE)
+        except Exception as exc:  # the work reports handler errors itself; this is a bug in it
+            log.exception("%s: dispatch failed: %r", self.name, exc)
+        finally:
+            self._finished(key, size, coroutine=True)
+
+    def _finished(self, key: Hashable, size: int, coroutine: bool = False) -> None:
+        """One item of ``key`` is done (either kind): account for it and start the key's next item."""
+        with self._lock:
+            self.counters["dispatched"] += 1
+            self._pending -= 1
+            self._pending_bytes -= size
+            self._room.notify_all()
+            callbacks = self._take_room_callbacks()
+            self._busy.discard(key)
+            if coroutine:
+                self._async_running -= 1
+                self._async_done.notify_all()
+            queue_ = self._queues.get(key)
+            if queue_ and not self._stopped:
+                self._schedule_locked(key)
+            elif queue_ is not None and not queue_:
+                del self._queues[key]
+        if callbacks:
+            self._call_room_callbacks(callbacks)
 
     @property
     def stopped(self) -> bool:
@@ -172,7 +243,7 @@ class Dispatcher:
             dropped = sum(len(q) for q in self._queues.values())
             self.counters["dropped"] += dropped
             for queue_ in self._queues.values():
-                for _work, size in queue_:
+                for _work, size, _coroutine in queue_:
                     self._pending -= 1
                     self._pending_bytes -= size
             self._queues.clear()
@@ -208,6 +279,11 @@ class Dispatcher:
     def _join_all(self, timeout: Optional[float], current: Optional[threading.Thread]) -> None:
         with self._lock:
             threads = list(self._threads)
+            if current is not self._loop_thread:
+                # Running coroutine items finish first (as running sync handlers do), bounded by ``timeout``.
+                if not self._async_done.wait_for(lambda: self._async_running <= 0, timeout):
+                    log.warning("%s: an async handler is still running after %.0f s; cancelling it", self.name,
+                                timeout or 0)
         for thread in threads:
             if thread is not current:
                 thread.join(timeout)
@@ -265,7 +341,7 @@ class Dispatcher:
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _idle_workers(self) -> int:
-        return len(self._threads) - len(self._busy)
+        return len(self._threads) - (len(self._busy) - self._async_running)  # keys on the loop hold no worker
 
     def _start_worker(self) -> None:
         thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads) + 1}", daemon=True)
@@ -283,29 +359,16 @@ class Dispatcher:
                 queue_ = self._queues.get(key)
                 if not queue_:
                     continue
-                work, size = queue_.popleft()
+                work, size, _coroutine = queue_.popleft()
                 self._busy.add(key)
             try:
-                work()
-                with self._lock:
-                    self.counters["dispatched"] += 1
+                result = work()
+                if inspect.isawaitable(result):  # a coroutine item whose loop was gone when it was scheduled
+                    self.run_coroutine(result)
             except Exception as exc:  # the work wrappers report handler errors; this is a bug in them
                 log.exception("%s: dispatch failed: %r", self.name, exc)
             finally:
-                with self._lock:
-                    self._pending -= 1
-                    self._pending_bytes -= size
-                    self._room.notify_all()
-                    callbacks = self._take_room_callbacks()
-                    self._busy.discard(key)
-                    queue_ = self._queues.get(key)
-                    if queue_:
-                        self._ready.append(key)
-                        self._lock.notify()
-                    elif queue_ is not None:
-                        del self._queues[key]
-                if callbacks:
-                    self._call_room_callbacks(callbacks)
+                self._finished(key, size)
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
