@@ -1075,25 +1075,28 @@ class MessageClient(IClient):
         if link is None or not link.open:
             return
         high = self.WRITE_HIGH_WATER
-        while link.buffered < high:
-            with self._lock:
-                if self._conn is not link:
-                    return
-                item = self._machine.next_item()
-                if item is None:
-                    break
-                self._machine.written(item)  # before the write: the ack may be read in this same turn
-                if item.ack_key is None:
-                    self._window_opened()  # it left the outbox for good: room for a waiting sender
-            try:
-                link.write(item.text, item)
-            except (UnicodeError, TypeError, ValueError) as exc:
-                self._unsendable(item, exc)  # that item fails; the ones behind it still go out
-            except (ConnectionError, WebSocketException):
+        # The link's lock is held from taking each item to writing it: a sender writing directly meanwhile
+        # (send() found the outbox empty) waits, so its message cannot overtake one taken before it.
+        with link.lock:
+            while link.buffered < high:
                 with self._lock:
-                    if item.ack_key is None and not self._machine.stopped:
-                        self._machine.requeue_front(item)
-                return
+                    if self._conn is not link:
+                        return
+                    item = self._machine.next_item()
+                    if item is None:
+                        break
+                    self._machine.written(item)  # before the write: the ack may be read in this same turn
+                    if item.ack_key is None:
+                        self._window_opened()  # it left the outbox for good: room for a waiting sender
+                try:
+                    link.write(item.text, item)
+                except (UnicodeError, TypeError, ValueError) as exc:
+                    self._unsendable(item, exc)  # that item fails; the ones behind it still go out
+                except (ConnectionError, WebSocketException):
+                    with self._lock:
+                        if item.ack_key is None and not self._machine.stopped:
+                            self._machine.requeue_front(item)
+                    return
         link.flush()
 
     def link_flushed(self, link: WsLink, items: List[Any]) -> None:
