@@ -291,7 +291,7 @@ def test_stop_fails_pending_sends_and_joins_threads(make_client, msg_server):
 def test_a_server_that_never_acks_stops_costing_an_ack_wait_per_send(make_client, msg_server):
     from agentcp.msg.session_manager import Session
 
-    a, b = make_client("ann", ack_timeout=0.05), make_client("bob")
+    a, b = make_client("ann", ack_timeout=0.05, drain_timeout=0.1), make_client("bob")
     assert a.start_websocket_client() and b.start_websocket_client()
     sid, _ = _session(a, b, msg_server)
     msg_server._message = lambda conn, data: None  # an old server: relays nothing, acks nothing

@@ -158,7 +158,7 @@ def test_a_sender_faster_than_the_server_is_slowed_down_not_refused(make_client,
 def test_a_full_window_on_a_server_that_never_acks_does_not_stall_sends(make_client, msg_server):
     """One full window waits ``send_timeout`` for an ack that never comes; then the client stops waiting for
     this server's acks (and says so): the next 80 sends do not wait at all."""
-    a, b = make_client("ann", max_queue_size=20, send_timeout=0.5), make_client("bob")
+    a, b = make_client("ann", max_queue_size=20, send_timeout=0.5, drain_timeout=0.1), make_client("bob")
     assert a.start_websocket_client() and b.start_websocket_client()
     sid, _ = _session(a, b, msg_server)
     msg_server._message = lambda conn, data: None  # an old server: acks nothing
