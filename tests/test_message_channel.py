@@ -262,3 +262,54 @@ def test_state_changes_are_reported_once():
     assert ch.take_state_changes() == []
     snap = ch.snapshot(1.0)
     assert snap["state"] == "reconnecting" and snap["losses"] == 1
+
+
+def test_the_outbox_is_bounded_in_bytes_too_and_one_item_always_fits():
+    ch = make(max_queue_size=100, max_queue_bytes=10)
+    ch.start(0.0, have_token=True)
+    assert ch.submit(OutItem("x" * 25))  # larger than the bound alone: it fits (nothing else waits)
+    assert not ch.has_room() and not ch.submit(OutItem("y"))
+    assert ch.counters.refused_full == 1
+
+
+def test_held_bytes_follow_every_way_an_item_comes_and_goes():
+    """The byte count equals the text of what is queued or in flight, whatever happens to the items."""
+    import random
+
+    rng = random.Random(7)
+    ch = make(max_queue_size=50, max_queue_bytes=10_000)
+    connect(ch, 0.0)
+    ch.frame_received(0.0)
+    keys = []
+    for step in range(2000):
+        op = rng.random()
+        if op < 0.35:
+            key = str(step) if rng.random() < 0.7 else None
+            item = OutItem("m" * rng.randint(1, 40), ack_key=key)
+            if ch.submit(item) and key:
+                keys.append(key)
+        elif op < 0.6:
+            item = ch.next_item()
+            if item is not None:
+                ch.written(item)
+        elif op < 0.75 and keys:
+            ch.acked(keys.pop(rng.randrange(len(keys))))
+        elif op < 0.8:
+            item = ch.next_item()
+            if item is not None:
+                ch.requeue_front(item)
+        elif op < 0.85:
+            ch.evict_oldest_inflight()
+        elif op < 0.9:
+            ch.connection_lost(float(step))
+            connect(ch, float(step))
+            ch.frame_received(float(step))
+        elif op < 0.95 and ch._outbox:
+            ch.discard(ch._outbox[rng.randrange(len(ch._outbox))])
+        else:
+            ch.written(OutItem("d" * rng.randint(1, 40), ack_key=f"d{step}"))  # a direct write
+            keys.append(f"d{step}")
+        held = sum(len(i.text) for i in ch._outbox) + sum(len(i.text) for i in ch._inflight.values())
+        assert ch.snapshot(0.0)["held_bytes"] == held, step
+    ch.stop(0.0)
+    assert ch.snapshot(0.0)["held_bytes"] == 0

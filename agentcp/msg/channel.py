@@ -70,8 +70,10 @@ class ChannelConfig:
     pong_timeout: Optional[float] = None
     reconnect_backoff: Backoff = RECONNECT_BACKOFF
     permanent_backoff: Backoff = PERMANENT_ERROR_BACKOFF
-    #: Largest number of outgoing items waiting (queued + in flight) before new ones are refused.
-    max_queue_size: int = 1000
+    #: Largest number of outgoing items waiting (queued + in flight) before new ones are refused (or wait).
+    max_queue_size: int = 4096
+    #: Largest number of bytes of outgoing text waiting (queued + in flight); one item always fits.
+    max_queue_bytes: int = 16 * 1024 * 1024
     #: Consecutive failed connects after which the next attempt signs in first.
     resign_after_failures: int = 3
     #: Incoming message keys remembered for duplicate detection.
@@ -144,6 +146,7 @@ class Channel:
         self._ping_deadline = 0.0
         self._next_ping_at = 0.0
         self._outbox: Deque[OutItem] = deque()
+        self._held_bytes = 0  # text of the items queued or in flight (for max_queue_bytes)
         # Written items awaiting their ack, oldest first (keyed by the item: several may share an ack key, e.g. a
         # 0.1.99-style burst whose ids are one millisecond stamp), and per ack key the items in write order.
         self._inflight: "OrderedDict[int, OutItem]" = OrderedDict()
@@ -198,6 +201,7 @@ class Channel:
         self._inflight.clear()
         self._by_ack_key.clear()
         self._outbox.clear()
+        self._held_bytes = 0
         self._set_state(ConnectionState.DISCONNECTED)
         return left
 
@@ -333,15 +337,18 @@ class Channel:
         """Queue ``item``; False if the channel is stopped or the outbox is full (the caller must be told)."""
         if self.stopped:
             return False
-        if len(self._outbox) + len(self._inflight) >= self.config.max_queue_size:
+        if not self.has_room():
             self.counters.refused_full += 1
             return False
         self._outbox.append(item)
+        self._held_bytes += len(item.text)
         return True
 
     def has_room(self) -> bool:
-        """True while the outbox takes another item (queued + in flight below ``max_queue_size``)."""
-        return not self.stopped and len(self._outbox) + len(self._inflight) < self.config.max_queue_size
+        """True while the outbox takes another item (queued + in flight below ``max_queue_size`` items and
+        ``max_queue_bytes`` bytes)."""
+        return (not self.stopped and len(self._outbox) + len(self._inflight) < self.config.max_queue_size
+                and self._held_bytes < self.config.max_queue_bytes)
 
     def evict_oldest_inflight(self) -> Optional[OutItem]:
         """Stop tracking the oldest written item still awaiting its ack (counted as ``unconfirmed``), to make
@@ -349,6 +356,7 @@ class Channel:
         if not self._inflight:
             return None
         _, oldest = self._inflight.popitem(last=False)
+        self._held_bytes -= len(oldest.text)
         self._forget_key(oldest)
         return oldest
 
@@ -361,11 +369,14 @@ class Channel:
         """The next item to write (removed from the outbox), or None. Only while connected."""
         if self.state is not ConnectionState.CONNECTED or self._opening or not self._outbox:
             return None
-        return self._outbox.popleft()
+        item = self._outbox.popleft()
+        self._held_bytes -= len(item.text)  # back in if it goes in flight (written)
+        return item
 
     def requeue_front(self, item: OutItem) -> None:
         """Writing ``item`` failed (the connection is going away): it goes out first after the reconnect."""
         self._outbox.appendleft(item)
+        self._held_bytes += len(item.text)
 
     def written(self, item: OutItem) -> None:
         """``item`` was written to the socket; it stays in flight until acked if it expects an ack."""
@@ -377,11 +388,13 @@ class Channel:
             return
         if id(item) not in self._inflight:
             self._by_ack_key.setdefault(item.ack_key, deque()).append(item)
+            self._held_bytes += len(item.text)
         self._inflight[id(item)] = item
         self._inflight.move_to_end(id(item))
         while len(self._inflight) > self.config.max_queue_size:
             # A server that never acks must not make the channel grow without bound: stop tracking the oldest.
             _, oldest = self._inflight.popitem(last=False)
+            self._held_bytes -= len(oldest.text)
             self._forget_key(oldest)
 
     def _forget_key(self, item: OutItem) -> None:
@@ -402,11 +415,13 @@ class Channel:
         if item is not None:
             if not same:
                 del self._by_ack_key[ack_key]
-            self._inflight.pop(id(item), None)
+            if self._inflight.pop(id(item), None) is not None:
+                self._held_bytes -= len(item.text)
         if item is None:
             for queued in self._outbox:  # an ack for a copy written before the loss; no need to resend it
                 if queued.ack_key == ack_key:
                     self._outbox.remove(queued)
+                    self._held_bytes -= len(queued.text)
                     item = queued
                     break
         if item is not None:
@@ -416,6 +431,7 @@ class Channel:
     def discard(self, item: OutItem) -> None:
         """``item`` can never be written (e.g. it cannot be encoded): forget it, wherever it waits."""
         if self._inflight.pop(id(item), None) is not None:
+            self._held_bytes -= len(item.text)
             same = self._by_ack_key.get(item.ack_key)
             if same is not None and item in same:
                 same.remove(item)
@@ -423,6 +439,7 @@ class Channel:
                     del self._by_ack_key[item.ack_key]
         try:
             self._outbox.remove(item)
+            self._held_bytes -= len(item.text)
         except ValueError:
             pass  # not queued (the usual case: it was being written)
 
@@ -487,6 +504,7 @@ class Channel:
             "acked": c.acked,
             "queued": len(self._outbox),
             "inflight": len(self._inflight),
+            "held_bytes": self._held_bytes,
             "refused_full": c.refused_full,
             "duplicates": c.duplicates,
             "unconfirmed": c.unconfirmed,

@@ -117,7 +117,9 @@ class MessageClientConfig:
     Lower it for faster detection on networks you know (the tests use 0.3-1 s); keep it under 30 s.
     """
 
-    max_queue_size: int = 1000  # 0.1.99: 30, oldest dropped silently; now a full outbox is an error
+    #: Messages queued or awaiting their ack (0.1.99: 30, the oldest dropped silently). While connected a full
+    #: window makes the sender wait for acks (up to ``send_timeout``); while disconnected a full outbox fails.
+    max_queue_size: int = 4096
     connection_timeout: float = 5.0  # TCP connect + WebSocket handshake
     retry_interval: float = 4.0  # unused: reconnects follow reconnect_backoff
     max_retry_attempts: int = 3  # unused: reconnects continue while the client runs
@@ -133,6 +135,8 @@ class MessageClientConfig:
     #: Seconds a write may make no progress before the connection counts as stalled (and is rebuilt); also how
     #: long a sender waits for room when its window of unacknowledged messages is full.
     send_timeout: float = 10.0
+    #: Bytes of message text queued or awaiting their ack (the same rule as ``max_queue_size``).
+    max_queue_bytes: int = 16 * 1024 * 1024
     reconnect_backoff: Backoff = RECONNECT_BACKOFF
     permanent_backoff: Backoff = PERMANENT_ERROR_BACKOFF
     resign_after_failures: int = 3
@@ -150,6 +154,7 @@ class MessageClientConfig:
             reconnect_backoff=self.reconnect_backoff,
             permanent_backoff=self.permanent_backoff,
             max_queue_size=int(self.max_queue_size),
+            max_queue_bytes=int(self.max_queue_bytes),
             resign_after_failures=int(self.resign_after_failures),
             dedup_window=int(self.dedup_window),
             immediate_reconnect_gap=float(self.immediate_reconnect_gap),
@@ -289,7 +294,7 @@ class Ticket:
     """The sender's handle on one outgoing frame: its status, completed by the writer / the ack."""
 
     __slots__ = ("message_id", "session_id", "status", "error", "status_code", "offline_receivers", "ack_data",
-                 "_done", "_callbacks")
+                 "_done", "_event", "_callbacks")
 
     def __init__(self, message_id: str = "", session_id: str = "") -> None:
         self.message_id = message_id
@@ -299,16 +304,21 @@ class Ticket:
         self.status_code: Optional[int] = None
         self.offline_receivers: List[str] = []
         self.ack_data: Optional[Dict[str, Any]] = None
-        self._done = threading.Event()
+        self._done = False
+        # Made only when someone waits: most results are never waited for, and an Event (a Condition and two
+        # locks) cost about a tenth of send_message.
+        self._event: Optional[threading.Event] = None
         self._callbacks: Optional[List[Callable[["Ticket"], Any]]] = None
 
     def _finish(self, status: SendStatus, error: Optional[str] = None) -> None:
         with _TICKET_LOCK:
-            if self._done.is_set():
+            if self._done:
                 return  # settled once: a late ack or a stop after the ack changes nothing
             self.status = status
             self.error = error
-            self._done.set()
+            self._done = True
+            if self._event is not None:
+                self._event.set()
             callbacks, self._callbacks = self._callbacks, None
         for fn in callbacks or ():
             fn(self)
@@ -316,13 +326,13 @@ class Ticket:
     def _mark_sent(self) -> None:
         """Written to the connection, ack pending (unless it was settled meanwhile: the ack may come first)."""
         with _TICKET_LOCK:
-            if not self._done.is_set():
+            if not self._done:
                 self.status = SendStatus.SENT
 
     def add_done_callback(self, fn: Callable[["Ticket"], Any]) -> None:
         """``fn(ticket)`` once it is finished (at once if it is)."""
         with _TICKET_LOCK:
-            if not self._done.is_set():
+            if not self._done:
                 if self._callbacks is None:
                     self._callbacks = []
                 self._callbacks.append(fn)
@@ -331,11 +341,17 @@ class Ticket:
 
     def wait(self, timeout: Optional[float]) -> bool:
         """Wait until acked or failed; True if that happened within ``timeout``."""
-        return self._done.wait(timeout)
+        with _TICKET_LOCK:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def result(self) -> SendResult:
         """A live :class:`SendResult` that follows this ticket."""
@@ -762,8 +778,10 @@ class MessageClient(IClient):
             if direct:
                 self._machine.written(item)  # before the write: the ack may be read before write_now returns
             elif not self._machine.submit(item):
-                ticket._finish(SendStatus.FAILED, f"outbox full ({self.config.max_queue_size} messages wait "
-                                                  "for the message server); message not queued")
+                ticket._finish(SendStatus.FAILED, f"outbox full ({self._machine.queued + self._machine.inflight} "
+                                                  "messages wait for the message server; bounds "
+                                                  f"{self.config.max_queue_size} messages, "
+                                                  f"{self.config.max_queue_bytes} bytes); message not queued")
                 return ticket
             else:
                 pump = link is not None and not self._pump_pending
