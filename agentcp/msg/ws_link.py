@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -156,7 +157,7 @@ class WsLink:
                 continue
             if code not in _IN_PROGRESS:
                 sock.close()
-                self._last_error = ConnectionRefusedError(code, errno.errorcode.get(code, str(code)))
+                self._last_error = OSError(code, os.strerror(code))
                 continue
             self.sock = sock
             self.phase = "tcp"
@@ -173,7 +174,7 @@ class WsLink:
             self._unwatch()
             sock.close()
             self.sock = None
-            self._last_error = ConnectionRefusedError(code, errno.errorcode.get(code, str(code)))
+            self._last_error = OSError(code, os.strerror(code))
             self._next_address()
             return
         if self.ssl_context is not None:
