@@ -2,88 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
 import pytest
 
-from agentcp.base.backoff import Backoff
-from agentcp.ca.identity_store import hash_seed_password
 from agentcp.msg.message_client import (
     MessageClient,
-    MessageClientConfig,
     OutboxFullError,
     SendStatus,
     redact,
     ws_base_url,
 )
 from agentcp.testing.message_server import MessageServer
-
-FAST = Backoff(base=0.05, cap=0.2)
-PING = 0.2
-
-
-class Recorder:
-    """A message handler that records frames and counts on_open calls."""
-
-    def __init__(self) -> None:
-        self.frames = []
-        self.opens = 0
-        self.rejoin = []  # frames sent through ws.send() on every (re)connect
-        self.cond = threading.Condition()
-
-    def on_open(self, ws) -> None:
-        for frame in list(self.rejoin):
-            ws.send(json.dumps(frame))
-        with self.cond:
-            self.opens += 1
-            self.cond.notify_all()
-
-    def on_message(self, ws, text) -> None:
-        with self.cond:
-            self.frames.append(json.loads(text))
-            self.cond.notify_all()
-
-    def wait(self, pred, timeout: float = 5.0):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"condition not met; frames={self.frames[-3:]}")
-                self.cond.wait(left)
-
-    def cmds(self, cmd):
-        with self.cond:
-            return [f["data"] for f in self.frames if f["cmd"] == cmd]
-
-
-@pytest.fixture
-def msg_server(acp_server):
-    return MessageServer(acp_server).install()
-
-
-@pytest.fixture
-def make_client(acp_server, msg_server, tmp_path):
-    clients = []
-
-    def make(name: str, **config) -> MessageClient:
-        aid = f"{name}.example.com"
-        certs = os.path.join(str(tmp_path), aid)
-        if not os.path.exists(certs):
-            acp_server.issue_identity(aid, certs, "seed")
-        cfg = MessageClientConfig(ping_interval=PING, reconnect_backoff=FAST, immediate_reconnect_gap=0.0,
-                                  **config)
-        client = MessageClient(aid, msg_server.url, certs, hash_seed_password("seed"), config=cfg)
-        client.recorder = Recorder()
-        client.set_message_handler(client.recorder)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.stop_websocket_client()
+from conftest import MSG_PING as PING
 
 
 def _until(pred, timeout: float = 5.0) -> None:

@@ -4,11 +4,9 @@ the server is slowed down instead of refused. Real sockets against the fake mess
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
-import pytest
 
 from agentcp.ca.identity_store import hash_seed_password
 from agentcp.msg.message_client import MessageClient, MessageClientConfig, SendStatus
@@ -16,34 +14,8 @@ from agentcp.msg.ws_reactor import WsReactor
 from agentcp.msg.ws_reactor import reactor as ws_reactor
 from agentcp.testing.message_server import MessageServer
 
-from test_message_client import FAST, PING, Recorder, _message, _session, _until
-
-
-@pytest.fixture
-def msg_server(acp_server):
-    return MessageServer(acp_server).install()
-
-
-@pytest.fixture
-def make_client(acp_server, msg_server, tmp_path):
-    clients = []
-
-    def make(name: str, **config) -> MessageClient:
-        aid = f"{name}.example.com"
-        certs = os.path.join(str(tmp_path), aid)
-        if not os.path.exists(certs):
-            acp_server.issue_identity(aid, certs, "seed")
-        settings = {"ping_interval": PING, "reconnect_backoff": FAST, "immediate_reconnect_gap": 0.0, **config}
-        client = MessageClient(aid, msg_server.url, certs, hash_seed_password("seed"),
-                               config=MessageClientConfig(**settings))
-        client.recorder = Recorder()
-        client.set_message_handler(client.recorder)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.stop_websocket_client()
+from conftest import MSG_FAST as FAST, MSG_PING as PING, Recorder
+from test_message_client import _message, _session, _until
 
 
 def _agentcp_threads():

@@ -27,26 +27,14 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from agentcp.base.shared_timer import TimerHandle  # the same handle as the shared timer's (cancel: skipped when due)
+
 __all__ = ["WsReactor", "TimerHandle", "reactor"]
 
 log = logging.getLogger("agentcp.msg")
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
-
-
-class TimerHandle:
-    """A timer of the reactor; :meth:`cancel` it (any thread; it is skipped when due)."""
-
-    __slots__ = ("when", "fn", "cancelled")
-
-    def __init__(self, when: float, fn: Callable[[], Any]) -> None:
-        self.when = when
-        self.fn = fn
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class _Run:
