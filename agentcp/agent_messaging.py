@@ -318,19 +318,20 @@ class MessagingMixin:
         if dispatcher is None or dispatcher.stopped:
             return  # dropped by offline(): not confirmed (see _on_incoming)
         self._history("save_message_later", dict(data))
-        await asyncio.gather(*(self._await_handler(dispatcher, h, a) for h, a in calls))
+        if len(calls) == 1:
+            handler, args = calls[0]
+            try:
+                await handler(*args)
+            except Exception as exc:  # a handler's bug is reported, never retried, never fatal
+                dispatcher._report(handler, exc)
+        else:
+            await asyncio.gather(*(self._call_async(dispatcher, h, a) for h, a in calls))
         if sm is not None and not dispatcher.stopped:
-            sm.handled(session, data)  # as on the worker path: a handler that raised or timed out has run
+            sm.handled(session, data)  # as on the worker path: a handler that raised has run
     @staticmethod
-    async def _await_handler(dispatcher: Dispatcher, handler: Callable, args: list) -> None:
-        """One coroutine handler, bounded by the dispatcher's ``handler_timeout``; what it raised is reported."""
+    async def _call_async(dispatcher: Dispatcher, handler: Callable, args: list) -> None:
         try:
-            await asyncio.wait_for(handler(*args), dispatcher.handler_timeout)
-        except asyncio.TimeoutError:
-            with dispatcher._lock:
-                dispatcher.counters["timeouts"] += 1
-            _log.warning("%s: message handler %r still running after %.0f s; cancelled", dispatcher.name, handler,
-                         dispatcher.handler_timeout)
+            await handler(*args)
         except Exception as exc:  # a handler's bug is reported, never retried, never fatal
             dispatcher._report(handler, exc)
     def _dispatch(self, data: dict) -> bool:

@@ -57,7 +57,6 @@ def test_stop_waits_for_a_running_coroutine_item():
 
 def test_a_coroutine_item_that_overruns_is_cancelled_and_the_key_goes_on():
     d = Dispatcher("agentcp-test-dispatch", workers=1, handler_timeout=0.05)
-    d.COROUTINE_GRACE = 0.0
     after = threading.Event()
     try:
         async def stuck():

@@ -69,9 +69,6 @@ def is_coroutine_handler(handler: Callable[..., Any]) -> bool:
 class Dispatcher:
     """Keyed serial executor for handler calls (see the module docstring)."""
 
-    #: Seconds a coroutine item may run beyond ``handler_timeout`` before it is cancelled as a whole.
-    COROUTINE_GRACE: float = 5.0
-
     def __init__(self, name: str, workers: int = 4, handler_timeout: float = 60.0,
                  agent_id: str = "", *, backlog_messages: Optional[int] = None,
                  backlog_bytes: Optional[int] = None) -> None:
@@ -149,23 +146,35 @@ class Dispatcher:
         self._lock.notify()
 
     def _start_async(self, key: Hashable, work: Callable[[], Any], size: int) -> None:
-        """On the loop: run one coroutine item of ``key``."""
-        asyncio.ensure_future(self._run_async(key, work, size))
-
-    async def _run_async(self, key: Hashable, work: Callable[[], Any], size: int) -> None:
+        """On the loop: run one coroutine item of ``key`` as a task, cancelled if it overruns (one task and one
+        timer per item: ``asyncio.wait_for`` would add a task of its own)."""
+        loop = asyncio.get_running_loop()
         try:
-            if not self._stopped:
-                # A safety net: the work bounds its own handler calls by handler_timeout.
-                await asyncio.wait_for(work(), self.handler_timeout + self.COROUTINE_GRACE)
-        except asyncio.TimeoutError:
-            with self._lock:
-                self.counters["timeouts"] += 1
-            log.warning("%s: work of %r still running after %.0f s; cancelled", self.name, key,
-                        self.handler_timeout + self.COROUTINE_GRACE)
-        except Exception as exc:  # the work reports handler errors itself; this is a bug in it
+            task = loop.create_task(work())
+        except Exception as exc:  # the work could not even start: a bug in the submitter
             log.exception("%s: dispatch failed: %r", self.name, exc)
-        finally:
             self._finished(key, size, coroutine=True)
+            return
+        timer = loop.call_later(self.handler_timeout, self._overrun, task, key)
+        task.add_done_callback(lambda done: self._async_finished(done, timer, key, size))
+
+    def _overrun(self, task: "asyncio.Task[Any]", key: Hashable) -> None:
+        if task.done():
+            return
+        with self._lock:
+            self.counters["timeouts"] += 1
+        log.warning("%s: work of %r still running after %.0f s; cancelled", self.name, key,
+                    self.handler_timeout)
+        task.cancel()
+
+    def _async_finished(self, task: "asyncio.Task[Any]", timer: asyncio.TimerHandle, key: Hashable,
+                        size: int) -> None:
+        timer.cancel()
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:  # the work reports handler errors itself; this is a bug in it
+                log.error("%s: dispatch failed: %r", self.name, exc, exc_info=exc)
+        self._finished(key, size, coroutine=True)
 
     def _finished(self, key: Hashable, size: int, coroutine: bool = False) -> None:
         """One item of ``key`` is done (either kind): account for it and start the key's next item."""

@@ -515,7 +515,9 @@ class MessageClient(IClient):
         return self.auth_client.signature
 
     def set_message_handler(self, message_handler: Any) -> None:
-        """``message_handler.on_message(ws, text)`` for every frame; ``on_open(ws)`` after each connect (optional)."""
+        """``message_handler.on_message(ws, text)`` for every frame (``on_frame(ws, frame_dict)`` instead when its
+        ``on_message`` is marked ``frame_parser``: the frame is parsed once); ``on_open(ws)`` after each connect
+        (optional)."""
         self.message_handler = message_handler
 
     @property
@@ -1231,7 +1233,9 @@ class MessageClient(IClient):
             self._on_reply(str(data["request_id"]))
         handler = self.message_handler
         on_message = getattr(handler, "on_message", None)
-        if on_message is None:
+        # A handler whose on_message only parses and calls on_frame gets the frame parsed here: no second parse.
+        on_frame = getattr(handler, "on_frame", None) if getattr(on_message, "frame_parser", False) else None
+        if on_message is None and on_frame is None:
             return True
         # Only messages fill the consumer's backlog; acks and answers before them are not held back.
         if cmd == "session_message" and gate and isinstance(conn, WsLink) and not self._has_room(conn):
@@ -1250,7 +1254,10 @@ class MessageClient(IClient):
                       data.get("session_id"))
             return True
         try:
-            on_message(conn, text)
+            if on_frame is not None:
+                on_frame(conn, frame)
+            elif on_message is not None:
+                on_message(conn, text)
         except Exception as exc:  # a handler bug must not stop the connection
             with self._lock:
                 self._extra["handler_errors"] += 1
