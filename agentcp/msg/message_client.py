@@ -1323,5 +1323,6 @@ class MessageClient(IClient):
 
 
 #: Blocking steps of every message client (sign-in over HTTP, address lookups): a few shared threads that exist
-#: only while there is such work, each client's steps in order.
-_JOBS = SerialPool("agentcp-msg-jobs", max_workers=4, linger=2.0)
+#: only while there is such work, each client's steps in order. 8 at once: a fleet re-signing in after a server
+#: restart is spread out (gentle on the recovering server) yet back within seconds.
+_JOBS = SerialPool("agentcp-msg-jobs", max_workers=8, linger=2.0)
