@@ -203,6 +203,61 @@ def test_beat_phases_stay_apart_in_a_fleet():
     assert all(4.5 - 1e-9 <= g <= 5.0 + 1e-9 for g in gaps) and len(set(round(g, 6) for g in gaps)) > 1
 
 
+GRID = 0.05
+
+
+def _on_grid(t: float, step: float = GRID) -> bool:
+    return abs(t / step - round(t / step)) < 1e-6
+
+
+def test_with_a_beat_grid_every_drawn_beat_time_is_a_grid_point():
+    """The jittered gaps and the first-beat offset are drawn on the grid: beats of different agents that share a
+    slot are due at the same instant (one wake-up), and no beat is later than the server asked."""
+    cfg = LivenessConfig(beat_grid=GRID)
+    for seed in range(20):
+        sim = Sim(seed, config=cfg, start=1000.0137 + 0.0137 * seed).run(1100.0)
+        sent = [b - sim.rtt / 2 for b in sim.beats]
+        assert not _on_grid(sent[0])  # the first beat of a session goes out at once, wherever that is
+        assert all(_on_grid(t) for t in sent[1:])
+        gaps = [b - a for a, b in zip(sent[1:], sent[2:])]
+        assert all(4.5 - GRID - 1e-9 <= g <= 5.0 + 1e-9 for g in gaps)  # shortened by < 1 step, never longer
+        assert len(set(round(g, 6) for g in gaps)) > 3  # still jittered on every interval
+
+
+def test_a_beat_grid_keeps_a_fleet_spread_and_reshuffles_who_shares_a_slot():
+    """200 agents started at once on a 50 ms grid: phases spread over the interval (about 2 agents per slot), and
+    agents that share a slot once do not stay together (the per-interval jitter draws again)."""
+    cfg = LivenessConfig(beat_grid=GRID)
+    fleet = [Sim(i, config=cfg).run(125.0) for i in range(200)]
+    sent = [[round(b - s.rtt / 2, 6) for b in s.beats if 20.0 < b <= 125.0] for s in fleet]
+    windows = Counter(int(t / 0.1) for beats in sent for t in beats)  # 100 ms windows of absolute time
+    per_interval = sum(windows.values()) / (105.0 / 0.1)
+    assert 3.0 < per_interval < 5.0  # ~200 beats per ~4.75 s, i.e. ~4 per 100 ms
+    assert max(windows.values()) <= 20  # no herd: before the jitter, all 200 shared one window
+    slots = Counter(t for beats in sent for t in beats)
+    assert max(slots.values()) <= 10 and sum(slots.values()) / len(slots) < 3  # ~2 agents per shared instant
+    # Pairs of agents that share a slot on half of their beats or more: none (chance alone: ~1 in 10 each).
+    sets = [set(beats) for beats in sent]
+    sticky = sum(1 for i in range(200) for j in range(i + 1, 200)
+                 if len(sets[i] & sets[j]) >= len(sets[i]) / 2)
+    assert sticky == 0
+
+
+def test_the_grid_step_shrinks_with_short_intervals_and_never_delays_a_beat():
+    m = Liveness(LivenessConfig(min_interval=0.3, beat_grid=GRID, jitter=0.0, first_beat_min=1.0),
+                 rand=lambda: 0.5)
+    m.start(10.0, have_session=True)
+    m.beat_sent(10.0)
+    m.reply(10.001, 300)  # interval 0.3 s: the step is 2 % of it (6 ms), not 50 ms
+    d = m.poll(10.001)
+    assert d.wake_at == pytest.approx(10.296) and d.wake_at <= 10.3
+    m = Liveness(LivenessConfig(beat_grid=GRID, jitter=0.0, first_beat_min=1.0), rand=lambda: 0.5)
+    m.start(7.03, have_session=True)
+    m.beat_sent(7.03)
+    m.reply(7.04, 5000)
+    assert m.poll(7.04).wake_at == pytest.approx(12.0)  # 12.03 rounded down to the 50 ms grid
+
+
 def test_first_sign_in_after_401_is_spread_over_0_4_s():
     times = []
     for seed in range(100):

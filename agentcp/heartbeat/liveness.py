@@ -13,6 +13,9 @@ Timing rules (liveness.md §3.7, §4; issues "resilient liveness core" and "live
   later than the server asked; on a lossy path shortened by the loss rate, so lost beats are re-sent in time),
   and the beat after the first reply of a session goes out at a random point of the first interval, so agents in
   one process keep apart phases instead of beating (and re-signing-in) in lock-step.
+  With ``beat_grid`` set, each drawn time is rounded down to a multiple of the grid step: agents whose random
+  draws fall into the same slot are due at the very same instant, so the shell's shared reactor serves them with
+  one wake-up without moving any beat, and the phases stay random and spread.
 * Loss versus silence. A reply not received ``reply_timeout`` (or a few smoothed round-trip times, if longer)
   after its beat is a *miss*, and the server is re-probed at once. The machine keeps an estimate of the round-trip
   loss rate (a plain mean at first, then exponentially weighted), folded in when a run of misses ends with a
@@ -116,6 +119,13 @@ class LivenessConfig:
     loss_early: float = 0.3
     #: The beat after a session's first reply goes out after a random [first_beat_min, 1] * interval.
     first_beat_min: float = 0.1
+    #: Beat grid (seconds; 0: off). Every randomly drawn beat time (jittered gap, first-beat offset, blackout probe
+    #: gap) is rounded down to a multiple of ``beat_grid`` on the shell's clock, so the agents of one process whose
+    #: draws fall into the same slot are due at the same instant and share one wake-up, while phases stay random
+    #: and spread (200 agents over a 5 s interval with a 50 ms grid: ~100 slots, ~2 agents each). Rounding down
+    #: only shortens a gap, by less than one step: never later than the server asked. The step is at most
+    #: ``GRID_MAX_FRACTION`` of the interval (short test intervals get a finer grid).
+    beat_grid: float = 0.0
     #: The first sign-in after a 401 / ICMP unreachable waits a random [0, reauth_spread] seconds.
     reauth_spread: float = 0.4
     #: While a sign-in after silence is pending, the old session is probed every [lo, hi] seconds.
@@ -142,6 +152,10 @@ class Counters:
     #: Silence verdicts healed by the cheap step (socket rebuild and probe) without an HTTP sign-in.
     silence_healed_by_probe: int = 0
     reconnects: Dict[str, int] = field(default_factory=dict)
+
+
+#: The beat grid's step is at most this fraction of the interval (a 5 s interval: at most 100 ms).
+GRID_MAX_FRACTION = 0.02
 
 
 def probe_budget(loss: float, false_alarm: float, minimum: int, maximum: int) -> int:
@@ -271,12 +285,21 @@ class Liveness:
         else:
             self._repair_at = now + self._spread()
         self._repairs_without_reply["sign_in"] = count + 1
-        self._next_beat_at = now + self._blackout_probe_gap()
+        self._next_beat_at = self._on_grid(now + self._blackout_probe_gap(), now)
         self._record(Event(now, "escalate", "sign_in"))
 
     def _blackout_probe_gap(self) -> float:
         lo, hi = self.config.blackout_probe
         return lo + (hi - lo) * self.rand()
+
+    def _on_grid(self, at: float, after: float) -> float:
+        """``at`` rounded down to the beat grid, unless that would not be later than ``after`` (a gap shorter
+        than one step: keep it as drawn)."""
+        grid = min(self.config.beat_grid, GRID_MAX_FRACTION * self.interval)
+        if grid <= 0.0:
+            return at
+        slot = math.floor(at / grid) * grid
+        return slot if slot > after else at
 
     def _fold_outcome(self, misses: int) -> None:
         """A run of ``misses`` misses ended with a reply: update the loss estimate.
@@ -408,9 +431,9 @@ class Liveness:
         self._reply_deadline = now + self._reply_timeout()
         # Until the reply says otherwise, the next beat is one interval away (a probe gap while signing in).
         if self._silence_stage == 2:
-            self._next_beat_at = now + self._blackout_probe_gap()
+            self._next_beat_at = self._on_grid(now + self._blackout_probe_gap(), now)
         else:
-            self._next_beat_at = now + self.interval
+            self._next_beat_at = self._on_grid(now + self.interval, now)
 
     def socket_failed(self, now: float, unreachable: bool = False) -> None:
         """Sending or receiving failed. Unreachable (ICMP port unreachable) means the address is stale."""
@@ -471,7 +494,7 @@ class Liveness:
         # On a lossy path beat a little early (by the loss rate, at most loss_early), so that a lost beat can be
         # re-probed several times before the server's wait for it runs out.
         fraction *= 1.0 - min(self.config.loss_early, self.loss)
-        self._next_beat_at = base + self.interval * fraction
+        self._next_beat_at = self._on_grid(base + self.interval * fraction, now)
         if self._fault is not None:
             reason, since = self._fault
             self._record(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))
