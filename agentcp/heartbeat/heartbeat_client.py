@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -44,6 +45,12 @@ from agentcp.msg.message_serialize import (
 )
 
 log = logging.getLogger("agentcp.heartbeat")
+
+#: The usual HeartbeatResp: one-byte MessageMask and MessageSeq uvarints, u16 type, u16 payload size and an
+#: 8-byte big-endian NextBeat (14 bytes). Decoded in one step; every other datagram takes the general decoder.
+_USUAL_REPLY = struct.Struct(">BBHHQ")
+#: One-byte uvarints 0..127, the MessageSeq of a client's first 128 beats.
+_SMALL_VARINT = [bytes((i,)) for i in range(128)]
 
 __all__ = ["HeartbeatClient"]
 
@@ -180,7 +187,8 @@ class HeartbeatClient:
         self.on_event: Optional[Callable[[Event], Any]] = None
         self._clock = clock
         self._rand = rand or random.random
-        self._beat_template: Optional[Tuple[Tuple[str, int], bytes]] = None
+        #: (agent_id, sign_cookie, bytes before MessageSeq, bytes after it) of the HeartbeatReq datagram.
+        self._beat_template: Optional[Tuple[str, int, bytes, bytes]] = None
         self._slack_for, self._slack = -1.0, 0.0
         self._reactor = reactor or HeartbeatReactor.shared()
         self._lock = threading.RLock()
@@ -374,26 +382,39 @@ class HeartbeatClient:
     def _reactor_timer(self, now: float) -> Optional[float]:
         """Carry out the machine's decisions until it says "wait"; return when to be called again."""
         with self._lock:
-            for _ in range(16):  # each action changes the machine; a handful always suffices
-                if self._stop.is_set():
-                    return None
-                decision = self._machine.poll(now, self._timer_slack(), self._peers_failing(now))
-                if decision.action is Action.SEND_BEAT:
-                    self._send_beat(now)
-                elif decision.action is Action.REBUILD_SOCKET:
-                    self._machine.repair_started(now)
-                    self._repair_socket(now)
-                elif decision.action is Action.SIGN_IN:
-                    self._machine.repair_started(now)
-                    self._start_sign_in_worker()
-                else:
+            return self._act(now)
+
+    def _act(self, now: float) -> Optional[float]:
+        """Lock held: :meth:`_reactor_timer`."""
+        machine = self._machine
+        for _ in range(16):  # each action changes the machine; a handful always suffices
+            if self._stop.is_set():
+                return None
+            decision = machine.poll(now, self._timer_slack(), self._peers_failing(now))
+            action = decision.action
+            if action is Action.NONE:
+                if machine.has_news():
                     self._flush_state_changes()
-                    return decision.wake_at
-                now = self._clock()
-            self._flush_state_changes()
-            return now + 0.05  # never spin on a confused machine: look again shortly
+                return decision.wake_at
+            if action is Action.SEND_BEAT:
+                self._send_beat(now)
+            elif action is Action.REBUILD_SOCKET:
+                machine.repair_started(now)
+                self._repair_socket(now)
+            else:
+                machine.repair_started(now)
+                self._start_sign_in_worker()
+            now = self._clock()
+        self._flush_state_changes()
+        return now + 0.05  # never spin on a confused machine: look again shortly
 
     def _reactor_readable(self, sock: socket.socket, now: float) -> Optional[float]:
+        """Read what arrived; return when to be called again.
+
+        The usual datagram, a 14-byte HeartbeatResp from the server, ends the read: the selector is level
+        triggered, so anything still queued wakes the loop again at once, and the common case costs one
+        ``recvfrom`` instead of two (the second would only raise "would block"). ``now`` is the wake-up time.
+        """
         for _ in range(self.RECV_BATCH):
             try:
                 data, addr = sock.recvfrom(self.RECV_BUFFER)
@@ -402,6 +423,13 @@ class HeartbeatClient:
             except OSError as exc:
                 self._socket_error(sock, exc, "receive")
                 break
+            if len(data) == 14 and addr == self._server_addr:
+                mask, seq, msg_type, _size, next_beat = _USUAL_REPLY.unpack(data)
+                if msg_type == MSG_HEARTBEAT_RESP and mask < 0x80 and seq < 0x80:
+                    with self._lock:
+                        if sock is self.udp_socket:
+                            self._accept_reply(now, next_beat)
+                        return self._act(now)
             self._handle_datagram(data, addr, sock)
         return self._reactor_timer(self._clock())
 
@@ -421,17 +449,18 @@ class HeartbeatClient:
         self._send(self._beat_bytes(self.msg_seq))
 
     def _beat_bytes(self, seq: int) -> bytes:
-        """The HeartbeatReq datagram. The serialised form with sequence 0 is cached per (AID, cookie): only the
-        one-byte uvarint 0 of MessageSeq (second byte, after MessageMask 0) changes from beat to beat."""
-        key = (self.agent_id, self.sign_cookie)
-        if self._beat_template is None or self._beat_template[0] != key:
+        """The HeartbeatReq datagram. It is serialised once per (AID, cookie), split around MessageSeq (the
+        second field, after the one-byte MessageMask 0): a beat only joins the two parts around its sequence."""
+        template = self._beat_template
+        if template is None or template[0] != self.agent_id or template[1] != self.sign_cookie:
             req = HeartbeatMessageReq()
             req.header.MessageSeq = 0
             req.AgentId = self.agent_id
             req.SignCookie = self.sign_cookie
-            self._beat_template = (key, to_bytes(req))
-        template = self._beat_template[1]
-        return template[:1] + uint64_to_varint(seq) + template[2:]
+            wire = to_bytes(req)
+            template = self._beat_template = (self.agent_id, self.sign_cookie, wire[:1], wire[2:])
+        varint = _SMALL_VARINT[seq] if seq < 128 else uint64_to_varint(seq)
+        return template[2] + varint + template[3]
 
     def _send(self, data: bytes) -> None:
         sock = self.udp_socket
@@ -470,6 +499,14 @@ class HeartbeatClient:
             self._report.note("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket",
                              exc)
 
+    def _accept_reply(self, now: float, next_beat: int) -> None:
+        """Lock held: a HeartbeatResp arrived on the current socket from the server."""
+        machine = self._machine
+        machine.reply(now, next_beat)
+        self.heartbeat_interval = int(machine.interval * 1000)
+        if machine.state is State.ONLINE and not self._online_event.is_set():
+            self._online_event.set()
+
     def _handle_datagram(self, data: bytes, addr: Tuple[str, int], sock: socket.socket) -> None:
         now = self._clock()
         expected = self._server_addr
@@ -486,10 +523,7 @@ class HeartbeatClient:
                 with self._lock:
                     if sock is not self.udp_socket:
                         return
-                    self._machine.reply(now, resp.NextBeat)
-                    self.heartbeat_interval = int(self._machine.interval * 1000)
-                    if self._machine.state is State.ONLINE and not self._online_event.is_set():
-                        self._online_event.set()
+                    self._accept_reply(now, resp.NextBeat)
                     self._flush_state_changes()
             elif msg_type == MSG_INVITE_REQ:
                 invite, _ = InviteMessageReq.deserialize(data, 0)

@@ -90,6 +90,13 @@ class Decision:
     wake_at: Optional[float] = None  # when to poll again if nothing happens first (None: only on an event)
 
 
+#: The decisions without a wake time, made once (poll() runs on every beat and reply of every agent).
+_SEND_BEAT = Decision(Action.SEND_BEAT)
+_SIGN_IN = Decision(Action.SIGN_IN)
+_REBUILD = Decision(Action.REBUILD_SOCKET)
+_WAIT = Decision(Action.NONE, None)
+
+
 @dataclass(frozen=True)
 class Event:
     """One entry of the fault timeline (``HeartbeatClient.history``)."""
@@ -225,6 +232,10 @@ class Liveness:
         self.history.append(event)
         self._pending_events.append(event)
 
+    def has_news(self) -> bool:
+        """Are there state changes or events the shell has not taken yet?"""
+        return bool(self._pending_states or self._pending_events)
+
     def take_events(self) -> List[Event]:
         """Timeline events since the last call (the shell turns them into ``on_event`` callbacks)."""
         events, self._pending_events = self._pending_events, []
@@ -307,6 +318,10 @@ class Liveness:
         A plain mean over the first 1/alpha outcomes (so a young estimate is not biased towards zero), an
         exponentially weighted one after that.
         """
+        if not misses and self.loss_samples >= 1.0 / self.config.loss_alpha:
+            self.loss_samples += 1  # the usual case, a reply with no miss before it: one weighted step
+            self.loss -= self.config.loss_alpha * self.loss
+            return
         outcomes = [1.0] * min(misses, self.config.max_probe_budget) + [0.0]
         for lost in outcomes:
             self.loss_samples += 1
@@ -511,7 +526,7 @@ class Liveness:
         sign-in attempt is then deferred once by ``outage_defer``.
         """
         if self.state in (State.OFFLINE, State.STOPPED):
-            return Decision(Action.NONE, None)
+            return _WAIT
         if self._need_sign_in or self._need_rebuild:
             if now >= self._repair_at:
                 if self._need_sign_in and peers_failing and self._sign_in_failures == 0 and not self._deferred:
@@ -520,7 +535,7 @@ class Liveness:
                     self._repair_at = now + lo + (hi - lo) * self.rand()
                     self._record(Event(now, "sign_in_deferred", f"{self._repair_at - now:.1f} s"))
                     return self.poll(now, beat_slack)
-                return Decision(Action.SIGN_IN if self._need_sign_in else Action.REBUILD_SOCKET)
+                return _SIGN_IN if self._need_sign_in else _REBUILD
             wake = self._repair_at if self._repair_at != float("inf") else None
             if self._silence_stage == 2 and self._need_sign_in and self._have_session:
                 # Waiting to sign in after silence: keep probing the old session cheaply by UDP.
@@ -530,7 +545,7 @@ class Liveness:
                     self._outstanding = False
                     self.counters.misses += 1
                 if now + beat_slack >= self._next_beat_at:
-                    return Decision(Action.SEND_BEAT)
+                    return _SEND_BEAT
                 wake = _earliest(wake, self._next_beat_at)
             return Decision(Action.NONE, wake)
         if self._outstanding:
@@ -546,9 +561,9 @@ class Liveness:
                 else:
                     self._start_reconnect(now, Reason.SILENT, sign_in=False)
                 return self.poll(now, beat_slack)
-            return Decision(Action.SEND_BEAT)  # re-probe at once
+            return _SEND_BEAT  # re-probe at once
         if now + beat_slack >= self._next_beat_at:
-            return Decision(Action.SEND_BEAT)
+            return _SEND_BEAT
         return Decision(Action.NONE, self._next_beat_at)
 
     # -- views ----------------------------------------------------------------------------------------------------

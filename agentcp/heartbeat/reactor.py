@@ -13,7 +13,6 @@ only on the reactor thread; other threads talk to it through :meth:`HeartbeatRea
 """
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import logging
@@ -255,6 +254,7 @@ class HeartbeatReactor:
             pass
 
     def _run(self) -> None:
+        clock, heap, guard = self._clock, self._heap, self._guard
         while True:
             self._run_commands()
             if self._exit_if_idle():
@@ -262,7 +262,7 @@ class HeartbeatReactor:
             timeout = None
             earliest = self._earliest_timer()
             if earliest is not None:
-                timeout = max(0.0, earliest - self._clock())
+                timeout = max(0.0, earliest - clock())
             try:
                 events = self._selector.select(timeout)  # type: ignore[union-attr]
             except (OSError, ValueError) as exc:
@@ -270,23 +270,25 @@ class HeartbeatReactor:
                 self._prune_dead(exc)
                 continue
             self.wakeups += 1
-            now = self._clock()
+            now = clock()
             for key, _mask in events:
                 client = key.data
                 if client is None:
                     self._drain_wake()
-                    continue
-                self._guard(client, functools.partial(client._reactor_readable, key.fileobj, now))
-            now = self._clock()
-            for client in self._take_due(now):
-                self._guard(client, functools.partial(client._reactor_timer, now))
+                else:
+                    guard(client, client._reactor_readable, key.fileobj, now)
+            if events:
+                now = clock()
+            if heap and heap[0][0] <= now + self.MAX_SLACK:
+                for client in self._take_due(now):
+                    guard(client, client._reactor_timer, now)
 
-    def _guard(self, client: Any, fn: Callable[[], Optional[float]]) -> None:
-        """Run a client callback; a bug in one client must not stop the others."""
+    def _guard(self, client: Any, fn: Callable[..., Optional[float]], *args: Any) -> None:
+        """Run a client callback, ``fn(*args)``; a bug in one client must not stop the others."""
         if client not in self.clients:
             return
         try:
-            self.set_timer(client, fn())
+            self.set_timer(client, fn(*args))
         except Exception:
             self.errors += 1
             log.exception("heartbeat client %r failed in the reactor; retrying in 1 s", client)
@@ -301,5 +303,5 @@ class HeartbeatReactor:
                 self.unwatch(sock)
                 client = key.data
                 if client is not None and client in self.clients:
-                    self._guard(client, functools.partial(client._reactor_socket_dead, self._clock()))
+                    self._guard(client, client._reactor_socket_dead, self._clock())
         log.debug("heartbeat reactor select failed (%s); pruned dead sockets", exc)
