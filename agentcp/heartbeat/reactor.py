@@ -47,6 +47,16 @@ class HeartbeatReactor:
     _shared: Optional["HeartbeatReactor"] = None
     #: Upper bound of any client's timer slack (seconds).
     MAX_SLACK: float = 0.05
+    #: Reads wait for a timer due within this many seconds (0: never). Why: in a process with many agents the
+    #: replies of one batch of beats would each wake the thread again (a cold wake-up costs several times the
+    #: work of the reply); read at the next timer's wake-up instead, they share it with that batch's beats.
+    #: Every datagram that arrived is read before any timer runs (so a reply in time is never a miss), commands
+    #: (offline, rebuild, a socket closed under a client) never wait, and with no timer that close (a process
+    #: with few agents) sockets wake the thread at once. The cost: an invite or a reply may be read up to this
+    #: late, and a round-trip time measured from it is that much longer (far below the 1 s reply timeout).
+    READ_DEFER: float = 0.1
+    #: Passes over the ready sockets when the deferred reads are done (each pass reads one datagram per socket).
+    DRAIN_PASSES: int = 16
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -68,6 +78,7 @@ class HeartbeatReactor:
         self._wake_w: Optional[socket.socket] = None
         # Reactor-thread state:
         self._selector: Optional[selectors.BaseSelector] = None
+        self._quiet: Optional[selectors.BaseSelector] = None  # the wake socket only: sleeps that defer reads
         self._wake_r: Optional[socket.socket] = None
         self._timers: Dict[Any, float] = {}  # client -> its one timer
         self._heap: List[Tuple[float, int, Any]] = []  # (at, tie-breaker, client); stale entries skipped lazily
@@ -131,6 +142,8 @@ class HeartbeatReactor:
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._quiet = selectors.DefaultSelector()
+        self._quiet.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -236,11 +249,12 @@ class HeartbeatReactor:
             self._heap.clear()
             self._stopped_threads.append(self._thread)
             self._thread = None
-            selector, wake_r, wake_w = self._selector, self._wake_r, self._wake_w
-            self._selector = self._wake_r = self._wake_w = None
+            selector, quiet, wake_r, wake_w = self._selector, self._quiet, self._wake_r, self._wake_w
+            self._selector = self._quiet = self._wake_r = self._wake_w = None
             self._changed.notify_all()
-        if selector is not None:
-            selector.close()
+        for sel in (selector, quiet):
+            if sel is not None:
+                sel.close()
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
@@ -254,7 +268,7 @@ class HeartbeatReactor:
             pass
 
     def _run(self) -> None:
-        clock, heap, guard = self._clock, self._heap, self._guard
+        clock, heap = self._clock, self._heap
         while True:
             self._run_commands()
             if self._exit_if_idle():
@@ -263,25 +277,44 @@ class HeartbeatReactor:
             earliest = self._earliest_timer()
             if earliest is not None:
                 timeout = max(0.0, earliest - clock())
+            selector = self._selector
+            assert selector is not None and self._quiet is not None
             try:
-                events = self._selector.select(timeout)  # type: ignore[union-attr]
+                if timeout is not None and 0.0 < timeout <= self.READ_DEFER:
+                    self._quiet.select(timeout)  # only a command wakes us early: reads wait for the timer
+                    self.wakeups += 1
+                    self._drain(selector, clock())
+                else:
+                    events = selector.select(timeout)
+                    self.wakeups += 1
+                    if events:
+                        self._dispatch(events, clock())
             except (OSError, ValueError) as exc:
                 # A watched descriptor died behind our back; drop dead keys and carry on.
                 self._prune_dead(exc)
                 continue
-            self.wakeups += 1
             now = clock()
-            for key, _mask in events:
-                client = key.data
-                if client is None:
-                    self._drain_wake()
-                else:
-                    guard(client, client._reactor_readable, key.fileobj, now)
-            if events:
-                now = clock()
             if heap and heap[0][0] <= now + self.MAX_SLACK:
                 for client in self._take_due(now):
-                    guard(client, client._reactor_timer, now)
+                    self._guard(client, client._reactor_timer, now)
+
+    def _dispatch(self, events: List[Tuple[selectors.SelectorKey, int]], now: float) -> None:
+        """Hand each ready socket to its client (one datagram at least; the usual reply alone)."""
+        guard = self._guard
+        for key, _mask in events:
+            client = key.data
+            if client is None:
+                self._drain_wake()
+            else:
+                guard(client, client._reactor_readable, key.fileobj, now)
+
+    def _drain(self, selector: selectors.BaseSelector, now: float) -> None:
+        """Deferred reads: read what is ready, pass after pass, until nothing is (bounded by DRAIN_PASSES)."""
+        for _ in range(self.DRAIN_PASSES):
+            events = selector.select(0)
+            if not events:
+                return
+            self._dispatch(events, now)
 
     def _guard(self, client: Any, fn: Callable[..., Optional[float]], *args: Any) -> None:
         """Run a client callback, ``fn(*args)``; a bug in one client must not stop the others."""
