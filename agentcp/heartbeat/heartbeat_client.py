@@ -70,6 +70,8 @@ class _OwnedSocket(socket.socket):
     _on_foreign_close: Optional[Callable[["_OwnedSocket"], None]] = None
     _owner_closing = False
     _inode: Optional[int] = None
+    #: The address the socket is connected to (the kernel delivers datagrams from nobody else), or None.
+    peer: Optional[Tuple[str, int]] = None
 
     def remember_identity(self) -> None:
         try:
@@ -365,7 +367,8 @@ class HeartbeatClient:
         return health
 
     def _peers_failing(self, now: float) -> bool:
-        return self._machine.signing_in and self._sign_in_health().failing(now)
+        """Other agents' sign-ins to this server just failed (asked only while this one is due to sign in)."""
+        return self._sign_in_health().failing(now)
 
     def _reactor_start(self) -> None:
         self._reactor.add_client(self)
@@ -388,11 +391,12 @@ class HeartbeatClient:
 
     def _act(self, now: float) -> Optional[float]:
         """Lock held: :meth:`_reactor_timer`."""
+        if self._stop.is_set():  # set and cleared only under the lock: it cannot change during this call
+            return None
         machine = self._machine
+        slack = self._timer_slack()
         for _ in range(16):  # each action changes the machine; a handful always suffices
-            if self._stop.is_set():
-                return None
-            decision = machine.poll(now, self._timer_slack(), self._peers_failing(now))
+            decision = machine.poll(now, slack, machine.signing_in and self._peers_failing(now))
             action = decision.action
             if action is Action.NONE:
                 if machine.has_news():
@@ -417,9 +421,16 @@ class HeartbeatClient:
         triggered, so anything still queued wakes the loop again at once, and the common case costs one
         ``recvfrom`` instead of two (the second would only raise "would block"). ``now`` is the wake-up time.
         """
+        # Connected to the current server address: the sender is known, so skip building an address per datagram.
+        peer = getattr(sock, "peer", None)
+        if peer is not None and peer != self._server_addr:
+            peer = None
         for _ in range(self.RECV_BATCH):
             try:
-                data, addr = sock.recvfrom(self.RECV_BUFFER)
+                if peer is not None:
+                    data, addr = sock.recv(self.RECV_BUFFER), peer
+                else:
+                    data, addr = sock.recvfrom(self.RECV_BUFFER)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -461,7 +472,12 @@ class HeartbeatClient:
             req.SignCookie = self.sign_cookie
             wire = to_bytes(req)
             template = self._beat_template = (self.agent_id, self.sign_cookie, wire[:1], wire[2:])
-        varint = _SMALL_VARINT[seq] if seq < 128 else uint64_to_varint(seq)
+        if seq < 128:
+            varint = _SMALL_VARINT[seq]
+        elif seq < 16384:  # two uvarint bytes (the first 22 hours at one beat per 5 s)
+            varint = bytes((0x80 | (seq & 0x7F), seq >> 7))
+        else:
+            varint = uint64_to_varint(seq)
         return template[2] + varint + template[3]
 
     def _send(self, data: bytes) -> None:
@@ -582,6 +598,7 @@ class HeartbeatClient:
             if addr is not None:
                 # Connected: the kernel filters other senders and reports ICMP errors (server gone) to us.
                 sock.connect(addr)
+                sock.peer = addr
             sock.setblocking(False)
         except OSError:
             sock.owner_close()

@@ -42,7 +42,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from agentcp.base.backoff import BLACKOUT_BACKOFF, HEARTBEAT_RECONNECT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.msg.message_serialize import NEXT_BEAT_REAUTH
@@ -84,8 +84,9 @@ class Reason(str, enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What :meth:`Liveness.poll` asks of the shell (a named tuple: made on every beat and reply, cheaply)."""
+
     action: Action
     wake_at: Optional[float] = None  # when to poll again if nothing happens first (None: only on an event)
 
@@ -191,6 +192,7 @@ class Liveness:
         self.history: Deque[Event] = deque(maxlen=history)
         self.state = State.OFFLINE
         self.interval = self.config.min_interval
+        self._grid_step = self._grid_for(self.interval)
         self.last_rtt: Optional[float] = None
         self.last_reply_at: Optional[float] = None
         self.last_sent_at: Optional[float] = None
@@ -303,13 +305,17 @@ class Liveness:
         lo, hi = self.config.blackout_probe
         return lo + (hi - lo) * self.rand()
 
+    def _grid_for(self, interval: float) -> float:
+        """The beat grid's step for ``interval`` (0: no grid)."""
+        return max(0.0, min(self.config.beat_grid, GRID_MAX_FRACTION * interval))
+
     def _on_grid(self, at: float, after: float) -> float:
         """``at`` rounded down to the beat grid, unless that would not be later than ``after`` (a gap shorter
-        than one step: keep it as drawn)."""
-        grid = min(self.config.beat_grid, GRID_MAX_FRACTION * self.interval)
-        if grid <= 0.0:
+        than one step: keep it as drawn). The same slot is the same float for every machine of the process."""
+        step = self._grid_step
+        if not step:
             return at
-        slot = math.floor(at / grid) * grid
+        slot = (at // step) * step
         return slot if slot > after else at
 
     def _fold_outcome(self, misses: int) -> None:
@@ -488,7 +494,10 @@ class Liveness:
             self._need_sign_in = False
             self._sign_in_failures = 0
         self.counters.replies += 1
-        self.interval = min(max(next_beat_ms / 1000.0, self.config.min_interval), self.config.max_interval)
+        interval = min(max(next_beat_ms / 1000.0, self.config.min_interval), self.config.max_interval)
+        if interval != self.interval:
+            self.interval = interval
+            self._grid_step = self._grid_for(interval)
         if self.last_sent_at is not None and self._outstanding:
             self._measure_rtt(max(0.0, now - self.last_sent_at))
         self._fold_outcome(self._misses)
@@ -514,7 +523,8 @@ class Liveness:
             reason, since = self._fault
             self._record(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))
             self._fault = None
-        self._set_state(State.ONLINE, now)
+        if self.state is not State.ONLINE:
+            self._set_state(State.ONLINE, now)
 
     # -- the one question ---------------------------------------------------------------------------------------
     def poll(self, now: float, beat_slack: float = 0.0, peers_failing: bool = False) -> Decision:
