@@ -46,6 +46,9 @@ from agentcp.msg.message_serialize import (
 
 log = logging.getLogger("agentcp.heartbeat")
 
+#: LivenessConfig objects by their repr (see HeartbeatClient._new_machine). Never mutated once made.
+_SHARED_CONFIGS: Dict[str, LivenessConfig] = {}
+
 #: The usual HeartbeatResp: one-byte MessageMask and MessageSeq uvarints, u16 type, u16 payload size and an
 #: 8-byte big-endian NextBeat (14 bytes). Decoded in one step; every other datagram takes the general decoder.
 _USUAL_REPLY = struct.Struct(">BBHHQ")
@@ -391,7 +394,7 @@ class HeartbeatClient:
 
     def _act(self, now: float) -> Optional[float]:
         """Lock held: :meth:`_reactor_timer`."""
-        if self._stop.is_set():  # set and cleared only under the lock: it cannot change during this call
+        if not self.is_running:  # offline() began (set and cleared with _stop, under the lock)
             return None
         machine = self._machine
         slack = self._timer_slack()
@@ -522,8 +525,6 @@ class HeartbeatClient:
         machine = self._machine
         machine.reply(now, next_beat)
         self.heartbeat_interval = int(machine.interval * 1000)
-        if machine.state is State.ONLINE and not self._online_event.is_set():
-            self._online_event.set()
 
     def _handle_datagram(self, data: bytes, addr: Tuple[str, int], sock: socket.socket) -> None:
         now = self._clock()
@@ -581,7 +582,14 @@ class HeartbeatClient:
             blackout_backoff=self.BLACKOUT_BACKOFF,
             permanent_backoff=self.PERMANENT_BACKOFF,
         )
-        machine = Liveness(config, rand=self._rand)
+        # One config object for all clients with the same settings: read on every beat and reply, a shared one
+        # stays in the CPU cache (200 agents would each bring their own).
+        shared = _SHARED_CONFIGS.get(repr(config))
+        if shared is None:
+            if len(_SHARED_CONFIGS) >= 64:  # bounded: settings changed many times (tests)
+                _SHARED_CONFIGS.clear()
+            shared = _SHARED_CONFIGS[repr(config)] = config
+        machine = Liveness(shared, rand=self._rand)
         if previous is not None:  # counters, the timeline and what was learnt of the path survive online() cycles
             machine.counters = previous.counters
             machine.loss, machine.srtt, machine.rttvar = previous.loss, previous.srtt, previous.rttvar
@@ -791,7 +799,9 @@ class HeartbeatClient:
         """Lock held: turn the machine's state transitions and events into logs and callbacks."""
         for old, new in self._machine.take_state_changes():
             log.info("heartbeat %s: %s -> %s", self.agent_id, old.value, new.value)
-            if new is not State.ONLINE:
+            if new is State.ONLINE:  # only a reply makes the machine online
+                self._online_event.set()
+            else:
                 self._online_event.clear()
             callback = self.on_state_change
             if callback is not None:
