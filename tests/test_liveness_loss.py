@@ -359,3 +359,51 @@ def test_a_first_sign_in_is_deferred_once_while_peers_fail():
     d = m.poll(2.0, 0.0, peers_failing=True)
     assert d.action is Action.NONE and d.wake_at == pytest.approx(7.0)
     assert m.poll(7.0, 0.0, peers_failing=True).action is Action.SIGN_IN  # deferred once only: never starved
+
+
+class _CheckedLiveness(Liveness):
+    """Checks that every wake time reply() and beat_sent() hand back is exactly what poll() would answer."""
+
+    checked = 0
+
+    def _agrees(self, now: float, wake: Optional[float]) -> None:
+        if wake is None:
+            return
+        assert not self.has_news()  # a shortcut is only taken when there is nothing to report
+        d = self.poll(now, 0.0)
+        if wake <= now:
+            assert d.action is Action.SEND_BEAT
+        else:
+            assert d.action is Action.NONE and d.wake_at == wake
+        _CheckedLiveness.checked += 1
+
+    def reply(self, now: float, next_beat_ms: int) -> Optional[float]:
+        self.take_events(), self.take_state_changes()
+        wake = super().reply(now, next_beat_ms)
+        self._agrees(now, wake)
+        return wake
+
+    def beat_sent(self, now: float) -> Optional[float]:
+        self.take_events(), self.take_state_changes()
+        wake = super().beat_sent(now)
+        self._agrees(now, wake)
+        return wake
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.2])
+def test_the_shortcut_wake_times_equal_what_poll_answers(loss):
+    """reply() and beat_sent() return the next wake time when nothing else changed, so the shell of a big fleet
+    skips a poll() per beat and per reply; that answer must be poll()'s, through loss, 401s and silences."""
+    def server(t: float, sim: Sim) -> Optional[int]:
+        if 300.0 <= t < 320.0:
+            return None  # silent for 20 s
+        return 401 if 600.0 <= t < 601.0 else 5000
+
+    _CheckedLiveness.checked = 0
+    for seed in range(3):
+        sim = Sim(seed, loss=loss, server=server, config=LivenessConfig(beat_grid=0.1))
+        sim.m = _CheckedLiveness(sim.m.config, rand=random.Random(seed).random)
+        sim.m.start(0.0, have_session=True)
+        sim.run(900.0)
+        assert sim.m.state is State.ONLINE
+    assert _CheckedLiveness.checked > 500

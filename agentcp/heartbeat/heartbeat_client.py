@@ -406,7 +406,11 @@ class HeartbeatClient:
                     self._flush_state_changes()
                 return decision.wake_at
             if action is Action.SEND_BEAT:
-                self._send_beat(now)
+                wake = self._send_beat(now)
+                if wake is not None:  # the machine only waits for the reply now
+                    if machine.has_news():  # e.g. the miss that made this beat a re-probe
+                        self._flush_state_changes()
+                    return wake
             elif action is Action.REBUILD_SOCKET:
                 machine.repair_started(now)
                 self._repair_socket(now)
@@ -443,8 +447,10 @@ class HeartbeatClient:
                 mask, seq, msg_type, _size, next_beat = _USUAL_REPLY.unpack(data)
                 if msg_type == MSG_HEARTBEAT_RESP and mask < 0x80 and seq < 0x80:
                     with self._lock:
-                        if sock is self.udp_socket:
-                            self._accept_reply(now, next_beat)
+                        if sock is self.udp_socket and self.is_running:
+                            wake = self._accept_reply(now, next_beat)
+                            if wake is not None:
+                                return wake  # nothing changed but the next beat's time: no need to ask again
                         return self._act(now)
             self._handle_datagram(data, addr, sock)
         return self._reactor_timer(self._clock())
@@ -456,13 +462,15 @@ class HeartbeatClient:
                 self._machine.socket_failed(now)
         return self._reactor_timer(now)
 
-    def _send_beat(self, now: float) -> None:
-        """Lock held."""
+    def _send_beat(self, now: float) -> Optional[float]:
+        """Lock held. Returns the machine's next wake time if it needs no further question (else None)."""
         self.msg_seq += 1
         # Recorded before the send, so a reply can never be processed before its beat is known.
-        self._machine.beat_sent(now)
+        wake = self._machine.beat_sent(now)
         self.last_hb = int(now * 1000)
-        self._send(self._beat_bytes(self.msg_seq))
+        if not self._send(self._beat_bytes(self.msg_seq)):
+            return None  # the send failed and the machine was told: ask it again
+        return wake
 
     def _beat_bytes(self, seq: int) -> bytes:
         """The HeartbeatReq datagram. It is serialised once per (AID, cookie), split around MessageSeq (the
@@ -483,7 +491,8 @@ class HeartbeatClient:
             varint = uint64_to_varint(seq)
         return template[2] + varint + template[3]
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> bool:
+        """Send on the current socket; False if that failed (and was reported to the machine)."""
         sock = self.udp_socket
         try:
             if sock is None:
@@ -493,6 +502,8 @@ class HeartbeatClient:
             pass  # the kernel buffer is full: this datagram is lost and the reply watchdog copes
         except OSError as exc:
             self._socket_error(sock, exc, "send")
+            return False
+        return True
 
     def _repair_socket(self, now: float) -> None:
         """Lock held: the socket failed; replace it (same server address) and probe at once."""
@@ -520,11 +531,13 @@ class HeartbeatClient:
             self._report.note("socket", f"heartbeat {where} failed for {self.agent_id}: {exc}; rebuilding the socket",
                              exc)
 
-    def _accept_reply(self, now: float, next_beat: int) -> None:
-        """Lock held: a HeartbeatResp arrived on the current socket from the server."""
+    def _accept_reply(self, now: float, next_beat: int) -> Optional[float]:
+        """Lock held: a HeartbeatResp arrived on the current socket from the server. Returns what
+        :meth:`Liveness.reply` returns (the next beat's time, or None: ask the machine)."""
         machine = self._machine
-        machine.reply(now, next_beat)
+        wake = machine.reply(now, next_beat)
         self.heartbeat_interval = int(machine.interval * 1000)
+        return wake
 
     def _handle_datagram(self, data: bytes, addr: Tuple[str, int], sock: socket.socket) -> None:
         now = self._clock()

@@ -445,7 +445,13 @@ class Liveness:
         self._next_beat_at = now
         self._record(Event(now, "socket_rebuilt"))
 
-    def beat_sent(self, now: float) -> None:
+    def beat_sent(self, now: float) -> Optional[float]:
+        """A beat went out at ``now``.
+
+        Returns the reply deadline when that is all there is to wait for (what :meth:`poll` would answer now),
+        so the shell of many agents need not ask again; None when :meth:`poll` must be asked (a repair is due
+        or running).
+        """
         self.counters.beats_sent += 1
         self.last_sent_at = now
         self._outstanding = True
@@ -455,6 +461,9 @@ class Liveness:
             self._next_beat_at = self._on_grid(now + self._blackout_probe_gap(), now)
         else:
             self._next_beat_at = self._on_grid(now + self.interval, now)
+        if self._need_sign_in or self._need_rebuild or self.state is State.STOPPED or self.state is State.OFFLINE:
+            return None
+        return self._reply_deadline
 
     def socket_failed(self, now: float, unreachable: bool = False) -> None:
         """Sending or receiving failed. Unreachable (ICMP port unreachable) means the address is stale."""
@@ -478,17 +487,22 @@ class Liveness:
             return
         self._start_reconnect(now, reason, sign_in=True)
 
-    def reply(self, now: float, next_beat_ms: int) -> None:
-        """A HeartbeatResp from the current server address arrived."""
+    def reply(self, now: float, next_beat_ms: int) -> Optional[float]:
+        """A HeartbeatResp from the current server address arrived.
+
+        Returns the next beat's time when the reply changed nothing but the beat schedule (the agent was and
+        stays online; no event to report): what :meth:`poll` would answer, so the shell need not ask. None
+        otherwise: ask :meth:`poll`.
+        """
         if self.state in (State.STOPPED, State.OFFLINE):
-            return
+            return None
         if next_beat_ms == NEXT_BEAT_REAUTH:
             self.counters.reauth_replies += 1
             self._reauth(now, Reason.REAUTH_401)
-            return
+            return None
         if self._need_sign_in:
             if self._silence_stage != 2:
-                return  # a late reply to a beat of the session we are replacing: ignore it
+                return None  # a late reply to a beat of the session we are replacing: ignore it
             # Silence ended and the old session is alive: the pending sign-in is not needed (one already running
             # completes; its new session simply replaces this one).
             self._need_sign_in = False
@@ -523,8 +537,12 @@ class Liveness:
             reason, since = self._fault
             self._record(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))
             self._fault = None
+            self._set_state(State.ONLINE, now)
+            return None
         if self.state is not State.ONLINE:
             self._set_state(State.ONLINE, now)
+            return None
+        return None if self._need_rebuild else self._next_beat_at
 
     # -- the one question ---------------------------------------------------------------------------------------
     def poll(self, now: float, beat_slack: float = 0.0, peers_failing: bool = False) -> Decision:
