@@ -4,8 +4,12 @@ Why: a process may run hundreds of agents, and each timed wake-up of a thread co
 small VM). With two threads per client, 200 idle agents cost ~2 % of a core. The reactor owns a single selector
 thread that sends every client's beats and reads every client's replies; timers that fall due within a client's
 slack (a few milliseconds) fire together. Timers live in a heap, so a wake-up costs O(log n), not O(n), however
-many clients the process runs: with each agent keeping its own beat phase, wake-ups are per beat. Blocking work
-(HTTP sign-in) never runs here: clients hand it to a short-lived worker thread of their own.
+many clients the process runs: with each agent keeping its own beat phase, wake-ups are per beat. Two things keep
+a big fleet cheap without moving any beat: clients draw their beat times on a shared grid (``BEAT_GRID`` of
+:class:`~agentcp.heartbeat.heartbeat_client.HeartbeatClient`), so agents sharing a slot are due at the same
+instant; and replies are read at the next timer's wake-up when that is near (``READ_DEFER``), so they do not
+wake the thread on their own. Blocking work (HTTP sign-in) never runs here: clients hand it to a short-lived
+worker thread of their own.
 
 The thread starts with the first registered client and stops when the last one leaves; the caller that removed
 the last client joins it, so an idle process keeps no heartbeat thread. All selector and timer state is touched
