@@ -425,8 +425,8 @@ class HeartbeatClient:
         """Read what arrived; return when to be called again.
 
         The usual datagram, a 14-byte HeartbeatResp from the server, ends the read: the selector is level
-        triggered, so anything still queued wakes the loop again at once, and the common case costs one
-        ``recvfrom`` instead of two (the second would only raise "would block"). ``now`` is the wake-up time.
+        triggered, so anything still queued wakes the loop again at once, and the common case costs one read
+        instead of two (the second would only raise "would block"). ``now`` is the wake-up time.
         """
         # Connected to the current server address: the sender is known, so skip building an address per datagram.
         peer = getattr(sock, "peer", None)
