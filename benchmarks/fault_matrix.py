@@ -10,6 +10,7 @@ default class attributes), and prints each measured figure beside its target. Ta
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -193,7 +194,7 @@ def offline_and_cycles(tmp: str) -> None:
 
 
 SERVE_SCRIPT = r"""
-import os, sys, time
+import collections, json, os, sys, time
 from agentcp.testing import FakeACPServer
 n, folder = int(sys.argv[1]), sys.argv[2]
 with FakeACPServer(next_beat_ms=5000, trust_in_process=False) as srv:
@@ -203,6 +204,14 @@ with FakeACPServer(next_beat_ms=5000, trust_in_process=False) as srv:
     with open(os.path.join(folder, "root.pem"), "w") as f:
         f.write(srv.root_ca_pem)
     print(srv.heartbeat_url, flush=True)
+    t0 = float(sys.stdin.readline())  # the measurement window starts (a monotonic time: same clock here)
+    t1 = float(sys.stdin.readline())
+    beats = sorted(b.t for b in srv.beats if b.valid and t0 <= b.t < t1)
+    # The spread as the server sees it: the most beats in one 100 ms window, and in one 5 ms window.
+    bins = collections.Counter(int(t / 0.1) for t in beats)
+    most5 = max((sum(1 for u in beats[i:i + 50] if u - t < 0.005) for i, t in enumerate(beats)), default=0)
+    print(json.dumps({"beats": len(beats), "max_100ms": max(bins.values(), default=0), "max_5ms": most5,
+                      "windows_100ms": round((t1 - t0) / 0.1)}), flush=True)
     sys.stdin.read()
 """
 
@@ -227,15 +236,25 @@ def idle_clients(tmp: str, n: int = 200, window: float = 20.0) -> None:
         reactor = HeartbeatReactor.shared()
         cpu0, wall0, wakes0 = time.process_time(), time.monotonic(), reactor.wakeups
         time.sleep(window)
-        took = time.monotonic() - wall0
+        wall1 = time.monotonic()
+        took = wall1 - wall0
         cpu = (time.process_time() - cpu0) / took * 100
         wakes = (reactor.wakeups - wakes0) / took
         online = sum(1 for c in clients if c.state == "online")
         for c in clients:
             c.offline()
+        proc.stdin.write(f"{wall0}\n{wall1}\n")
+        proc.stdin.flush()
+        spread = json.loads(proc.stdout.readline())
+        per_window = spread["beats"] / max(1, spread["windows_100ms"])
+        # Phases spread: no 100 ms window holds more than a tenth of one interval's beats (all 200 beat within 1 ms
+        # before agents kept apart phases).
+        spread_ok = spread["max_100ms"] <= 0.1 * n
         row(f"{n} clients idle in one process (CPU of one core)",
             f"{cpu:.2f} %, {wakes:.0f} wake-ups/s, {online}/{n} online",
             "<= 0.5 %", ok and cpu <= 0.5 and online == n)
+        row(f"{n} idle clients: beats at the server per 100 ms, mean / most / most in 5 ms",
+            f"{per_window:.1f} / {spread['max_100ms']} / {spread['max_5ms']}", f"most <= {0.1 * n:.0f}", spread_ok)
     finally:
         proc.stdin.close()
         proc.wait(10)

@@ -498,3 +498,36 @@ def test_agents_of_one_process_defer_their_first_sign_in_while_peers_fail(server
     finally:
         a.offline()
         b.offline()
+
+
+@pytest.mark.parametrize("seq", [1, 127, 128, 300, 16383, 16384, 2**40])
+def test_the_prebuilt_beat_datagram_is_the_serialised_request(seq, tmp_path):
+    """Beats patch MessageSeq into a datagram serialised once; it must equal the full encoder's bytes."""
+    from agentcp.msg.message_serialize import HeartbeatMessageReq
+
+    client = HeartbeatClient(AID, "http://127.0.0.1:9", str(tmp_path), "seed")
+    client.sign_cookie = 2**63 + 5
+    req = HeartbeatMessageReq()
+    req.header.MessageSeq = seq
+    req.AgentId = AID
+    req.SignCookie = client.sign_cookie
+    assert client._beat_bytes(seq) == to_bytes(req)
+    client.sign_cookie = 7  # a new session: the template follows the cookie
+    req.SignCookie = 7
+    assert client._beat_bytes(seq) == to_bytes(req)
+
+
+def test_the_usual_reply_is_read_in_one_step_and_others_by_the_general_decoder(server, tmp_path):
+    """The one-step decode covers the 14-byte u64 reply; the varint form and the 401 still reach the machine."""
+    client = make_client(server, tmp_path)
+    client.initialize()
+    client.online()
+    try:
+        assert client.wait_online(5)
+        assert wait_until(lambda: client.stats()["replies"] >= 2)
+        assert client.heartbeat_interval == int(TICK * 1000)
+        server.restart()  # every beat now gets NextBeat 401: the client signs in again and comes back
+        assert wait_until(lambda: client.stats()["reauth_replies"] >= 1)
+        assert wait_until(lambda: client.state == "online" and client.stats()["sign_ins"] >= 1)
+    finally:
+        client.offline()

@@ -203,6 +203,62 @@ def test_beat_phases_stay_apart_in_a_fleet():
     assert all(4.5 - 1e-9 <= g <= 5.0 + 1e-9 for g in gaps) and len(set(round(g, 6) for g in gaps)) > 1
 
 
+GRID = 0.05
+
+
+def _on_grid(t: float, step: float = GRID) -> bool:
+    return abs(t / step - round(t / step)) < 1e-6
+
+
+def test_with_a_beat_grid_every_drawn_beat_time_is_a_grid_point():
+    """The jittered gaps and the first-beat offset are drawn on the grid: beats of different agents that share a
+    slot are due at the same instant (one wake-up), and no beat is later than the server asked."""
+    cfg = LivenessConfig(beat_grid=GRID)
+    for seed in range(20):
+        sim = Sim(seed, config=cfg, start=1000.0137 + 0.0137 * seed).run(1100.0)
+        sent = [b - sim.rtt / 2 for b in sim.beats]
+        assert not _on_grid(sent[0])  # the first beat of a session goes out at once, wherever that is
+        assert all(_on_grid(t) for t in sent[1:])
+        gaps = [b - a for a, b in zip(sent[1:], sent[2:])]
+        assert all(4.5 - GRID - 1e-9 <= g <= 5.0 + 1e-9 for g in gaps)  # shortened by < 1 step, never longer
+        assert len(set(round(g, 6) for g in gaps)) > 3  # still jittered on every interval
+
+
+@pytest.mark.parametrize("grid, per_instant, most", [(0.05, 3.0, 10), (0.1, 5.0, 14)])
+def test_a_beat_grid_keeps_a_fleet_spread_and_reshuffles_who_shares_a_slot(grid, per_instant, most):
+    """200 agents started at once on a 50 or 100 ms grid: phases spread over the interval (about 2 or 4 agents
+    per slot), and agents that share a slot once do not stay together (the per-interval jitter draws again)."""
+    cfg = LivenessConfig(beat_grid=grid)
+    fleet = [Sim(i, config=cfg).run(125.0) for i in range(200)]
+    sent = [[round(b - s.rtt / 2, 6) for b in s.beats if 20.0 < b <= 125.0] for s in fleet]
+    windows = Counter(int(t / 0.1) for beats in sent for t in beats)  # 100 ms windows of absolute time
+    per_interval = sum(windows.values()) / (105.0 / 0.1)
+    assert 3.0 < per_interval < 5.0  # ~200 beats per ~4.75 s, i.e. ~4 per 100 ms
+    assert max(windows.values()) <= 20  # no herd: before the jitter, all 200 shared one window
+    slots = Counter(t for beats in sent for t in beats)
+    assert max(slots.values()) <= most and sum(slots.values()) / len(slots) < per_instant  # agents per instant
+    # Pairs of agents that share a slot on half of their beats or more: none (chance alone: ~1 in 10 each).
+    sets = [set(beats) for beats in sent]
+    sticky = sum(1 for i in range(200) for j in range(i + 1, 200)
+                 if len(sets[i] & sets[j]) >= len(sets[i]) / 2)
+    assert sticky == 0
+
+
+def test_the_grid_step_shrinks_with_short_intervals_and_never_delays_a_beat():
+    m = Liveness(LivenessConfig(min_interval=0.3, beat_grid=GRID, jitter=0.0, first_beat_min=1.0),
+                 rand=lambda: 0.5)
+    m.start(10.0, have_session=True)
+    m.beat_sent(10.0)
+    m.reply(10.001, 300)  # interval 0.3 s: the step is 2 % of it (6 ms), not 50 ms
+    d = m.poll(10.001)
+    assert d.wake_at == pytest.approx(10.296) and d.wake_at <= 10.3
+    m = Liveness(LivenessConfig(beat_grid=GRID, jitter=0.0, first_beat_min=1.0), rand=lambda: 0.5)
+    m.start(7.03, have_session=True)
+    m.beat_sent(7.03)
+    m.reply(7.04, 5000)
+    assert m.poll(7.04).wake_at == pytest.approx(12.0)  # 12.03 rounded down to the 50 ms grid
+
+
 def test_first_sign_in_after_401_is_spread_over_0_4_s():
     times = []
     for seed in range(100):
@@ -303,3 +359,51 @@ def test_a_first_sign_in_is_deferred_once_while_peers_fail():
     d = m.poll(2.0, 0.0, peers_failing=True)
     assert d.action is Action.NONE and d.wake_at == pytest.approx(7.0)
     assert m.poll(7.0, 0.0, peers_failing=True).action is Action.SIGN_IN  # deferred once only: never starved
+
+
+class _CheckedLiveness(Liveness):
+    """Checks that every wake time reply() and beat_sent() hand back is exactly what poll() would answer."""
+
+    checked = 0
+
+    def _agrees(self, now: float, wake: Optional[float]) -> None:
+        if wake is None:
+            return
+        assert not self.has_news()  # a shortcut is only taken when there is nothing to report
+        d = self.poll(now, 0.0)
+        if wake <= now:
+            assert d.action is Action.SEND_BEAT
+        else:
+            assert d.action is Action.NONE and d.wake_at == wake
+        _CheckedLiveness.checked += 1
+
+    def reply(self, now: float, next_beat_ms: int) -> Optional[float]:
+        self.take_events(), self.take_state_changes()
+        wake = super().reply(now, next_beat_ms)
+        self._agrees(now, wake)
+        return wake
+
+    def beat_sent(self, now: float) -> Optional[float]:
+        self.take_events(), self.take_state_changes()
+        wake = super().beat_sent(now)
+        self._agrees(now, wake)
+        return wake
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.2])
+def test_the_shortcut_wake_times_equal_what_poll_answers(loss):
+    """reply() and beat_sent() return the next wake time when nothing else changed, so the shell of a big fleet
+    skips a poll() per beat and per reply; that answer must be poll()'s, through loss, 401s and silences."""
+    def server(t: float, sim: Sim) -> Optional[int]:
+        if 300.0 <= t < 320.0:
+            return None  # silent for 20 s
+        return 401 if 600.0 <= t < 601.0 else 5000
+
+    _CheckedLiveness.checked = 0
+    for seed in range(3):
+        sim = Sim(seed, loss=loss, server=server, config=LivenessConfig(beat_grid=0.1))
+        sim.m = _CheckedLiveness(sim.m.config, rand=random.Random(seed).random)
+        sim.m.start(0.0, have_session=True)
+        sim.run(900.0)
+        assert sim.m.state is State.ONLINE
+    assert _CheckedLiveness.checked > 500

@@ -13,6 +13,9 @@ Timing rules (liveness.md §3.7, §4; issues "resilient liveness core" and "live
   later than the server asked; on a lossy path shortened by the loss rate, so lost beats are re-sent in time),
   and the beat after the first reply of a session goes out at a random point of the first interval, so agents in
   one process keep apart phases instead of beating (and re-signing-in) in lock-step.
+  With ``beat_grid`` set, each drawn time is rounded down to a multiple of the grid step: agents whose random
+  draws fall into the same slot are due at the very same instant, so the shell's shared reactor serves them with
+  one wake-up without moving any beat, and the phases stay random and spread.
 * Loss versus silence. A reply not received ``reply_timeout`` (or a few smoothed round-trip times, if longer)
   after its beat is a *miss*, and the server is re-probed at once. The machine keeps an estimate of the round-trip
   loss rate (a plain mean at first, then exponentially weighted), folded in when a run of misses ends with a
@@ -39,7 +42,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from agentcp.base.backoff import BLACKOUT_BACKOFF, HEARTBEAT_RECONNECT_BACKOFF, PERMANENT_ERROR_BACKOFF, Backoff
 from agentcp.msg.message_serialize import NEXT_BEAT_REAUTH
@@ -81,10 +84,18 @@ class Reason(str, enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What :meth:`Liveness.poll` asks of the shell (a named tuple: made on every beat and reply, cheaply)."""
+
     action: Action
     wake_at: Optional[float] = None  # when to poll again if nothing happens first (None: only on an event)
+
+
+#: The decisions without a wake time, made once (poll() runs on every beat and reply of every agent).
+_SEND_BEAT = Decision(Action.SEND_BEAT)
+_SIGN_IN = Decision(Action.SIGN_IN)
+_REBUILD = Decision(Action.REBUILD_SOCKET)
+_WAIT = Decision(Action.NONE, None)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,13 @@ class LivenessConfig:
     loss_early: float = 0.3
     #: The beat after a session's first reply goes out after a random [first_beat_min, 1] * interval.
     first_beat_min: float = 0.1
+    #: Beat grid (seconds; 0: off). Every randomly drawn beat time (jittered gap, first-beat offset, blackout probe
+    #: gap) is rounded down to a multiple of ``beat_grid`` on the shell's clock, so the agents of one process whose
+    #: draws fall into the same slot are due at the same instant and share one wake-up, while phases stay random
+    #: and spread (200 agents over a 5 s interval with a 50 ms grid: ~100 slots, ~2 agents each). Rounding down
+    #: only shortens a gap, by less than one step: never later than the server asked. The step is at most
+    #: ``GRID_MAX_FRACTION`` of the interval (short test intervals get a finer grid).
+    beat_grid: float = 0.0
     #: The first sign-in after a 401 / ICMP unreachable waits a random [0, reauth_spread] seconds.
     reauth_spread: float = 0.4
     #: While a sign-in after silence is pending, the old session is probed every [lo, hi] seconds.
@@ -144,6 +162,10 @@ class Counters:
     reconnects: Dict[str, int] = field(default_factory=dict)
 
 
+#: The beat grid's step is at most this fraction of the interval (a 5 s interval: at most 100 ms).
+GRID_MAX_FRACTION = 0.02
+
+
 def probe_budget(loss: float, false_alarm: float, minimum: int, maximum: int) -> int:
     """Consecutive misses to wait for before calling the server silent, given the round-trip loss estimate.
 
@@ -170,6 +192,7 @@ class Liveness:
         self.history: Deque[Event] = deque(maxlen=history)
         self.state = State.OFFLINE
         self.interval = self.config.min_interval
+        self._grid_step = self._grid_for(self.interval)
         self.last_rtt: Optional[float] = None
         self.last_reply_at: Optional[float] = None
         self.last_sent_at: Optional[float] = None
@@ -210,6 +233,10 @@ class Liveness:
     def _record(self, event: Event) -> None:
         self.history.append(event)
         self._pending_events.append(event)
+
+    def has_news(self) -> bool:
+        """Are there state changes or events the shell has not taken yet?"""
+        return bool(self._pending_states or self._pending_events)
 
     def take_events(self) -> List[Event]:
         """Timeline events since the last call (the shell turns them into ``on_event`` callbacks)."""
@@ -271,12 +298,25 @@ class Liveness:
         else:
             self._repair_at = now + self._spread()
         self._repairs_without_reply["sign_in"] = count + 1
-        self._next_beat_at = now + self._blackout_probe_gap()
+        self._next_beat_at = self._on_grid(now + self._blackout_probe_gap(), now)
         self._record(Event(now, "escalate", "sign_in"))
 
     def _blackout_probe_gap(self) -> float:
         lo, hi = self.config.blackout_probe
         return lo + (hi - lo) * self.rand()
+
+    def _grid_for(self, interval: float) -> float:
+        """The beat grid's step for ``interval`` (0: no grid)."""
+        return max(0.0, min(self.config.beat_grid, GRID_MAX_FRACTION * interval))
+
+    def _on_grid(self, at: float, after: float) -> float:
+        """``at`` rounded down to the beat grid, unless that would not be later than ``after`` (a gap shorter
+        than one step: keep it as drawn). The same slot is the same float for every machine of the process."""
+        step = self._grid_step
+        if not step:
+            return at
+        slot = (at // step) * step
+        return slot if slot > after else at
 
     def _fold_outcome(self, misses: int) -> None:
         """A run of ``misses`` misses ended with a reply: update the loss estimate.
@@ -284,6 +324,10 @@ class Liveness:
         A plain mean over the first 1/alpha outcomes (so a young estimate is not biased towards zero), an
         exponentially weighted one after that.
         """
+        if not misses and self.loss_samples >= 1.0 / self.config.loss_alpha:
+            self.loss_samples += 1  # the usual case, a reply with no miss before it: one weighted step
+            self.loss -= self.config.loss_alpha * self.loss
+            return
         outcomes = [1.0] * min(misses, self.config.max_probe_budget) + [0.0]
         for lost in outcomes:
             self.loss_samples += 1
@@ -401,16 +445,25 @@ class Liveness:
         self._next_beat_at = now
         self._record(Event(now, "socket_rebuilt"))
 
-    def beat_sent(self, now: float) -> None:
+    def beat_sent(self, now: float) -> Optional[float]:
+        """A beat went out at ``now``.
+
+        Returns the reply deadline when that is all there is to wait for (what :meth:`poll` would answer now),
+        so the shell of many agents need not ask again; None when :meth:`poll` must be asked (a repair is due
+        or running).
+        """
         self.counters.beats_sent += 1
         self.last_sent_at = now
         self._outstanding = True
         self._reply_deadline = now + self._reply_timeout()
         # Until the reply says otherwise, the next beat is one interval away (a probe gap while signing in).
         if self._silence_stage == 2:
-            self._next_beat_at = now + self._blackout_probe_gap()
+            self._next_beat_at = self._on_grid(now + self._blackout_probe_gap(), now)
         else:
-            self._next_beat_at = now + self.interval
+            self._next_beat_at = self._on_grid(now + self.interval, now)
+        if self._need_sign_in or self._need_rebuild or self.state is State.STOPPED or self.state is State.OFFLINE:
+            return None
+        return self._reply_deadline
 
     def socket_failed(self, now: float, unreachable: bool = False) -> None:
         """Sending or receiving failed. Unreachable (ICMP port unreachable) means the address is stale."""
@@ -434,23 +487,31 @@ class Liveness:
             return
         self._start_reconnect(now, reason, sign_in=True)
 
-    def reply(self, now: float, next_beat_ms: int) -> None:
-        """A HeartbeatResp from the current server address arrived."""
+    def reply(self, now: float, next_beat_ms: int) -> Optional[float]:
+        """A HeartbeatResp from the current server address arrived.
+
+        Returns the next beat's time when the reply changed nothing but the beat schedule (the agent was and
+        stays online; no event to report): what :meth:`poll` would answer, so the shell need not ask. None
+        otherwise: ask :meth:`poll`.
+        """
         if self.state in (State.STOPPED, State.OFFLINE):
-            return
+            return None
         if next_beat_ms == NEXT_BEAT_REAUTH:
             self.counters.reauth_replies += 1
             self._reauth(now, Reason.REAUTH_401)
-            return
+            return None
         if self._need_sign_in:
             if self._silence_stage != 2:
-                return  # a late reply to a beat of the session we are replacing: ignore it
+                return None  # a late reply to a beat of the session we are replacing: ignore it
             # Silence ended and the old session is alive: the pending sign-in is not needed (one already running
             # completes; its new session simply replaces this one).
             self._need_sign_in = False
             self._sign_in_failures = 0
         self.counters.replies += 1
-        self.interval = min(max(next_beat_ms / 1000.0, self.config.min_interval), self.config.max_interval)
+        interval = min(max(next_beat_ms / 1000.0, self.config.min_interval), self.config.max_interval)
+        if interval != self.interval:
+            self.interval = interval
+            self._grid_step = self._grid_for(interval)
         if self.last_sent_at is not None and self._outstanding:
             self._measure_rtt(max(0.0, now - self.last_sent_at))
         self._fold_outcome(self._misses)
@@ -471,12 +532,17 @@ class Liveness:
         # On a lossy path beat a little early (by the loss rate, at most loss_early), so that a lost beat can be
         # re-probed several times before the server's wait for it runs out.
         fraction *= 1.0 - min(self.config.loss_early, self.loss)
-        self._next_beat_at = base + self.interval * fraction
+        self._next_beat_at = self._on_grid(base + self.interval * fraction, now)
         if self._fault is not None:
             reason, since = self._fault
             self._record(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))
             self._fault = None
-        self._set_state(State.ONLINE, now)
+            self._set_state(State.ONLINE, now)
+            return None
+        if self.state is not State.ONLINE:
+            self._set_state(State.ONLINE, now)
+            return None
+        return None if self._need_rebuild else self._next_beat_at
 
     # -- the one question ---------------------------------------------------------------------------------------
     def poll(self, now: float, beat_slack: float = 0.0, peers_failing: bool = False) -> Decision:
@@ -488,7 +554,7 @@ class Liveness:
         sign-in attempt is then deferred once by ``outage_defer``.
         """
         if self.state in (State.OFFLINE, State.STOPPED):
-            return Decision(Action.NONE, None)
+            return _WAIT
         if self._need_sign_in or self._need_rebuild:
             if now >= self._repair_at:
                 if self._need_sign_in and peers_failing and self._sign_in_failures == 0 and not self._deferred:
@@ -497,7 +563,7 @@ class Liveness:
                     self._repair_at = now + lo + (hi - lo) * self.rand()
                     self._record(Event(now, "sign_in_deferred", f"{self._repair_at - now:.1f} s"))
                     return self.poll(now, beat_slack)
-                return Decision(Action.SIGN_IN if self._need_sign_in else Action.REBUILD_SOCKET)
+                return _SIGN_IN if self._need_sign_in else _REBUILD
             wake = self._repair_at if self._repair_at != float("inf") else None
             if self._silence_stage == 2 and self._need_sign_in and self._have_session:
                 # Waiting to sign in after silence: keep probing the old session cheaply by UDP.
@@ -507,7 +573,7 @@ class Liveness:
                     self._outstanding = False
                     self.counters.misses += 1
                 if now + beat_slack >= self._next_beat_at:
-                    return Decision(Action.SEND_BEAT)
+                    return _SEND_BEAT
                 wake = _earliest(wake, self._next_beat_at)
             return Decision(Action.NONE, wake)
         if self._outstanding:
@@ -523,9 +589,9 @@ class Liveness:
                 else:
                     self._start_reconnect(now, Reason.SILENT, sign_in=False)
                 return self.poll(now, beat_slack)
-            return Decision(Action.SEND_BEAT)  # re-probe at once
+            return _SEND_BEAT  # re-probe at once
         if now + beat_slack >= self._next_beat_at:
-            return Decision(Action.SEND_BEAT)
+            return _SEND_BEAT
         return Decision(Action.NONE, self._next_beat_at)
 
     # -- views ----------------------------------------------------------------------------------------------------

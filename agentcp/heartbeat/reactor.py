@@ -4,8 +4,12 @@ Why: a process may run hundreds of agents, and each timed wake-up of a thread co
 small VM). With two threads per client, 200 idle agents cost ~2 % of a core. The reactor owns a single selector
 thread that sends every client's beats and reads every client's replies; timers that fall due within a client's
 slack (a few milliseconds) fire together. Timers live in a heap, so a wake-up costs O(log n), not O(n), however
-many clients the process runs: with each agent keeping its own beat phase, wake-ups are per beat. Blocking work
-(HTTP sign-in) never runs here: clients hand it to a short-lived worker thread of their own.
+many clients the process runs: with each agent keeping its own beat phase, wake-ups are per beat. Two things keep
+a big fleet cheap without moving any beat: clients draw their beat times on a shared grid (``BEAT_GRID`` of
+:class:`~agentcp.heartbeat.heartbeat_client.HeartbeatClient`), so agents sharing a slot are due at the same
+instant; and replies are read at the next timer's wake-up when that is near (``READ_DEFER``), so they do not
+wake the thread on their own. Blocking work (HTTP sign-in) never runs here: clients hand it to a short-lived
+worker thread of their own.
 
 The thread starts with the first registered client and stops when the last one leaves; the caller that removed
 the last client joins it, so an idle process keeps no heartbeat thread. All selector and timer state is touched
@@ -13,7 +17,6 @@ only on the reactor thread; other threads talk to it through :meth:`HeartbeatRea
 """
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import logging
@@ -48,6 +51,16 @@ class HeartbeatReactor:
     _shared: Optional["HeartbeatReactor"] = None
     #: Upper bound of any client's timer slack (seconds).
     MAX_SLACK: float = 0.05
+    #: Reads wait for a timer due within this many seconds (0: never). Why: in a process with many agents the
+    #: replies of one batch of beats would each wake the thread again (a cold wake-up costs several times the
+    #: work of the reply); read at the next timer's wake-up instead, they share it with that batch's beats.
+    #: Every datagram that arrived is read before any timer runs (so a reply in time is never a miss), commands
+    #: (offline, rebuild, a socket closed under a client) never wait, and with no timer that close (a process
+    #: with few agents) sockets wake the thread at once. The cost: an invite or a reply may be read up to this
+    #: late, and a round-trip time measured from it is that much longer (far below the 1 s reply timeout).
+    READ_DEFER: float = 0.1
+    #: Passes over the ready sockets when the deferred reads are done (each pass reads one datagram per socket).
+    DRAIN_PASSES: int = 16
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -69,6 +82,7 @@ class HeartbeatReactor:
         self._wake_w: Optional[socket.socket] = None
         # Reactor-thread state:
         self._selector: Optional[selectors.BaseSelector] = None
+        self._quiet: Optional[selectors.BaseSelector] = None  # the wake socket only: sleeps that defer reads
         self._wake_r: Optional[socket.socket] = None
         self._timers: Dict[Any, float] = {}  # client -> its one timer
         self._heap: List[Tuple[float, int, Any]] = []  # (at, tie-breaker, client); stale entries skipped lazily
@@ -132,6 +146,8 @@ class HeartbeatReactor:
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._quiet = selectors.DefaultSelector()
+        self._quiet.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -237,11 +253,12 @@ class HeartbeatReactor:
             self._heap.clear()
             self._stopped_threads.append(self._thread)
             self._thread = None
-            selector, wake_r, wake_w = self._selector, self._wake_r, self._wake_w
-            self._selector = self._wake_r = self._wake_w = None
+            selector, quiet, wake_r, wake_w = self._selector, self._quiet, self._wake_r, self._wake_w
+            self._selector = self._quiet = self._wake_r = self._wake_w = None
             self._changed.notify_all()
-        if selector is not None:
-            selector.close()
+        for sel in (selector, quiet):
+            if sel is not None:
+                sel.close()
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
@@ -255,6 +272,7 @@ class HeartbeatReactor:
             pass
 
     def _run(self) -> None:
+        clock, heap = self._clock, self._heap
         while True:
             self._run_commands()
             if self._exit_if_idle():
@@ -262,31 +280,52 @@ class HeartbeatReactor:
             timeout = None
             earliest = self._earliest_timer()
             if earliest is not None:
-                timeout = max(0.0, earliest - self._clock())
+                timeout = max(0.0, earliest - clock())
+            selector = self._selector
+            assert selector is not None and self._quiet is not None
             try:
-                events = self._selector.select(timeout)  # type: ignore[union-attr]
+                if timeout is not None and 0.0 < timeout <= self.READ_DEFER:
+                    self._quiet.select(timeout)  # only a command wakes us early: reads wait for the timer
+                    self.wakeups += 1
+                    self._drain(selector, clock())
+                else:
+                    events = selector.select(timeout)
+                    self.wakeups += 1
+                    if events:
+                        self._dispatch(events, clock())
             except (OSError, ValueError) as exc:
                 # A watched descriptor died behind our back; drop dead keys and carry on.
                 self._prune_dead(exc)
                 continue
-            self.wakeups += 1
-            now = self._clock()
-            for key, _mask in events:
-                client = key.data
-                if client is None:
-                    self._drain_wake()
-                    continue
-                self._guard(client, functools.partial(client._reactor_readable, key.fileobj, now))
-            now = self._clock()
-            for client in self._take_due(now):
-                self._guard(client, functools.partial(client._reactor_timer, now))
+            now = clock()
+            if heap and heap[0][0] <= now + self.MAX_SLACK:
+                for client in self._take_due(now):
+                    self._guard(client, client._reactor_timer, now)
 
-    def _guard(self, client: Any, fn: Callable[[], Optional[float]]) -> None:
-        """Run a client callback; a bug in one client must not stop the others."""
+    def _dispatch(self, events: List[Tuple[selectors.SelectorKey, int]], now: float) -> None:
+        """Hand each ready socket to its client (one datagram at least; the usual reply alone)."""
+        guard = self._guard
+        for key, _mask in events:
+            client = key.data
+            if client is None:
+                self._drain_wake()
+            else:
+                guard(client, client._reactor_readable, key.fileobj, now)
+
+    def _drain(self, selector: selectors.BaseSelector, now: float) -> None:
+        """Deferred reads: read what is ready, pass after pass, until nothing is (bounded by DRAIN_PASSES)."""
+        for _ in range(self.DRAIN_PASSES):
+            events = selector.select(0)
+            if not events:
+                return
+            self._dispatch(events, now)
+
+    def _guard(self, client: Any, fn: Callable[..., Optional[float]], *args: Any) -> None:
+        """Run a client callback, ``fn(*args)``; a bug in one client must not stop the others."""
         if client not in self.clients:
             return
         try:
-            self.set_timer(client, fn())
+            self.set_timer(client, fn(*args))
         except Exception:
             self.errors += 1
             log.exception("heartbeat client %r failed in the reactor; retrying in 1 s", client)
@@ -301,5 +340,5 @@ class HeartbeatReactor:
                 self.unwatch(sock)
                 client = key.data
                 if client is not None and client in self.clients:
-                    self._guard(client, functools.partial(client._reactor_socket_dead, self._clock()))
+                    self._guard(client, client._reactor_socket_dead, self._clock())
         log.debug("heartbeat reactor select failed (%s); pruned dead sockets", exc)
