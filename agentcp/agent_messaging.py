@@ -283,7 +283,7 @@ class MessagingMixin:
         dispatcher = self._dispatcher
         if dispatcher is None or dispatcher.stopped:
             return  # dropped by offline(): not confirmed (see _on_incoming)
-        self._history("save_message_later", dict(data))
+        self._history("save_message_later", data)  # the row is built now
         try:
             blocks = self.get_content_array_from_message(data)
         except AttributeError:
@@ -317,7 +317,7 @@ class MessagingMixin:
         dispatcher = self._dispatcher
         if dispatcher is None or dispatcher.stopped:
             return  # dropped by offline(): not confirmed (see _on_incoming)
-        self._history("save_message_later", dict(data))
+        self._history("save_message_later", data)  # the row is built now
         if len(calls) == 1:
             handler, args = calls[0]
             try:

@@ -176,6 +176,13 @@ def _page(page: Any, page_size: Any) -> Tuple[int, int]:
     return page_size, (page - 1) * page_size
 
 
+#: The columns a history row is written with, in the order of :meth:`DBManager._row_values`.
+_ROW_COLUMNS = ("message_id", "session_id", "role", "message_aid", "parent_message_id", "to_aids", "content",
+                "instruction", "type", "status")
+_MID, _SID, _AID = 0, 1, 3
+_INSERT_ROW = f"INSERT INTO messages ({', '.join(_ROW_COLUMNS)}) VALUES ({', '.join('?' * len(_ROW_COLUMNS))})"
+
+
 class DBManager:
     """The agent's history database (0.1.99 name and constructor: ``DBManager(aid_path, aid)``).
 
@@ -197,7 +204,7 @@ class DBManager:
         self.write_behind = WriteBehindPolicy()
         #: Called as ``on_flush_error(exc, rows_lost)`` when a batch of buffered rows could not be written.
         self.on_flush_error: Optional[Callable[[BaseException, int], None]] = None
-        self._pending: List[Dict[str, Any]] = []
+        self._pending: List[Any] = []  # row tuples (or a message whose row could not be built: reported later)
         # Guards only ``_pending``: a sender appends without waiting for a batch being written under ``_lock``.
         self._pending_lock = threading.Lock()
         self._wb = {"buffered": 0, "batches": 0, "written": 0, "duplicates": 0, "write_through": 0, "lost": 0,
@@ -524,14 +531,20 @@ class DBManager:
         other buffered rows, and before any later read or write of this database (read-your-writes). A full
         buffer is written at once by this call; nothing is dropped.
 
-        The shape is checked now (a non-dict or a missing required field raises as in :meth:`save_message`); the
-        row is built when it is written, off the sender's thread, so ``message`` is kept until then and must not
-        be changed by the caller. A field of the wrong type found then is logged and counted (``invalid``)."""
+        The shape is checked now (a non-dict or a missing required field raises as in :meth:`save_message`) and
+        the row is built now (a few microseconds): the buffer holds a flat tuple of column values, not the
+        message with its nested blocks, so buffered rows cost the garbage collector (and the round trips it
+        pauses) next to nothing, and the writer only writes. A field of the wrong type is found when the buffer is
+        written: logged and counted (``invalid``); the other rows are stored."""
         self._check_message(message)
         if self.conn is None:
             self._conn()  # raises: closed
+        try:
+            item: Any = self._row_values(self._saved_row(message))
+        except (TypeError, ValueError):
+            item = dict(message)  # the writer reports it (invalid), as for any bad row
         with self._pending_lock:
-            self._pending.append(message)
+            self._pending.append(item)
             self._wb["buffered"] += 1
             pending = len(self._pending)
         if self.write_behind.write_through(pending):
@@ -563,14 +576,13 @@ class DBManager:
         if not rows:
             return 0
         inserted = invalid = 0
-        built: List[Dict[str, Any]] = []
-        for n, message in enumerate(rows, 1):
-            if n % 16 == 0:
-                # Building rows is pure Python: let the connection threads have the interpreter between chunks
-                # (a message's round trip must not wait a whole batch for it).
-                time.sleep(0)
+        built: List[Tuple[Any, ...]] = []
+        for item in rows:
+            if isinstance(item, tuple):  # built by save_message_later
+                built.append(item)
+                continue
             try:
-                built.append(self._saved_row(message))
+                built.append(self._row_values(self._saved_row(item)))
             except (TypeError, ValueError) as exc:  # one bad row: counted, the others are written
                 invalid += 1
                 _log.warning("%s: history row not stored: %s", self.db_path, exc)
@@ -582,9 +594,7 @@ class DBManager:
                 if fresh:
                     # One statement for the batch: the writer holds the interpreter lock for far less time than
                     # a SELECT and an INSERT per row did (each message's round trip waited behind that).
-                    cols = list(fresh[0])
-                    conn.executemany(f"INSERT INTO messages ({', '.join(cols)}) VALUES "
-                                     f"({', '.join('?' * len(cols))})", [[row[c] for c in cols] for row in fresh])
+                    conn.executemany(_INSERT_ROW, fresh)
                 inserted = len(fresh)
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -611,13 +621,18 @@ class DBManager:
         return inserted
 
     @staticmethod
-    def _not_stored(conn: sqlite3.Connection, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def _row_values(row: Dict[str, Any]) -> Tuple[Any, ...]:
+        """A ``messages`` row as the tuple of its values in :data:`_ROW_COLUMNS` order."""
+        return tuple(map(row.__getitem__, _ROW_COLUMNS))
+
+    @staticmethod
+    def _not_stored(conn: sqlite3.Connection, rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
         """Inside a transaction: the rows whose ``(session_id, message_id, sender)`` is neither stored nor earlier
         in ``rows`` (rows without a message id are always new). One query per session and 500 ids."""
         wanted: Dict[Any, Set[str]] = {}
         for row in rows:
-            if row["message_id"]:
-                wanted.setdefault(row["session_id"], set()).add(row["message_id"])
+            if row[_MID]:
+                wanted.setdefault(row[_SID], set()).add(row[_MID])
         seen: Set[Tuple[Any, str, str]] = set()
         for session_id, ids in wanted.items():
             id_list = list(ids)
@@ -629,8 +644,8 @@ class DBManager:
                     seen.add((session_id, str(message_id), str(sender)))
         fresh = []
         for row in rows:
-            if row["message_id"]:
-                key = (row["session_id"], row["message_id"], row["message_aid"])
+            if row[_MID]:
+                key = (row[_SID], row[_MID], row[_AID])
                 if key in seen:
                     continue
                 seen.add(key)
