@@ -957,17 +957,16 @@ class MessageClient(IClient):
 
     def _connect_failed(self, text: str, exc: Optional[BaseException], status: Optional[int] = None) -> None:
         rejected = status in (401, 403)
+        text = redact(text, self.auth_client.signature)
         with self._lock:
-            self._machine.connect_failed(self._clock(), redact(text, self.auth_client.signature),
-                                         auth_rejected=rejected)
+            self._machine.connect_failed(self._clock(), text, auth_rejected=rejected)
         if status:
             what = "token rejected; signing in again" if rejected else "retrying"
             self._report.note(f"handshake_{status}", f"message server {self._redacted_url()} answered the "
                                                     f"WebSocket handshake with HTTP {status} ({what})",
                              MessageChannelError(f"handshake rejected with HTTP {status}"))
         else:
-            self._report.note("connect", f"{redact(text, self.auth_client.signature)}; retrying",
-                              MessageChannelError(f"connect failed: {redact(text, self.auth_client.signature)}"))
+            self._report.note("connect", f"{text}; retrying", MessageChannelError(f"connect failed: {text}"))
         self._kick()
 
     # -- connections, on the reactor -----------------------------------------------------------------------------

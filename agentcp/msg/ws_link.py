@@ -80,7 +80,6 @@ class WsLink:
         self.proto: Optional[ClientProtocol] = None
         self.too_big: Optional[PayloadTooBig] = None
         self.paused = False
-        self.opened_at: Optional[float] = None
         self._addrs: List[Tuple[Any, ...]] = []
         self._last_error: Optional[BaseException] = None
         self._deadline: Optional[TimerHandle] = None
@@ -259,13 +258,11 @@ class WsLink:
                 if proto.handshake_exc is not None:
                     self._handshake_failed(proto.handshake_exc)
                 return
-            response = events.pop(0)
+            del events[0]  # the handshake response: accepted unless the protocol says otherwise
             if proto.handshake_exc is not None:
                 self._handshake_failed(proto.handshake_exc)
                 return
-            del response
             self.phase = "open"
-            self.opened_at = self.reactor.clock()
             if self._deadline is not None:
                 self._deadline.cancel()
             self._watch(EVENT_READ | (EVENT_WRITE if self._wbuf else 0))

@@ -214,10 +214,8 @@ class WsReactor:
         self._thread = None
         self._run = None
         self._timers = []
-        if thread is not None and thread is not threading.current_thread():
-            self._ended.append(thread)
-        elif thread is not None:
-            self._ended.append(thread)  # joined by the next acquire/release from another thread
+        if thread is not None:
+            self._ended.append(thread)  # joined by the next acquire/release (never by itself)
 
     def _run_timers(self) -> Optional[float]:
         timers = self._timers
