@@ -27,9 +27,14 @@ class Sim:
     def __init__(self, seed: int, loss: float = 0.0, rtt: float = 0.06,
                  server: Callable[[float, "Sim"], Optional[int]] = lambda t, sim: 5000,
                  sign_in: Callable[[float], object] = lambda t: True, sign_in_time: float = 0.05,
-                 config: Optional[LivenessConfig] = None, start: float = 0.0) -> None:
+                 config: Optional[LivenessConfig] = None, start: float = 0.0,
+                 sent: Optional[Counter] = None) -> None:
         self.rng = random.Random(seed)
-        self.m = Liveness(config or LivenessConfig(), rand=random.Random(seed + 1000).random)
+        # ``sent``: beats sent per instant, shared by a fleet of machines run one after another; each machine then
+        # sees how crowded a grid slot is (the shell's reactor counts its timers due at that instant).
+        self.sent = sent
+        self.m = Liveness(config or LivenessConfig(), rand=random.Random(seed + 1000).random,
+                          slot_load=None if sent is None else lambda at: sent[at])
         self.loss, self.rtt, self.server, self.sign_in, self.sign_in_time = loss, rtt, server, sign_in, sign_in_time
         self.events: List[Tuple[float, int, str, object]] = []
         self.n = 0
@@ -56,6 +61,8 @@ class Sim:
             d = self.m.poll(self.t, 0.0, failing)
             if d.action is Action.SEND_BEAT:
                 self.m.beat_sent(self.t)
+                if self.sent is not None:
+                    self.sent[self.t] += 1
                 if not self._lost():
                     arrive = self.t + self.rtt / 2
                     answer = self.server(arrive, self)
@@ -244,12 +251,37 @@ def test_a_beat_grid_keeps_a_fleet_spread_and_reshuffles_who_shares_a_slot(grid,
     assert sticky == 0
 
 
+def test_a_fleet_on_a_200_ms_grid_takes_the_emptier_of_two_slots():
+    """A big fleet shares wake-ups on a 200 ms grid (about 8 of 200 agents per slot at 5 s). With one random draw
+    per beat some slots fill up by chance (17-19 beats in one instant were seen); drawing twice and taking the
+    emptier slot keeps every slot near the mean, while each agent's phase stays random and jittered."""
+    cfg = LivenessConfig(beat_grid=0.2)
+    most = {}
+    for balanced in (False, True):
+        sent: Counter = Counter()
+        fleet = [Sim(i, config=cfg, sent=sent if balanced else None).run(125.0) for i in range(200)]
+        beats = [[round(b - s.rtt / 2, 6) for b in s.beats if 20.0 < b <= 125.0] for s in fleet]
+        slots = Counter(t for agent in beats for t in agent)
+        per_slot = sum(slots.values()) / (105.0 / 0.2)
+        assert 7.5 < per_slot < 9.5  # every slot in use, ~8.5 beats each
+        most[balanced] = max(slots.values())
+        for agent in beats:
+            gaps = [b - a for a, b in zip(agent, agent[1:])]
+            assert all(4.5 - 0.2 - 1e-9 <= g <= 5.0 + 1e-9 for g in gaps)  # never later than the server asked
+        # No pair in lock-step (that would be every slot shared): the wider slots make chance sharing more common
+        # than on a 100 ms grid (a few pairs share half their slots), but none shares two thirds.
+        sets = [set(agent) for agent in beats]
+        assert all(len(sets[i] & sets[j]) < 2 / 3 * len(sets[i]) for i in range(200) for j in range(i + 1, 200))
+    assert most[False] >= 15  # chance alone crowds some slot
+    assert most[True] <= 12, most
+
+
 def test_the_grid_step_shrinks_with_short_intervals_and_never_delays_a_beat():
     m = Liveness(LivenessConfig(min_interval=0.3, beat_grid=GRID, jitter=0.0, first_beat_min=1.0),
                  rand=lambda: 0.5)
     m.start(10.0, have_session=True)
     m.beat_sent(10.0)
-    m.reply(10.001, 300)  # interval 0.3 s: the step is 2 % of it (6 ms), not 50 ms
+    m.reply(10.001, 300)  # interval 0.3 s: the step is 4 % of it (12 ms), not 50 ms
     d = m.poll(10.001)
     assert d.wake_at == pytest.approx(10.296) and d.wake_at <= 10.3
     m = Liveness(LivenessConfig(beat_grid=GRID, jitter=0.0, first_beat_min=1.0), rand=lambda: 0.5)

@@ -110,3 +110,46 @@ def test_commands_are_not_deferred(probe):
     probe.reactor.call(lambda: None, wait=True)
     assert not probe.fired.is_set()  # answered while the timer still waits
     assert time.monotonic() - t0 < 0.9 * HeartbeatReactor.READ_DEFER
+
+
+class _Slot:
+    def _timer_slack(self) -> float:
+        return 0.0
+
+
+def test_the_reactor_counts_the_timers_due_at_each_instant():
+    """Agents pick the emptier of two beat-grid slots by asking the reactor how many timers are set to each."""
+    r = HeartbeatReactor(name="agentcp-hb-test-reactor")
+    a, b, c = _Slot(), _Slot(), _Slot()
+    for client in (a, b, c):
+        r.add_client(client)
+    r.set_timer(a, 10.0)
+    r.set_timer(b, 10.0)
+    r.set_timer(c, 10.2)
+    assert (r.due_at(10.0), r.due_at(10.2), r.due_at(10.1)) == (2, 1, 0)
+    r.set_timer(a, 10.2)
+    r.set_timer(a, 10.2)  # unchanged: counted once
+    assert (r.due_at(10.0), r.due_at(10.2)) == (1, 2)
+    assert r._take_due(10.0) == [b]  # fired: no longer due there
+    assert r.due_at(10.0) == 0
+    r.remove_client(a)
+    r.set_timer(c, None)
+    assert r.due_at(10.2) == 0 and r._due == {}  # nothing left behind
+    r.set_timer(a, 11.0)  # a removed client's timer is not set, nor counted
+    assert r.due_at(11.0) == 0
+
+
+def test_clients_ask_their_reactor_how_crowded_a_slot_is(tmp_path):
+    from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+
+    reactor = HeartbeatReactor(name="agentcp-hb-test-reactor")
+    client = HeartbeatClient("alice.example.com", "http://127.0.0.1:9", str(tmp_path), "seed", reactor=reactor)
+    assert client._machine.slot_load == reactor.due_at
+
+
+def test_replies_of_a_grid_slot_wait_for_the_next_slot_not_longer():
+    """With the beat grid, a batch's replies are read at the next slot's wake-up only if READ_DEFER spans a slot;
+    a smaller READ_DEFER would let every batch of replies wake the reactor once more."""
+    from agentcp.heartbeat.heartbeat_client import HeartbeatClient
+
+    assert HeartbeatReactor.READ_DEFER >= HeartbeatClient.BEAT_GRID

@@ -140,14 +140,19 @@ class HeartbeatClient:
     MAX_BEAT_SLACK: float = 0.005
     #: The beat grid (seconds of the monotonic clock; 0: off). Each agent still draws its own random beat times
     #: (JITTER on every gap, the FIRST_BEAT_MIN offset), but every draw is rounded down to a multiple of BEAT_GRID.
-    #: Why: each timed wake-up of the shared reactor costs about as much CPU as the beat it sends, and agents with
-    #: truly independent phases need one wake-up per beat. On the grid, the agents whose draws land in the same
-    #: slot are due at the same instant and go out in one wake-up, and no beat is moved to get there. 200 agents
-    #: on a 5 s interval spread over 50 slots of 100 ms (about 4 per slot; before phases were kept apart, all 200
-    #: beat within 1 ms), and the per-gap jitter (500 ms, 5 slots) keeps reshuffling who shares a slot. A gap is
-    #: shortened by less than one step, never lengthened. The step is at most 2 % of the interval. Measured on a
-    #: 2-core VM, 200 idle agents: no grid 75 wake-ups/s, 50 ms 18/s, 100 ms 10/s (see benchmarks/fault_matrix.py).
-    BEAT_GRID: float = 0.1
+    #: Why: on a small VM a timed wake-up of the shared reactor costs more CPU than the beats it sends (the first
+    #: datagram after a sleep runs on cold caches), and agents with truly independent phases need one wake-up per
+    #: beat. On the grid, the agents whose draws land in the same slot are due at the same instant and go out in
+    #: one wake-up, and no beat is moved to get there. Each beat time is drawn twice and the emptier slot wins
+    #: (the reactor counts the timers due at each instant), so slots stay near the mean: 200 agents on a 5 s
+    #: interval fill 25 slots of 200 ms with about 8 each, at most 11-12 (with one draw some slot gets 17-19;
+    #: before phases were kept apart, all 200 beat within 1 ms). The per-gap jitter (500 ms, 2.5 slots) keeps
+    #: reshuffling who shares a slot. A gap is shortened by less than one step, never lengthened. The step is at
+    #: most 4 % of the interval (``liveness.GRID_MAX_FRACTION``). Keep ``HeartbeatReactor.READ_DEFER`` at least
+    #: this large, or each batch's replies wake the reactor again. Measured on a 2-core VM, 200 idle agents: no
+    #: grid 75 wake-ups/s and ~1.3 % of a core, 100 ms 10/s and ~0.53 %, 200 ms 5/s and ~0.35 %
+    #: (benchmarks/fault_matrix.py --idle-only).
+    BEAT_GRID: float = 0.2
     RECV_BUFFER: int = 1536
     #: Datagrams read per readiness event before other clients get their turn.
     RECV_BATCH: int = 64
@@ -602,7 +607,8 @@ class HeartbeatClient:
             if len(_SHARED_CONFIGS) >= 64:  # bounded: settings changed many times (tests)
                 _SHARED_CONFIGS.clear()
             shared = _SHARED_CONFIGS[repr(config)] = config
-        machine = Liveness(shared, rand=self._rand)
+        # The reactor knows how many agents' timers are set to each grid instant: beats go to the emptier slots.
+        machine = Liveness(shared, rand=self._rand, slot_load=self._reactor.due_at)
         if previous is not None:  # counters, the timeline and what was learnt of the path survive online() cycles
             machine.counters = previous.counters
             machine.loss, machine.srtt, machine.rttvar = previous.loss, previous.srtt, previous.rttvar

@@ -15,7 +15,8 @@ Timing rules (liveness.md §3.7, §4; issues "resilient liveness core" and "live
   one process keep apart phases instead of beating (and re-signing-in) in lock-step.
   With ``beat_grid`` set, each drawn time is rounded down to a multiple of the grid step: agents whose random
   draws fall into the same slot are due at the very same instant, so the shell's shared reactor serves them with
-  one wake-up without moving any beat, and the phases stay random and spread.
+  one wake-up without moving any beat, and the phases stay random and spread. Given ``slot_load`` (how many beats
+  of the process are due at an instant), each gap is drawn twice and the emptier slot wins, so no slot fills up.
 * Loss versus silence. A reply not received ``reply_timeout`` (or a few smoothed round-trip times, if longer)
   after its beat is a *miss*, and the server is re-probed at once. The machine keeps an estimate of the round-trip
   loss rate (a plain mean at first, then exponentially weighted), folded in when a run of misses ends with a
@@ -130,7 +131,7 @@ class LivenessConfig:
     #: Beat grid (seconds; 0: off). Every randomly drawn beat time (jittered gap, first-beat offset, blackout probe
     #: gap) is rounded down to a multiple of ``beat_grid`` on the shell's clock, so the agents of one process whose
     #: draws fall into the same slot are due at the same instant and share one wake-up, while phases stay random
-    #: and spread (200 agents over a 5 s interval with a 50 ms grid: ~100 slots, ~2 agents each). Rounding down
+    #: and spread (200 agents over a 5 s interval with a 200 ms grid: 25 slots, ~8 agents each). Rounding down
     #: only shortens a gap, by less than one step: never later than the server asked. The step is at most
     #: ``GRID_MAX_FRACTION`` of the interval (short test intervals get a finer grid).
     beat_grid: float = 0.0
@@ -162,8 +163,8 @@ class Counters:
     reconnects: Dict[str, int] = field(default_factory=dict)
 
 
-#: The beat grid's step is at most this fraction of the interval (a 5 s interval: at most 100 ms).
-GRID_MAX_FRACTION = 0.02
+#: The beat grid's step is at most this fraction of the interval (a 5 s interval: at most 200 ms).
+GRID_MAX_FRACTION = 0.04
 
 
 def probe_budget(loss: float, false_alarm: float, minimum: int, maximum: int) -> int:
@@ -185,9 +186,14 @@ class Liveness:
         config: Optional[LivenessConfig] = None,
         rand: Callable[[], float] = random.random,
         history: int = 256,
+        slot_load: Optional[Callable[[float], int]] = None,
     ) -> None:
+        """``slot_load(at)``: how many beats of the process are already due at the grid instant ``at`` (the
+        shell's answer; only asked with a beat grid). With it, each jittered beat time is drawn twice and the
+        emptier of the two slots wins, so slots stay near the mean instead of some filling up by chance."""
         self.config = config or LivenessConfig()
         self.rand = rand
+        self.slot_load = slot_load
         self.counters = Counters()
         self.history: Deque[Event] = deque(maxlen=history)
         self.state = State.OFFLINE
@@ -300,6 +306,26 @@ class Liveness:
         self._repairs_without_reply["sign_in"] = count + 1
         self._next_beat_at = self._on_grid(now + self._blackout_probe_gap(), now)
         self._record(Event(now, "escalate", "sign_in"))
+
+    def _beat_fraction(self, first: bool) -> float:
+        if first:  # a random phase for this session's beats (the first beat of a session goes out at once)
+            return self.config.first_beat_min + (1.0 - self.config.first_beat_min) * self.rand()
+        return 1.0 - self.config.jitter * self.rand()
+
+    def _draw_next_beat(self, base: float, now: float, first: bool) -> float:
+        """The next beat's time, a random fraction of the interval after ``base`` (on the grid, if any)."""
+        # On a lossy path beat a little early (by the loss rate, at most loss_early), so that a lost beat can be
+        # re-probed several times before the server's wait for it runs out.
+        span = self.interval * (1.0 - min(self.config.loss_early, self.loss))
+        at = self._on_grid(base + span * self._beat_fraction(first), now)
+        load = self.slot_load
+        if load is not None and self._grid_step:
+            # "Two choices": of two independent draws take the emptier slot. Slots then hold close to the mean
+            # (with one draw, the fullest of 25 slots holds about twice the mean), and the phase is still random.
+            other = self._on_grid(base + span * self._beat_fraction(first), now)
+            if other != at and load(other) < load(at):
+                at = other
+        return at
 
     def _blackout_probe_gap(self) -> float:
         lo, hi = self.config.blackout_probe
@@ -523,16 +549,8 @@ class Liveness:
         self._silence_stage = 0
         self._repairs_without_reply.clear()
         base = self.last_sent_at if self.last_sent_at is not None else now
-        if self._first_reply:
-            # A random phase for this session's beats (the first beat of a session goes out at once).
-            fraction = self.config.first_beat_min + (1.0 - self.config.first_beat_min) * self.rand()
-            self._first_reply = False
-        else:
-            fraction = 1.0 - self.config.jitter * self.rand()
-        # On a lossy path beat a little early (by the loss rate, at most loss_early), so that a lost beat can be
-        # re-probed several times before the server's wait for it runs out.
-        fraction *= 1.0 - min(self.config.loss_early, self.loss)
-        self._next_beat_at = self._on_grid(base + self.interval * fraction, now)
+        self._next_beat_at = self._draw_next_beat(base, now, self._first_reply)
+        self._first_reply = False
         if self._fault is not None:
             reason, since = self._fault
             self._record(Event(now, "recovered", f"{reason.value} after {1000 * (now - since):.0f} ms"))

@@ -58,7 +58,7 @@ class HeartbeatReactor:
     #: (offline, rebuild, a socket closed under a client) never wait, and with no timer that close (a process
     #: with few agents) sockets wake the thread at once. The cost: an invite or a reply may be read up to this
     #: late, and a round-trip time measured from it is that much longer (far below the 1 s reply timeout).
-    READ_DEFER: float = 0.1
+    READ_DEFER: float = 0.2
     #: Passes over the ready sockets when the deferred reads are done (each pass reads one datagram per socket).
     DRAIN_PASSES: int = 16
     _shared_lock = threading.Lock()
@@ -85,6 +85,7 @@ class HeartbeatReactor:
         self._quiet: Optional[selectors.BaseSelector] = None  # the wake socket only: sleeps that defer reads
         self._wake_r: Optional[socket.socket] = None
         self._timers: Dict[Any, float] = {}  # client -> its one timer
+        self._due: Dict[float, int] = {}  # timer instant -> how many clients' timers are set to it
         self._heap: List[Tuple[float, int, Any]] = []  # (at, tie-breaker, client); stale entries skipped lazily
         self._seq = itertools.count()
         self.clients: set = set()
@@ -174,11 +175,31 @@ class HeartbeatReactor:
             pass  # never registered, or already gone with its descriptor
 
     def set_timer(self, client: Any, at: Optional[float]) -> None:
+        timers = self._timers
+        old = timers.get(client)
         if at is None or client not in self.clients:
-            self._timers.pop(client, None)
-        elif self._timers.get(client) != at:
-            self._timers[client] = at
+            if old is not None:
+                del timers[client]
+                self._uncount(old)
+        elif old != at:
+            timers[client] = at
+            if old is not None:
+                self._uncount(old)
+            due = self._due
+            due[at] = due.get(at, 0) + 1
             heapq.heappush(self._heap, (at, next(self._seq), client))
+
+    def due_at(self, at: float) -> int:
+        """How many clients' timers are set to exactly ``at`` (a beat-grid instant: how crowded that slot is)."""
+        return self._due.get(at, 0)
+
+    def _uncount(self, at: float) -> None:
+        due = self._due
+        left = due[at] - 1
+        if left:
+            due[at] = left
+        else:
+            del due[at]
 
     def _earliest_timer(self) -> Optional[float]:
         """The earliest live timer (stale heap entries, of timers since changed or removed, are dropped)."""
@@ -203,6 +224,7 @@ class HeartbeatReactor:
                 continue  # stale
             if at <= now + min(self.MAX_SLACK, client._timer_slack()):
                 del timers[client]
+                self._uncount(at)
                 due.append(client)
             else:
                 keep.append(entry)
@@ -217,7 +239,9 @@ class HeartbeatReactor:
 
     def remove_client(self, client: Any) -> None:
         self.clients.discard(client)
-        self._timers.pop(client, None)
+        at = self._timers.pop(client, None)
+        if at is not None:
+            self._uncount(at)
 
     # ----------------------------------------------------------------------------------------------------------
     # The loop
@@ -250,6 +274,7 @@ class HeartbeatReactor:
             # Last client gone: release everything; the next call() starts a fresh thread.
             # Cleared under the lock: once it is released a new thread may start and set timers of its own.
             self._timers.clear()
+            self._due.clear()
             self._heap.clear()
             self._stopped_threads.append(self._thread)
             self._thread = None
