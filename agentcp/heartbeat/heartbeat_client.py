@@ -145,7 +145,7 @@ class HeartbeatClient:
     #: beat. On the grid, the agents whose draws land in the same slot are due at the same instant and go out in
     #: one wake-up, and no beat is moved to get there. Each beat time is drawn twice and the emptier slot wins
     #: (the reactor counts the timers due at each instant), so slots stay near the mean: 200 agents on a 5 s
-    #: interval fill 25 slots of 200 ms with about 8 each, at most 11-12 (with one draw some slot gets 17-19;
+    #: interval fill 25 slots of 200 ms with about 8 each, at most 12-13 (with one draw some slot gets 17-19;
     #: before phases were kept apart, all 200 beat within 1 ms). The per-gap jitter (500 ms, 2.5 slots) keeps
     #: reshuffling who shares a slot. A gap is shortened by less than one step, never lengthened. The step is at
     #: most 4 % of the interval (``liveness.GRID_MAX_FRACTION``). Keep ``HeartbeatReactor.READ_DEFER`` at least
