@@ -150,7 +150,7 @@ class HeartbeatClient:
     #: reshuffling who shares a slot. A gap is shortened by less than one step, never lengthened. The step is at
     #: most 4 % of the interval (``liveness.GRID_MAX_FRACTION``). Keep ``HeartbeatReactor.READ_DEFER`` at least
     #: this large, or each batch's replies wake the reactor again. Measured on a 2-core VM, 200 idle agents: no
-    #: grid 75 wake-ups/s and ~1.3 % of a core, 100 ms 10/s and ~0.53 %, 200 ms 5/s and ~0.35 %
+    #: grid 34 wake-ups/s and ~1.4 % of a core, 100 ms 10/s and ~0.53 %, 200 ms 5/s and ~0.35 %
     #: (benchmarks/fault_matrix.py --idle-only).
     BEAT_GRID: float = 0.2
     RECV_BUFFER: int = 1536
